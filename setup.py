@@ -1,0 +1,32 @@
+"""Build the compiled core.
+
+``pip install .`` cythonizes the ``.pyx`` modules; no other step is needed.
+Set ``PKS_EMU_DEBUG=1`` for a debug build: bounds checks and assertions back on,
+``-O0 -g``, so the test suite runs against a checked core.
+"""
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("PKS_EMU_DEBUG", "") not in ("", "0")
+
+directives = {
+    "language_level": 3,
+    "embedsignature": True,
+    "binding": True,
+    "cdivision": True,
+    # Bounds are validated once at each boundary (see _core.pyx); the debug
+    # build turns the per-index checks back on to prove that validation holds.
+    "boundscheck": DEBUG,
+    "wraparound": False,
+    "initializedcheck": DEBUG,
+}
+
+cflags = ["-O0", "-g", "-UNDEBUG"] if DEBUG else ["-O3"]
+
+extensions = [
+    Extension("pks_emu._core", ["pks_emu/_core.pyx"], extra_compile_args=cflags),
+]
+
+setup(ext_modules=cythonize(extensions, compiler_directives=directives))
