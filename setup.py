@@ -4,6 +4,7 @@
 Set ``PKS_EMU_DEBUG=1`` for a debug build: bounds checks and assertions back on,
 ``-O0 -g``, so the test suite runs against a checked core.
 """
+import glob
 import os
 
 from Cython.Build import cythonize
@@ -25,8 +26,10 @@ directives = {
 
 cflags = ["-O0", "-g", "-UNDEBUG"] if DEBUG else ["-O3"]
 
+# Every pks_emu/*.pyx is one extension module (the .pxi files are included).
 extensions = [
-    Extension("pks_emu._core", ["pks_emu/_core.pyx"], extra_compile_args=cflags),
+    Extension("pks_emu." + os.path.basename(path)[:-4], [path], extra_compile_args=cflags)
+    for path in sorted(glob.glob("pks_emu/*.pyx"))
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives))

@@ -7,6 +7,16 @@ compiled core needs; ``tests/test_constants.py`` checks the two agree.
 """
 from __future__ import annotations
 
+from enum import IntEnum
+
+
+class AccessKind(IntEnum):
+    """Kind of a memory access (the values are those of the batch and trace APIs)."""
+
+    READ = 0
+    WRITE = 1
+    FETCH = 2
+
 # --- CR0 (SDM §2.5) --------------------------------------------------------
 CR0_PE = 1 << 0
 CR0_MP = 1 << 1

@@ -1,0 +1,30 @@
+"""pks_emu: an emulator of x86 protection keys for supervisor (PKS) and user (PKU) pages.
+
+The public API lives here; the compiled core (``pks_emu._core``) is an
+implementation detail with a documented ``.pxd`` for Cython embedders.
+"""
+from ._core import CPU, PhysicalMemory, Translation, access_batch
+from .constants import (ALL_FEATURES, MSR_IA32_EFER, MSR_IA32_PKRS, PAGE_KERNEL, PAGE_KERNEL_PKEY,
+                        PF_I, PF_P, PF_PK, PF_RSVD, PF_SGX, PF_SS, PF_U, PF_W, PKEY_DISABLE_ACCESS,
+                        PKEY_DISABLE_WRITE, PKR_AD_BIT, PKR_AD_KEY, PKR_WD_BIT, PKR_WD_KEY,
+                        PKS_INIT_VALUE, AccessKind, _PAGE_PKEY, pf_error_code_str,
+                        pkey_update_pkval, pte_pkey)
+from .errors import (CPUException, GeneralProtectionFault, InvalidOpcode, MachineBusyError,
+                     PageFault, PksEmuError, TraceFormatError)
+from .machine import Machine
+from .paging import AddressSpace
+
+try:
+    from ._version import version as __version__
+except ImportError:  # pragma: no cover - a build always writes _version.py
+    __version__ = "0+unknown"
+
+__all__ = [
+    "ALL_FEATURES", "AccessKind", "AddressSpace", "CPU", "CPUException", "GeneralProtectionFault",
+    "InvalidOpcode", "MSR_IA32_EFER", "MSR_IA32_PKRS", "Machine", "MachineBusyError",
+    "PAGE_KERNEL", "PAGE_KERNEL_PKEY", "PF_I", "PF_P", "PF_PK", "PF_RSVD", "PF_SGX", "PF_SS",
+    "PF_U", "PF_W", "PKEY_DISABLE_ACCESS", "PKEY_DISABLE_WRITE", "PKR_AD_BIT", "PKR_AD_KEY",
+    "PKR_WD_BIT", "PKR_WD_KEY", "PKS_INIT_VALUE", "PageFault", "PhysicalMemory", "PksEmuError",
+    "TraceFormatError", "Translation", "_PAGE_PKEY", "access_batch", "pf_error_code_str",
+    "pkey_update_pkval", "pte_pkey", "__version__",
+]

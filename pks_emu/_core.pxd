@@ -1,0 +1,199 @@
+# cython: language_level=3
+"""C-level interface of the pks_emu core, for other Cython code.
+
+    from pks_emu._core cimport pks_cpu_t, pks_access, cpu_state_of
+
+Every function below is ``noexcept nogil`` and works on a ``pks_cpu_t*``
+obtained with ``cpu_state_of(cpu)`` from a ``pks_emu.CPU``. The pointer stays
+valid while the CPU object is alive; a Machine is not thread-safe, so use one
+CPU from one thread at a time. Return conventions:
+
+* ``pks_access``/``pks_translate``: ``PKS_OK`` (-1) on success with the
+  physical address stored in ``*pa``; ``PKS_GP`` (-2) for a non-canonical
+  address (#GP(0)); otherwise the #PF error code (>= 0).
+* ``pks_wrmsr``/``pks_rdmsr``/``pks_wrpkru``/``pks_rdpkru``/``pks_write_cr*``:
+  ``PKS_OK`` on success, ``PKS_GP`` for #GP, ``PKS_UD`` for #UD.
+
+The constants mirror ``pks_emu/constants.py`` (checked by the test suite).
+"""
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
+
+cdef enum:
+    # access kinds
+    PKS_READ = 0
+    PKS_WRITE = 1
+    PKS_FETCH = 2
+    # results
+    PKS_OK = -1
+    PKS_GP = -2
+    PKS_UD = -3
+    # compat modes
+    PKS_COMPAT_SDM = 0
+    PKS_COMPAT_QEMU = 1
+    # feature bits (pks_cpu_t.features)
+    PKS_FEAT_PKU = 1
+    PKS_FEAT_PKS = 2
+    PKS_FEAT_SMEP = 4
+    PKS_FEAT_SMAP = 8
+    PKS_FEAT_NX = 16
+    PKS_FEAT_1G = 32
+    PKS_FEAT_LA57 = 64
+
+# Architectural bits (SDM Vol. 3A; Linux names in constants.py).
+cdef extern from *:
+    """
+    #define PKS_CR0_PE  (1ULL << 0)
+    #define PKS_CR0_ET  (1ULL << 4)
+    #define PKS_CR0_WP  (1ULL << 16)
+    #define PKS_CR0_NW  (1ULL << 29)
+    #define PKS_CR0_CD  (1ULL << 30)
+    #define PKS_CR0_PG  (1ULL << 31)
+    #define PKS_CR4_PSE (1ULL << 4)
+    #define PKS_CR4_PAE (1ULL << 5)
+    #define PKS_CR4_PGE (1ULL << 7)
+    #define PKS_CR4_LA57 (1ULL << 12)
+    #define PKS_CR4_PCIDE (1ULL << 17)
+    #define PKS_CR4_SMEP (1ULL << 20)
+    #define PKS_CR4_SMAP (1ULL << 21)
+    #define PKS_CR4_PKE (1ULL << 22)
+    #define PKS_CR4_PKS (1ULL << 24)
+    #define PKS_EFER_SCE (1ULL << 0)
+    #define PKS_EFER_LME (1ULL << 8)
+    #define PKS_EFER_LMA (1ULL << 10)
+    #define PKS_EFER_NXE (1ULL << 11)
+    #define PKS_RFLAGS_AC (1ULL << 18)
+    #define PKS_MSR_IA32_EFER 0xC0000080U
+    #define PKS_MSR_IA32_PKRS 0x6E1U
+    #define PKS_PTE_P  (1ULL << 0)
+    #define PKS_PTE_RW (1ULL << 1)
+    #define PKS_PTE_US (1ULL << 2)
+    #define PKS_PTE_A  (1ULL << 5)
+    #define PKS_PTE_D  (1ULL << 6)
+    #define PKS_PTE_PS (1ULL << 7)
+    #define PKS_PTE_G  (1ULL << 8)
+    #define PKS_PTE_XD (1ULL << 63)
+    #define PKS_PTE_PKEY_SHIFT 59
+    #define PKS_PF_P    (1U << 0)
+    #define PKS_PF_W    (1U << 1)
+    #define PKS_PF_U    (1U << 2)
+    #define PKS_PF_RSVD (1U << 3)
+    #define PKS_PF_I    (1U << 4)
+    #define PKS_PF_PK   (1U << 5)
+    """
+    const uint64_t PKS_CR0_PE, PKS_CR0_ET, PKS_CR0_WP, PKS_CR0_NW, PKS_CR0_CD, PKS_CR0_PG
+    const uint64_t PKS_CR4_PSE, PKS_CR4_PAE, PKS_CR4_PGE, PKS_CR4_LA57, PKS_CR4_PCIDE
+    const uint64_t PKS_CR4_SMEP, PKS_CR4_SMAP, PKS_CR4_PKE, PKS_CR4_PKS
+    const uint64_t PKS_EFER_SCE, PKS_EFER_LME, PKS_EFER_LMA, PKS_EFER_NXE, PKS_RFLAGS_AC
+    const uint32_t PKS_MSR_IA32_EFER, PKS_MSR_IA32_PKRS
+    const uint64_t PKS_PTE_P, PKS_PTE_RW, PKS_PTE_US, PKS_PTE_A, PKS_PTE_D, PKS_PTE_PS
+    const uint64_t PKS_PTE_G, PKS_PTE_XD
+    const int PKS_PTE_PKEY_SHIFT
+    const uint32_t PKS_PF_P, PKS_PF_W, PKS_PF_U, PKS_PF_RSVD, PKS_PF_I, PKS_PF_PK
+
+
+# Sparse physical memory: 4-KiB frames allocated on first write, found through
+# an open-addressing hash table keyed by frame number.
+ctypedef struct pks_mem_t:
+    uint64_t *keys          # frame numbers; PKS_MEM_EMPTY marks a free slot
+    uint8_t **pages
+    uint64_t capacity       # power of two
+    uint64_t count
+    uint32_t busy           # > 0 while a GIL-free loop reads this memory
+
+
+# One TLB entry caches a 4-KiB translation (large pages are cached per 4-KiB
+# piece, tagged with their page size so that INVLPG drops the whole page).
+# ``leaf`` is a synthesized entry: frame | P | RW_all | US_all | D | G | key | XD_any,
+# plus the page-size level in bits 10:9 and the CR4.PKE/PKS values at fill time
+# in bits 52/53 (used only by compat="qemu").
+ctypedef struct pks_tlb_entry_t:
+    uint64_t tag            # linear page address | 1 when valid
+    uint64_t leaf
+
+
+ctypedef struct pks_counters_t:
+    uint64_t accesses[3][2]     # [kind][user_mode]
+    uint64_t tlb_hits
+    uint64_t tlb_misses
+    uint64_t walks
+    uint64_t page_faults
+    uint64_t gp_faults
+    uint64_t tlb_flushes        # full or non-global flushes
+    uint64_t invlpg
+    uint64_t wrmsr_pkrs
+    uint64_t wrpkru
+    uint64_t stale_uses
+
+
+ctypedef struct pks_stale_t:
+    uint64_t va
+    uint64_t cached_leaf
+    uint64_t fresh_leaf         # 0 when the fresh walk faults
+    int32_t fresh_error         # PKS_OK or the error code of the fresh walk
+
+
+ctypedef struct pks_cpu_t:
+    pks_mem_t *mem
+    uint64_t cr0
+    uint64_t cr3
+    uint64_t cr4
+    uint64_t efer
+    uint64_t rflags
+    uint64_t pkrs
+    uint32_t pkru
+    uint32_t cpl
+    uint32_t features
+    uint32_t compat
+    uint32_t maxphyaddr
+    uint32_t levels             # 4 or 5 (follows CR4.LA57)
+    uint64_t addr_mask          # physical-address bits of an entry (MAXPHYADDR-1:12)
+    uint64_t rsvd_phys          # entry bits 51:MAXPHYADDR, reserved at every level
+    pks_tlb_entry_t *tlb
+    uint32_t tlb_mask
+    uint32_t tlb_has_large
+    uint32_t stale_check
+    uint32_t stale_cap
+    uint64_t stale_len
+    pks_stale_t *stale_log
+    int32_t last_pkey           # key of the last translation that reached a leaf, else -1
+    uint64_t last_fault_va      # address (CR2) of the last #PF
+    pks_counters_t counters
+
+
+# --- memory ---------------------------------------------------------------
+cdef uint8_t *pks_mem_frame(pks_mem_t *m, uint64_t pfn, bint create) noexcept nogil
+cdef uint64_t pks_mem_read_u64(pks_mem_t *m, uint64_t pa) noexcept nogil
+cdef int pks_mem_write_u64(pks_mem_t *m, uint64_t pa, uint64_t value) noexcept nogil
+
+# --- the access check -----------------------------------------------------
+cdef int32_t pks_access(pks_cpu_t *c, uint64_t va, int kind, uint32_t size,
+                        bint implicit, uint64_t *pa) noexcept nogil
+cdef int32_t pks_translate(pks_cpu_t *c, uint64_t va, int kind, bint implicit,
+                           uint64_t *pa) noexcept nogil
+
+# --- registers and TLB ----------------------------------------------------
+cdef int32_t pks_wrmsr(pks_cpu_t *c, uint32_t msr, uint64_t value) noexcept nogil
+cdef int32_t pks_rdmsr(pks_cpu_t *c, uint32_t msr, uint64_t *value) noexcept nogil
+cdef int32_t pks_wrpkru(pks_cpu_t *c, uint32_t eax, uint32_t ecx, uint32_t edx) noexcept nogil
+cdef int32_t pks_rdpkru(pks_cpu_t *c, uint32_t ecx, uint32_t *eax) noexcept nogil
+cdef int32_t pks_write_cr0(pks_cpu_t *c, uint64_t value) noexcept nogil
+cdef int32_t pks_write_cr3(pks_cpu_t *c, uint64_t value) noexcept nogil
+cdef int32_t pks_write_cr4(pks_cpu_t *c, uint64_t value) noexcept nogil
+cdef void pks_invlpg(pks_cpu_t *c, uint64_t va) noexcept nogil
+cdef void pks_flush_tlb(pks_cpu_t *c, bint keep_global) noexcept nogil
+
+
+cdef class PhysicalMemory:
+    cdef pks_mem_t m
+    cdef object __weakref__
+
+
+cdef class CPU:
+    cdef pks_cpu_t st
+    cdef readonly int index
+    cdef readonly PhysicalMemory memory
+    cdef object _machine_ref
+    cdef object __weakref__
+
+
+cdef pks_cpu_t *cpu_state_of(CPU cpu) noexcept

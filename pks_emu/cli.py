@@ -1,0 +1,66 @@
+"""The ``pks-emu`` command line.
+
+Each subcommand lives in the module that owns its domain and provides
+``add_arguments(parser)`` and ``run(args) -> int``; this file only wires them.
+Exit status: 0 when the command ran, 2 for bad input (a one-line error on
+stderr naming the file and record), other codes as each command documents.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import PksEmuError
+
+#: name -> (module, one-line help)
+COMMANDS = {
+    "replay": ("pks_emu.trace.cli_replay", "replay a trace and report every fault"),
+    "info": ("pks_emu.trace.cli_info", "describe a trace file: header, record counts, address ranges"),
+    "gen": ("pks_emu.trace.generators", "generate a reproducible kernel-style workload trace"),
+    "convert": ("pks_emu.trace.cli_convert", "convert a Valgrind lackey trace to the native format"),
+    "bench": ("pks_emu.bench", "measure the core's throughput on this machine"),
+    "selftest": ("pks_emu.kernel.selftest", "run the PKS series' test suite on the emulated kernel"),
+    "demo": ("pks_emu.demo", "a short tour: a PKS fault and its error code"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    parser = argparse.ArgumentParser(prog="pks-emu", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"pks-emu {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            # A subcommand whose module is not built into this copy.
+            p.set_defaults(_run=None, _module=module)
+            continue
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args._run is None:
+        print(f"pks-emu {args.command}: not available in this build ({args._module} missing)",
+              file=sys.stderr)
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except PksEmuError as e:
+        print(f"pks-emu {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. piped into head
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The machine: physical memory shared by one or more CPUs."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ._core import CPU, PhysicalMemory, feature_bits
+from .constants import ALL_FEATURES, PAGE_SIZE
+
+
+class Machine:
+    """An x86-64 machine in long mode at CPL 0, with sparse physical memory.
+
+    ``features`` is a set of names among ``ALL_FEATURES`` (``"pku"``,
+    ``"pks"``, ``"smep"``, ``"smap"``, ``"nx"``, ``"1g"``, ``"la57"``); a
+    feature that is absent makes its CR4 bit, MSR or PTE encoding fault as on
+    a CPU without it. ``compat="qemu"`` reproduces QEMU 7.2 TCG where it
+    differs from the SDM (see docs/semantics.md).
+
+    ``maxphyaddr`` (CPUID.80000008H:EAX[7:0]) bounds physical addresses in
+    paging entries and CR3; ``tlb_entries`` sizes each CPU's direct-mapped TLB.
+    """
+
+    def __init__(self, paging_levels: int = 4, ncpus: int = 1,
+                 features: Iterable[str] = ALL_FEATURES, compat: str = "sdm", *,
+                 maxphyaddr: int = 52, tlb_entries: int = 1024) -> None:
+        if not isinstance(ncpus, int) or not 1 <= ncpus <= 256:
+            raise ValueError(f"ncpus {ncpus!r} out of range: expected 1..256")
+        features = frozenset(features)
+        feature_bits(features)  # rejects unknown names with a clear message
+        self.features = features
+        self.paging_levels = paging_levels
+        self.compat = compat
+        self.maxphyaddr = maxphyaddr
+        self.memory = PhysicalMemory()
+        self.cpus: tuple[CPU, ...] = tuple(
+            CPU(self.memory, i, features=features, compat=compat, paging_levels=paging_levels,
+                maxphyaddr=maxphyaddr, tlb_entries=tlb_entries, machine=self)
+            for i in range(ncpus))
+        # Frames handed out by alloc_frames grow down from the top of the
+        # physical address space, away from the low addresses users pick.
+        self._next_free = 1 << maxphyaddr
+        self._frames_allocated = 0
+
+    @property
+    def ncpus(self) -> int:
+        return len(self.cpus)
+
+    def alloc_frames(self, count: int = 1, align: int = PAGE_SIZE) -> int:
+        """Allocate ``count`` zeroed, contiguous 4-KiB frames; return the first address."""
+        if count < 1:
+            raise ValueError(f"frame count {count} must be at least 1")
+        if align < PAGE_SIZE or align & (align - 1):
+            raise ValueError(f"alignment {align:#x} must be a power of two of at least 4 KiB")
+        base = (self._next_free - count * PAGE_SIZE) & ~(align - 1)
+        if base < (1 << 32):
+            raise MemoryError("the frame allocator ran into the low 4 GiB of physical memory")
+        self._next_free = base
+        self._frames_allocated += count
+        self.memory.write(base, bytes(count * PAGE_SIZE))
+        return base
+
+    def address_space(self) -> AddressSpace:
+        """A new, empty set of page tables in this machine's memory."""
+        from .paging import AddressSpace
+        return AddressSpace(self)
+
+    def flush_tlb_all(self) -> None:
+        for cpu in self.cpus:
+            cpu.flush_tlb()
+
+    def counters(self) -> dict[str, int]:
+        """Counters summed over all CPUs."""
+        total: dict[str, int] = {}
+        for cpu in self.cpus:
+            for k, v in cpu.counters().items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    def __repr__(self) -> str:
+        return (f"<pks_emu.Machine {self.paging_levels}-level, {self.ncpus} CPU(s), "
+                f"features={sorted(self.features)}, compat={self.compat!r}>")
+
+
+from .paging import AddressSpace  # noqa: E402  (type for the annotation above)
