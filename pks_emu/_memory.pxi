@@ -213,6 +213,14 @@ cdef class PhysicalMemory:
             memcpy(page + off, &src[done], chunk)
             done += chunk
 
+    def frame_addresses(self):
+        """Physical addresses of all allocated frames, sorted (a list of ints)."""
+        cdef uint64_t i
+        out = [self.m.keys[i] << 12 for i in range(self.m.capacity)
+               if self.m.keys[i] != PKS_MEM_EMPTY]
+        out.sort()
+        return out
+
     def is_allocated(self, uint64_t pa):
         """Whether the frame holding ``pa`` has been written."""
         return pks_mem_frame(&self.m, pa >> 12, False) != NULL
