@@ -1,0 +1,30 @@
+"""Type stub of the compiled lackey scanner (``pks_emu/_lackey.pyx``)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+ST_DONE: int
+ST_FULL: int
+ST_BAD: int
+
+WHY_PREFIX: int
+WHY_ADDR: int
+WHY_COMMA: int
+WHY_SIZE: int
+WHY_SIZE_RANGE: int
+WHY_TRAILING: int
+WHY_SB: int
+
+def scan_block(
+    buf: bytes | bytearray | memoryview | Any,
+    pos: int,
+    limit: int,
+    va: npt.NDArray[np.uint64],
+    size: npt.NDArray[np.uint16],
+    kind: npt.NDArray[np.uint8],
+    n: int,
+    stop_on_bad: bool,
+) -> tuple[int, int, int, int, int, int, int, int, int]: ...

@@ -1,0 +1,299 @@
+# cython: language_level=3
+"""The compiled scanner behind ``pks_emu.lackey``: Valgrind lackey text to arrays.
+
+One call scans a block of complete lines (the block must end with a newline)
+without the GIL and stops when the block is done, when the output arrays are
+full, or, on request, right after a malformed line, so that Python can build
+the error message or keep an example. Python owns the file, the buffers and
+the arrays; see ``pks_emu/lackey.py`` for the rules of the format.
+
+Line syntax (lackey's ``lk_main.c`` prints ``"%s %08lx,%lu\\n"`` with the
+prefixes ``"I "``, ``" L"``, ``" S"``, ``" M"``)::
+
+    I  0401ab70,3        instruction fetch
+     L 04a1ade0,8        load
+     S 1fff000778,8      store
+     M 04033e06,1        modify: a load then a store, two records
+    SB 04a1ade0          superblock (--trace-superblocks=yes): skipped
+    ==7525== ...         valgrind's own messages: skipped
+"""
+from libc.stdint cimport uint8_t, uint16_t, uint64_t, int64_t
+from libc.string cimport memchr
+
+# Status of a scan call.
+ST_DONE = 0   # every line of the block was consumed
+ST_FULL = 1   # stopped before a record that does not fit the output arrays
+ST_BAD = 2    # stopped right after a malformed line (only when asked to)
+
+# Why a line is malformed (index into WHY in lackey.py).
+WHY_PREFIX = 1      # not 'I  ', ' L ', ' S ', ' M ', 'SB ', '==' or empty
+WHY_ADDR = 2        # no hex digits, or more than 16
+WHY_COMMA = 3       # the hex digits are not followed by ','
+WHY_SIZE = 4        # no decimal digits after ','
+WHY_SIZE_RANGE = 5  # size 0 or > 65535
+WHY_TRAILING = 6    # something other than the end of the line after the size
+WHY_SB = 7          # 'SB ' not followed by 1-16 hex digits and the end of the line
+
+cdef enum:
+    _ST_DONE = 0
+    _ST_FULL = 1
+    _ST_BAD = 2
+
+cdef enum:
+    _WHY_PREFIX = 1
+    _WHY_ADDR = 2
+    _WHY_COMMA = 3
+    _WHY_SIZE = 4
+    _WHY_SIZE_RANGE = 5
+    _WHY_TRAILING = 6
+    _WHY_SB = 7
+
+# ASCII codes of the characters the syntax uses.
+cdef enum:
+    C_NL = 10
+    C_CR = 13
+    C_SP = 32
+    C_COMMA = 44
+    C_0 = 48
+    C_EQ = 61
+    C_B = 66
+    C_I = 73
+    C_L = 76
+    C_M = 77
+    C_S = 83
+
+# Record kinds: the values of pks_emu.constants.AccessKind (READ, WRITE, FETCH).
+cdef enum:
+    K_READ = 0
+    K_WRITE = 1
+    K_FETCH = 2
+    K_MODIFY = 3   # scanner-internal: emitted as READ then WRITE
+
+# Hex digit value, 0xFF for anything else; lackey prints lowercase, uppercase
+# costs nothing to accept.
+cdef uint8_t _HEX[256]
+cdef int _c
+for _c in range(256):
+    _HEX[_c] = 0xFF
+for _c in range(10):
+    _HEX[C_0 + _c] = _c
+for _c in range(6):
+    _HEX[ord('a') + _c] = 10 + _c
+    _HEX[ord('A') + _c] = 10 + _c
+
+
+cdef struct scan_out:
+    Py_ssize_t pos
+    Py_ssize_t n
+    int64_t lines
+    int64_t skipped
+    int64_t bad
+    Py_ssize_t bad_start
+    Py_ssize_t bad_end
+    int why
+
+
+cdef inline const uint8_t* _eol(const uint8_t* q) noexcept nogil:
+    """The start of the next line if ``q`` is at the end of this one (LF or CRLF), else NULL."""
+    if q[0] == C_NL:
+        return q + 1
+    if q[0] == C_CR and q[1] == C_NL:
+        return q + 2
+    return NULL
+
+
+cdef inline int _record(const uint8_t* q, uint64_t* addr, uint64_t* size,
+                        const uint8_t** nxt) noexcept nogil:
+    """Parse ``ADDR,SIZE`` and the line end at ``q``; 0 or a WHY code.
+
+    Safe without bounds: every line of the block ends with '\\n', which
+    stops each loop and fails each character test.
+    """
+    cdef const uint8_t* q0 = q
+    cdef uint64_t a = 0
+    cdef uint64_t s = 0
+    cdef uint8_t h = _HEX[q[0]]
+    cdef unsigned int d
+    while h < 16:
+        a = (a << 4) | h
+        q += 1
+        h = _HEX[q[0]]
+    # More than 16 digits would not fit a 64-bit address (and has wrapped).
+    if q == q0 or q - q0 > 16:
+        return _WHY_ADDR
+    if q[0] != C_COMMA:
+        return _WHY_COMMA
+    q += 1
+    q0 = q
+    d = <unsigned int>q[0] - C_0
+    while d < 10:
+        s = s * 10 + d
+        q += 1
+        d = <unsigned int>q[0] - C_0
+    if q == q0:
+        return _WHY_SIZE
+    # lackey never prints size 0 (MAX_DSIZE is 512): a 0 means a damaged line.
+    # Ten digits at most, so that s cannot have wrapped before the test.
+    if q - q0 > 10 or s == 0 or s > 65535:
+        return _WHY_SIZE_RANGE
+    nxt[0] = _eol(q)
+    if nxt[0] == NULL:
+        return _WHY_TRAILING
+    addr[0] = a
+    size[0] = s
+    return 0
+
+
+cdef int _scan(const uint8_t* buf, Py_ssize_t pos, Py_ssize_t limit,
+               uint64_t* va, uint16_t* sz, uint8_t* kd, Py_ssize_t n, Py_ssize_t cap,
+               bint stop_on_bad, scan_out* o) noexcept nogil:
+    cdef const uint8_t* p = buf + pos
+    cdef const uint8_t* end = buf + limit
+    cdef const uint8_t* q
+    cdef const uint8_t* nxt
+    cdef uint64_t addr = 0
+    cdef uint64_t size = 0
+    cdef uint8_t c, c1
+    cdef int k, why
+    cdef int status = _ST_DONE
+    cdef int64_t lines = 0
+    cdef int64_t skipped = 0
+    cdef int64_t bad = 0
+    while p < end:
+        c = p[0]
+        why = 0
+        k = -1
+        # Each test reads p[i + 1] only after p[i] proved not to be '\n'.
+        if c == C_I:
+            if p[1] == C_SP and p[2] == C_SP:
+                k = K_FETCH
+            else:
+                why = _WHY_PREFIX
+        elif c == C_SP:
+            c1 = p[1]
+            if c1 == C_L:
+                k = K_READ
+            elif c1 == C_S:
+                k = K_WRITE
+            elif c1 == C_M:
+                k = K_MODIFY
+            if k < 0 or p[2] != C_SP:
+                k = -1
+                why = _WHY_PREFIX
+        elif c == C_EQ and p[1] == C_EQ:
+            q = <const uint8_t*>memchr(p, C_NL, end - p)
+            p = q + 1
+            lines += 1
+            skipped += 1
+            continue
+        elif c == C_NL:
+            p += 1
+            lines += 1
+            skipped += 1
+            continue
+        elif c == C_CR and p[1] == C_NL:
+            p += 2
+            lines += 1
+            skipped += 1
+            continue
+        elif c == C_S and p[1] == C_B and p[2] == C_SP:
+            q = p + 3
+            while _HEX[q[0]] < 16:
+                q += 1
+            nxt = _eol(q)
+            if q == p + 3 or q - (p + 3) > 16 or nxt == NULL:
+                why = _WHY_SB
+            else:
+                p = nxt
+                lines += 1
+                skipped += 1
+                continue
+        else:
+            why = _WHY_PREFIX
+
+        if k >= 0:
+            why = _record(p + 3, &addr, &size, &nxt)
+            if why == 0:
+                if n + (2 if k == K_MODIFY else 1) > cap:
+                    status = _ST_FULL
+                    break
+                if k == K_MODIFY:
+                    # lackey merges a load and a store to the same location
+                    # into one M line; the access order is load, then store.
+                    va[n] = addr
+                    sz[n] = <uint16_t>size
+                    kd[n] = K_READ
+                    n += 1
+                    va[n] = addr
+                    sz[n] = <uint16_t>size
+                    kd[n] = K_WRITE
+                    n += 1
+                else:
+                    va[n] = addr
+                    sz[n] = <uint16_t>size
+                    kd[n] = <uint8_t>k
+                    n += 1
+                p = nxt
+                lines += 1
+                continue
+
+        # A malformed line: find its end (the block ends with '\n', so memchr finds one).
+        q = <const uint8_t*>memchr(p, C_NL, end - p)
+        lines += 1
+        bad += 1
+        if stop_on_bad:
+            o.bad_start = p - buf
+            o.bad_end = q - buf
+            o.why = why
+            p = q + 1
+            status = _ST_BAD
+            break
+        p = q + 1
+
+    o.pos = p - buf
+    o.n = n
+    o.lines = lines
+    o.skipped = skipped
+    o.bad = bad
+    return status
+
+
+def scan_block(const uint8_t[::1] buf, Py_ssize_t pos, Py_ssize_t limit,
+               uint64_t[::1] va, uint16_t[::1] size, uint8_t[::1] kind,
+               Py_ssize_t n, bint stop_on_bad):
+    """Scan the complete lines of ``buf[pos:limit]`` into ``va/size/kind[n:]``.
+
+    ``buf[limit - 1]`` must be ``'\\n'`` (unless ``pos == limit``). Returns
+    ``(status, pos, n, lines, skipped, bad, bad_start, bad_end, why)``:
+    ``pos`` is where scanning stopped, ``n`` the new record count, then the
+    line counters of this call; for ``ST_BAD``, ``buf[bad_start:bad_end]`` is
+    the malformed line (without its '\\n') and ``why`` the reason code.
+    """
+    cdef Py_ssize_t cap = va.shape[0]
+    cdef scan_out o
+    cdef int status
+    cdef uint64_t* pva = NULL
+    cdef uint16_t* psz = NULL
+    cdef uint8_t* pkd = NULL
+    if size.shape[0] != cap or kind.shape[0] != cap:
+        raise ValueError(f"va, size and kind must have one length, got {cap}, "
+                         f"{size.shape[0]}, {kind.shape[0]}")
+    if not 0 <= n <= cap:
+        raise ValueError(f"n = {n}: expected 0..{cap}")
+    if not 0 <= pos <= limit <= buf.shape[0]:
+        raise ValueError(f"pos = {pos}, limit = {limit}: expected 0 <= pos <= limit <= {buf.shape[0]}")
+    if pos == limit:
+        return (_ST_DONE, pos, n, 0, 0, 0, 0, 0, 0)
+    # The scanner runs unbounded inside a line; this newline is its guard.
+    if buf[limit - 1] != C_NL:
+        raise ValueError("the block must end with a newline")
+    if cap > 0:
+        pva = &va[0]
+        psz = &size[0]
+        pkd = &kind[0]
+    o.bad_start = 0
+    o.bad_end = 0
+    o.why = 0
+    with nogil:
+        status = _scan(&buf[0], pos, limit, pva, psz, pkd, n, cap, stop_on_bad, &o)
+    return (status, o.pos, o.n, o.lines, o.skipped, o.bad, o.bad_start, o.bad_end, o.why)

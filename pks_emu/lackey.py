@@ -1,0 +1,343 @@
+"""Import Valgrind lackey memory traces (``valgrind --tool=lackey --trace-mem=yes``).
+
+Lackey prints one line per access (``lackey/lk_main.c``, valgrind 3.19)::
+
+    I  0401ab70,3        instruction fetch    -> kind 2 (FETCH)
+     L 04a1ade0,8        load                 -> kind 0 (READ)
+     S 1fff000778,8      store                -> kind 1 (WRITE)
+     M 04033e06,1        modify               -> two records: READ, then WRITE
+
+The kinds are those of :class:`pks_emu.AccessKind`. Rules of this reader:
+
+- ``ADDR`` is 1 to 16 hex digits, either case. Lackey zero-pads to at least
+  8, but a shorter address is unambiguous, so it is accepted; more than 16
+  digits cannot be a 64-bit address and is malformed.
+- ``SIZE`` is decimal, 1..65535. Lackey never prints 0 (its largest size is
+  ``MAX_DSIZE`` = 512), so size 0 means a damaged line and is malformed, as
+  is anything after the size but the line end.
+- Lines starting with ``==`` (valgrind's ``==PID==`` messages, which share the
+  log with the trace), ``SB ADDR`` superblock lines (``--trace-superblocks``)
+  and empty lines are skipped and counted in ``skipped_lines``.
+- LF or CRLF line ends; a missing final newline is fine.
+- Any other line is malformed: :class:`~pks_emu.errors.TraceFormatError`
+  naming the file, the 1-based line number, the text and what was expected;
+  with ``skip_bad=True`` it is counted in ``bad_lines`` instead, and the first
+  20 are kept in ``bad_examples``. A line longer than 64 KiB cannot be a
+  record: it is skipped if it starts with ``==``, else it is malformed.
+- Input may be plain, gzip, xz or bzip2, detected from the first bytes (not
+  the file name). Damaged compressed data raises ``TraceFormatError`` naming
+  the file. A missing file raises the ``FileNotFoundError`` of ``open()``,
+  which names the path (any ``OSError`` of the file system passes through).
+
+The per-line work is the compiled, GIL-free scanner in ``_lackey.pyx``; this
+module reads the file in 16 MiB blocks and carries the partial last line of
+each block over to the next.
+"""
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import os
+import zlib
+from collections.abc import Iterator
+from typing import IO
+
+import numpy as np
+
+from ._lackey import ST_BAD, ST_DONE, ST_FULL, scan_block
+from .errors import TraceFormatError
+
+__all__ = ["LackeyTrace", "iter_lackey", "parse_lackey", "MAX_BAD_EXAMPLES"]
+
+#: how many malformed lines ``bad_examples`` keeps (per parse)
+MAX_BAD_EXAMPLES = 20
+
+_BLOCK = 16 << 20
+_MAX_LINE = 64 << 10
+_TEXT_MAX = 80
+_EXPECTED = "expected 'I  ADDR,SIZE' or ' L|S|M ADDR,SIZE'"
+
+# Index: the scanner's WHY_* codes; 8 is the reader's own "line too long".
+_WHY = {
+    1: "unknown record type",
+    2: "ADDR must be 1 to 16 hex digits",
+    3: "ADDR must be hex digits followed by ','",
+    4: "SIZE must be a decimal number",
+    5: "SIZE must be 1..65535",
+    6: "nothing may follow SIZE",
+    7: "a superblock line is 'SB ADDR'",
+    8: f"line longer than {_MAX_LINE} bytes",
+}
+
+_MAGIC = (
+    (b"\x1f\x8b", "gzip"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"BZh", "bzip2"),
+)
+
+
+class LackeyTrace:
+    """Accesses read from a lackey trace, as numpy arrays in trace order.
+
+    ``va`` (uint64), ``size`` (uint16) and ``kind`` (uint8: 0 read, 1 write,
+    2 fetch) have one entry per record; an ``M`` line is two records. The
+    counters cover the lines this object was read from: ``lines`` in all,
+    ``skipped_lines`` (valgrind messages, ``SB`` and empty lines) and
+    ``bad_lines`` (malformed, counted with ``skip_bad=True``);
+    ``bad_examples`` holds ``(line_number, text)`` of the first malformed
+    lines. For a chunk of :func:`iter_lackey`, ``start`` is the index of its
+    first record in the whole trace and ``first_line`` the number of lines
+    before it, and the counters are the chunk's own, so that they add up.
+    """
+
+    __slots__ = ("va", "size", "kind", "lines", "skipped_lines", "bad_lines", "bad_examples",
+                 "path", "compression", "start", "first_line")
+
+    def __init__(self, va: np.ndarray, size: np.ndarray, kind: np.ndarray, *, lines: int = 0,
+                 skipped_lines: int = 0, bad_lines: int = 0,
+                 bad_examples: list[tuple[int, str]] | None = None, path: str = "",
+                 compression: str = "none", start: int = 0, first_line: int = 0) -> None:
+        self.va = va
+        self.size = size
+        self.kind = kind
+        self.lines = lines
+        self.skipped_lines = skipped_lines
+        self.bad_lines = bad_lines
+        self.bad_examples = [] if bad_examples is None else bad_examples
+        self.path = path
+        #: "none", "gzip", "xz" or "bzip2", as detected from the content
+        self.compression = compression
+        self.start = start
+        self.first_line = first_line
+
+    def __len__(self) -> int:
+        return int(self.va.shape[0])
+
+    @property
+    def record_lines(self) -> int:
+        """Lines that held a record (``I``, ``L``, ``S`` or ``M``)."""
+        return self.lines - self.skipped_lines - self.bad_lines
+
+    def __repr__(self) -> str:
+        return (f"LackeyTrace({self.path!r}, records={len(self)}, lines={self.lines}, "
+                f"skipped_lines={self.skipped_lines}, bad_lines={self.bad_lines})")
+
+
+def parse_lackey(path: str | os.PathLike[str], *, skip_bad: bool = False) -> LackeyTrace:
+    """Read a whole lackey trace (plain, gzip, xz or bzip2) into one :class:`LackeyTrace`.
+
+    Raises :class:`~pks_emu.errors.TraceFormatError` for the first malformed
+    line (unless ``skip_bad``) or damaged compressed data, and
+    ``FileNotFoundError`` if ``path`` does not exist.
+    """
+    traces = list(_read(path, chunk_records=None, skip_bad=skip_bad))
+    return traces[0]
+
+
+def iter_lackey(path: str | os.PathLike[str], *, chunk_records: int = 1 << 20,
+                skip_bad: bool = False) -> Iterator[LackeyTrace]:
+    """Read a lackey trace in pieces of at most ``chunk_records`` records.
+
+    Memory stays bounded by the chunk and block sizes, whatever the size of
+    the file. Concatenating the chunks' arrays gives :func:`parse_lackey`'s
+    arrays and the chunks' counters add up to its counters. A chunk may hold
+    one record less than ``chunk_records`` (an ``M`` line's two records stay
+    together); a last chunk with no records is yielded only to carry the
+    counts of lines read after the previous chunk.
+    """
+    if isinstance(chunk_records, bool) or not isinstance(chunk_records, int) or chunk_records < 2:
+        raise ValueError(f"chunk_records = {chunk_records!r}: expected an int >= 2 "
+                         "(an M line is two records)")
+    return _read(path, chunk_records=chunk_records, skip_bad=skip_bad)
+
+
+# --- reading ------------------------------------------------------------------
+
+def _open(fspath: str) -> tuple[IO[bytes], IO[bytes], str]:
+    """Open ``fspath``; return (file, stream to read, compression)."""
+    raw = open(fspath, "rb")
+    try:
+        head = raw.peek(6)[:6]
+        for magic, name in _MAGIC:
+            if head.startswith(magic):
+                stream: IO[bytes]
+                if name == "gzip":
+                    stream = gzip.GzipFile(fileobj=raw, mode="rb")
+                elif name == "xz":
+                    stream = lzma.LZMAFile(raw, mode="rb")
+                else:
+                    stream = bz2.BZ2File(raw, mode="rb")
+                return raw, stream, name
+    except BaseException:
+        raw.close()
+        raise
+    return raw, raw, "none"
+
+
+def _text(raw: bytes) -> str:
+    s = raw.decode("utf-8", "backslashreplace")
+    return s if len(s) <= _TEXT_MAX else s[:_TEXT_MAX - 3] + "..."
+
+
+class _Reader:
+    """Fills a reusable buffer from the stream; turns decompression errors into TraceFormatError."""
+
+    def __init__(self, fspath: str, stream: IO[bytes], compression: str) -> None:
+        self.fspath = fspath
+        self.stream = stream
+        self.compression = compression
+        self.decompressed = 0
+
+    def readinto(self, mv: memoryview) -> int:
+        if self.compression == "none":
+            return self.stream.readinto(mv)  # type: ignore[attr-defined]
+        try:
+            n = self.stream.readinto(mv)  # type: ignore[attr-defined]
+        except (EOFError, OSError, lzma.LZMAError, zlib.error) as e:
+            what = "truncated" if isinstance(e, EOFError) else "corrupt"
+            raise TraceFormatError(
+                f"{self.fspath}: {what} {self.compression} data after {self.decompressed} "
+                f"decompressed bytes: {e}") from e
+        self.decompressed += n
+        return n
+
+
+def _read(path: str | os.PathLike[str], *, chunk_records: int | None, skip_bad: bool,
+          block_size: int = _BLOCK, max_line: int = _MAX_LINE) -> Iterator[LackeyTrace]:
+    """The reader behind both entry points.
+
+    ``chunk_records=None``: one trace, the arrays growing geometrically.
+    ``block_size``/``max_line`` are parameters only so that the tests can put
+    block boundaries everywhere.
+    """
+    fspath = os.fspath(path)
+    raw, stream, compression = _open(fspath)
+    with raw, stream:
+        reader = _Reader(fspath, stream, compression)
+        grow = chunk_records is None
+        if grow:
+            # A guess from the file size (about 14 bytes a line) saves most
+            # regrowths; the untouched tail of an overestimate costs no memory.
+            cap = max(1024, os.fstat(raw.fileno()).st_size // 12) if compression == "none" else 1 << 16
+        else:
+            assert chunk_records is not None
+            cap = chunk_records
+        va = np.empty(cap, dtype=np.uint64)
+        size = np.empty(cap, dtype=np.uint16)
+        kind = np.empty(cap, dtype=np.uint8)
+        n = 0
+        start = 0          # records of the chunks already yielded
+        first_line = 0     # lines of the chunks already yielded
+        lines = skipped = bad = 0   # this chunk's counters
+        examples: list[tuple[int, str]] = []
+        n_examples = 0     # over the whole file
+
+        # One byte past the data is kept free for a missing final newline.
+        buf = bytearray(block_size + max_line + 1)
+        mv = memoryview(buf)
+        have = 0
+        eof = False
+        discarding = False   # inside an over-long line, dropping up to its newline
+        target = block_size
+
+        def bad_line(text: bytes, why: int) -> None:
+            nonlocal n_examples
+            lineno = first_line + lines
+            if not skip_bad:
+                err = TraceFormatError(f"{fspath}:{lineno}: bad record {_text(text)!r}: "
+                                       f"{_EXPECTED} ({_WHY[why]})")
+                err.path = fspath  # type: ignore[attr-defined]
+                err.line_number = lineno  # type: ignore[attr-defined]
+                err.text = text  # type: ignore[attr-defined]
+                raise err
+            if n_examples < MAX_BAD_EXAMPLES:
+                examples.append((lineno, _text(text)))
+                n_examples += 1
+
+        def chunk() -> LackeyTrace:
+            for a in (va, size, kind):
+                a.resize(n, refcheck=False)
+            return LackeyTrace(va, size, kind, lines=lines, skipped_lines=skipped, bad_lines=bad,
+                               bad_examples=examples, path=fspath, compression=compression,
+                               start=start, first_line=first_line)
+
+        while True:
+            while not eof and have < target:
+                got = reader.readinto(mv[have:len(buf) - 1])
+                if not got:
+                    eof = True
+                else:
+                    have += got
+            target = block_size
+            if discarding:
+                nl = buf.find(b"\n", 0, have)
+                if nl < 0:
+                    have = 0
+                    if eof:
+                        break
+                    continue
+                rest = have - (nl + 1)
+                buf[0:rest] = buf[nl + 1:have]
+                have = rest
+                discarding = False
+                continue
+            if eof:
+                if have and buf[have - 1] != 0x0A:
+                    buf[have] = 0x0A
+                    have += 1
+                limit = have
+            else:
+                limit = buf.rfind(b"\n", 0, have) + 1
+            pos = 0
+            while True:
+                status, pos, n, dl, ds, db, bs, be, why = scan_block(
+                    buf, pos, limit, va, size, kind, n, not skip_bad or n_examples < MAX_BAD_EXAMPLES)
+                lines += dl
+                skipped += ds
+                bad += db
+                if status == ST_DONE:
+                    break
+                if status == ST_BAD:
+                    text = bytes(buf[bs:be])
+                    bad_line(text[:-1] if text.endswith(b"\r") else text, why)
+                elif status == ST_FULL:
+                    if grow:
+                        cap = max(2 * cap, 1024)
+                        for a in (va, size, kind):
+                            a.resize(cap, refcheck=False)
+                    else:
+                        assert chunk_records is not None
+                        yield chunk()
+                        start += n
+                        first_line += lines
+                        va = np.empty(chunk_records, dtype=np.uint64)
+                        size = np.empty(chunk_records, dtype=np.uint16)
+                        kind = np.empty(chunk_records, dtype=np.uint8)
+                        n = 0
+                        lines = skipped = bad = 0
+                        examples = []
+                else:  # pragma: no cover - the scanner has no other status
+                    raise AssertionError(f"scan_block status {status}")
+            if eof:
+                break
+            rest = have - limit
+            if rest > max_line:
+                # No record is this long; it is a valgrind message or garbage.
+                lines += 1
+                if buf[limit:limit + 2] == b"==":
+                    skipped += 1
+                else:
+                    bad += 1
+                    bad_line(bytes(buf[limit:limit + _TEXT_MAX]), 8)
+                discarding = True
+                have = 0
+                continue
+            buf[0:rest] = buf[limit:have]
+            have = rest
+            # The carried partial line needs at least one more read.
+            target = max(block_size, have + 1)
+
+        if grow or n or lines:
+            yield chunk()
+
