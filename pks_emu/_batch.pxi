@@ -49,7 +49,7 @@ def access_batch(CPU cpu, va, kind, size=1, implicit=False):
     try:
         with nogil:
             for i in range(n):
-                errs[i] = pks_access(c, vas[i], kinds[i], sizes[i], impl[i] != 0, &pas[i])
+                errs[i] = _access(c, vas[i], kinds[i], sizes[i], impl[i] != 0, &pas[i])
     finally:
         _leave_nogil(cpu)
     return pa_out, err_out

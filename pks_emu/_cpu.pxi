@@ -377,6 +377,7 @@ cdef class CPU:
         cdef int k = _kind_of(kind)
         if size == 0 or size > 4096:
             raise ValueError(f"access size {size} out of range: expected 1..4096")
+        _check_writable(self.st.mem)
         cdef int32_t r = pks_access(&self.st, va, k, size, implicit, &pa)
         if r == PKS_OK:
             return pa
@@ -392,6 +393,7 @@ cdef class CPU:
         cdef int k = _kind_of(kind)
         if size == 0 or size > 4096:
             raise ValueError(f"access size {size} out of range: expected 1..4096")
+        _check_writable(self.st.mem)
         cdef int32_t r = pks_access(&self.st, va, k, size, implicit, &pa)
         cdef Translation t = Translation.__new__(Translation)
         t.cpu = self.index

@@ -131,6 +131,8 @@ cdef int _check_range(uint64_t pa, uint64_t n) except -1:
 
 
 cdef int _check_writable(pks_mem_t *m) except -1:
+    # A GIL-free loop may allocate frames (PTE-write records), which can move
+    # the frame table: no other thread may touch the memory meanwhile.
     if m.busy:
         raise MachineBusyError(
             "physical memory is in use by a GIL-free batch call on another thread")
@@ -158,8 +160,8 @@ cdef class PhysicalMemory:
 
     def read_u64(self, uint64_t pa):
         """Read a little-endian 64-bit value at ``pa`` (any alignment)."""
-        cdef uint64_t v = 0
         _check_range(pa, 8)
+        _check_writable(&self.m)
         if (pa & 7) == 0:
             return pks_mem_read_u64(&self.m, pa)
         return int.from_bytes(self.read(pa, 8), "little")
@@ -181,6 +183,7 @@ cdef class PhysicalMemory:
         if n < 0:
             raise ValueError(f"length {n} is negative")
         _check_range(pa, <uint64_t>n)
+        _check_writable(&self.m)
         cdef bytearray out = bytearray(n)
         cdef uint8_t *dst = out
         cdef uint8_t *page

@@ -191,6 +191,13 @@ cdef int32_t pks_translate(pks_cpu_t *c, uint64_t va, int kind, bint implicit,
 
     ``va`` must be canonical (pks_access checks). Uses and fills the TLB.
     """
+    return _translate(c, va, kind, implicit, pa)
+
+
+cdef inline int32_t _translate(pks_cpu_t *c, uint64_t va, int kind, bint implicit,
+                               uint64_t *pa) noexcept nogil:
+    # Inline so that the batch and replay loops get the TLB-hit path without
+    # a call; the miss path (_translate_miss) stays out of line.
     cdef pks_tlb_entry_t *t = &c.tlb[(va >> 12) & c.tlb_mask]
     cdef uint64_t tag = (va & ~<uint64_t>0xFFF) | 1
     cdef uint64_t leaf, leaf_ea = 0
@@ -205,6 +212,13 @@ cdef int32_t pks_translate(pks_cpu_t *c, uint64_t va, int kind, bint implicit,
         if r == PKS_OK:
             pa[0] = (leaf & c.addr_mask) | (va & 0xFFF)
         return r
+    return _translate_miss(c, va, kind, implicit, pa, t, tag)
+
+
+cdef int32_t _translate_miss(pks_cpu_t *c, uint64_t va, int kind, bint implicit,
+                             uint64_t *pa, pks_tlb_entry_t *t, uint64_t tag) noexcept nogil:
+    cdef uint64_t leaf, leaf_ea = 0
+    cdef int32_t r
     c.counters.tlb_misses += 1
     r = _walk(c, va, kind, implicit, True, &leaf, &leaf_ea)
     if r != PKS_OK:
@@ -228,6 +242,34 @@ cdef int32_t pks_translate(pks_cpu_t *c, uint64_t va, int kind, bint implicit,
 
 cdef int32_t pks_access(pks_cpu_t *c, uint64_t va, int kind, uint32_t size,
                         bint implicit, uint64_t *pa) noexcept nogil:
+    return _access(c, va, kind, size, implicit, pa)
+
+
+cdef inline int32_t _access(pks_cpu_t *c, uint64_t va, int kind, uint32_t size,
+                            bint implicit, uint64_t *pa) noexcept nogil:
+    # Fast path, inlined into the batch and replay loops: a TLB hit for an
+    # access within one page. A tag match implies that ``va`` is canonical,
+    # since only canonical pages are ever cached.
+    cdef pks_tlb_entry_t *t = &c.tlb[(va >> 12) & c.tlb_mask]
+    cdef uint64_t leaf = t.leaf
+    cdef int32_t r
+    if (t.tag == ((va & ~<uint64_t>0xFFF) | 1) and (va & 0xFFF) + size <= 4096
+            and (kind != PKS_WRITE or (leaf & PKS_PTE_D)) and not c.stale_check):
+        c.counters.accesses[kind][1 if _user_mode(c, implicit) else 0] += 1
+        c.counters.tlb_hits += 1
+        c.last_pkey = <int32_t>((leaf >> PKS_PTE_PKEY_SHIFT) & 0xF)
+        r = _check(c, leaf, kind, implicit)
+        if r == PKS_OK:
+            pa[0] = (leaf & c.addr_mask) | (va & 0xFFF)
+            return PKS_OK
+        c.last_fault_va = va
+        c.counters.page_faults += 1
+        return r
+    return _access_slow(c, va, kind, size, implicit, pa)
+
+
+cdef int32_t _access_slow(pks_cpu_t *c, uint64_t va, int kind, uint32_t size,
+                          bint implicit, uint64_t *pa) noexcept nogil:
     """A data access or fetch of ``size`` bytes (1..4096) at ``va``.
 
     An access that crosses a 4-KiB boundary is checked on both pages; a fault
@@ -244,13 +286,13 @@ cdef int32_t pks_access(pks_cpu_t *c, uint64_t va, int kind, uint32_t size,
         c.counters.gp_faults += 1
         c.last_pkey = -1
         return PKS_GP
-    r = pks_translate(c, va, kind, implicit, &pa1)
+    r = _translate(c, va, kind, implicit, &pa1)
     if r != PKS_OK:
         c.last_fault_va = va
         c.counters.page_faults += 1
         return r
     if ((va ^ last) >> 12) != 0:
-        r = pks_translate(c, last & ~<uint64_t>0xFFF, kind, implicit, &pa2)
+        r = _translate(c, last & ~<uint64_t>0xFFF, kind, implicit, &pa2)
         if r != PKS_OK:
             c.last_fault_va = last & ~<uint64_t>0xFFF
             c.counters.page_faults += 1

@@ -1,0 +1,175 @@
+"""Writing native traces from Python (used by the generators, the lackey
+converter and the tests)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..constants import PKS_INIT_VALUE
+from ..errors import PksEmuError
+from .format import (CPU_STATE, FLAG_FROM_USER, FLAG_IMPLICIT, FRAME_SIZE, KEEP_CPL, RECORD,
+                     TraceHeader, RecordType, layout)
+
+_KINDS = {"read": 0, "write": 1, "fetch": 2, "r": 0, "w": 1, "x": 2}
+
+
+def _kind(kind) -> int:
+    if isinstance(kind, str):
+        try:
+            return _KINDS[kind]
+        except KeyError:
+            raise ValueError(f"access kind {kind!r}: expected 'read', 'write' or 'fetch'") from None
+    k = int(kind)
+    if not 0 <= k <= 2:
+        raise ValueError(f"access kind {kind!r}: expected 0, 1 or 2")
+    return k
+
+
+class TraceWriter:
+    """Write a trace whose initial state is ``machine``'s state now.
+
+    The machine's CPU registers and every allocated frame of its physical
+    memory (page tables and data) are stored in the file when the writer is
+    created; records are then appended in order. Use as a context manager,
+    or call ``close()``, which writes the record count into the header.
+
+    Records are buffered and written in blocks; ``accesses()`` appends a whole
+    numpy batch at once.
+    """
+
+    def __init__(self, path: str | os.PathLike, machine, *, max_tasks: int = 65536,
+                 pkrs_init: int = PKS_INIT_VALUE, buffer_records: int = 1 << 16) -> None:
+        self.path = os.fspath(path)
+        frames = machine.memory.frame_addresses()
+        self.header = TraceHeader(
+            paging_levels=machine.paging_levels, ncpus=machine.ncpus, compat=machine.compat,
+            maxphyaddr=machine.maxphyaddr, features=frozenset(machine.features),
+            max_tasks=max_tasks, tlb_entries=machine.cpus[0].tlb_entries, pkrs_init=pkrs_init)
+        cpu_off, mem_off, rec_off = layout(machine.ncpus, len(frames))
+        self.header.cpu_state_offset, self.header.memory_offset = cpu_off, mem_off
+        self.header.records_offset, self.header.memory_frames = rec_off, len(frames)
+        self._ncpus = machine.ncpus
+        self._f = open(self.path, "wb")
+        self._f.write(self.header.pack())
+        for c in machine.cpus:
+            self._f.write(CPU_STATE.pack(c.cr0, c.cr3, c.cr4, c.efer, c.rflags, c.cpl, c.pkru, c.pkrs))
+        for pa in frames:
+            self._f.write(int(pa).to_bytes(8, "little"))
+            self._f.write(machine.memory.read(pa, FRAME_SIZE))
+        self._f.write(b"\0" * (rec_off - self._f.tell()))
+        self._buf = np.zeros(buffer_records, dtype=RECORD)
+        self._n = 0
+        self.count = 0
+
+    # --- low level -------------------------------------------------------------
+    def _cpu(self, cpu: int) -> int:
+        if not 0 <= cpu < self._ncpus:
+            raise ValueError(f"CPU {cpu} out of range: the machine has {self._ncpus}")
+        return cpu
+
+    def _put(self, type_: int, cpu: int = 0, op: int = 0, flags: int = 0, size: int = 0,
+             cpl: int = KEEP_CPL, addr: int = 0, value: int = 0) -> None:
+        if self._f is None:
+            raise PksEmuError(f"{self.path}: the trace writer is closed")
+        if self._n == len(self._buf):
+            self._flush()
+        self._buf[self._n] = (type_, self._cpu(cpu), op, flags, size, cpl, 0, addr, value)
+        self._n += 1
+        self.count += 1
+
+    def _flush(self) -> None:
+        if self._n:
+            self._f.write(self._buf[:self._n].tobytes())
+            self._n = 0
+
+    # --- records -----------------------------------------------------------------
+    def access(self, cpu: int, va: int, kind, size: int = 8, *, cpl: int | None = None,
+               implicit: bool = False) -> None:
+        """A data access or fetch; ``cpl`` sets the CPU's CPL first (None keeps it)."""
+        if not 1 <= size <= 4096:
+            raise ValueError(f"access size {size}: expected 1..4096")
+        if cpl is not None and not 0 <= cpl <= 3:
+            raise ValueError(f"CPL {cpl}: expected 0..3")
+        self._put(RecordType.ACCESS, cpu, _kind(kind), FLAG_IMPLICIT if implicit else 0, size,
+                  KEEP_CPL if cpl is None else cpl, va, 0)
+
+    def accesses(self, cpu, va, kind, size=8, cpl=None, implicit=False) -> None:
+        """Append many accesses at once (numpy arrays or scalars, broadcast)."""
+        va = np.asarray(va, dtype=np.uint64)
+        n = len(va)
+        recs = np.zeros(n, dtype=RECORD)
+        recs["type"] = RecordType.ACCESS
+        recs["cpu"] = cpu
+        kind_arr = np.asarray(_kind(kind) if isinstance(kind, str) else kind)
+        if kind_arr.size and (kind_arr.max() > 2):
+            raise ValueError("access kinds must be 0 (read), 1 (write) or 2 (fetch)")
+        recs["op"] = kind_arr
+        recs["flags"] = np.where(np.asarray(implicit), FLAG_IMPLICIT, 0)
+        size_arr = np.asarray(size)
+        if size_arr.size and (size_arr.min() < 1 or size_arr.max() > 4096):
+            raise ValueError("access sizes must be 1..4096")
+        recs["size"] = size_arr
+        recs["cpl"] = KEEP_CPL if cpl is None else cpl
+        recs["addr"] = va
+        if np.any(recs["cpu"] >= self._ncpus):
+            raise ValueError(f"CPU out of range: the machine has {self._ncpus}")
+        self._flush()
+        self._f.write(recs.tobytes())
+        self.count += n
+
+    def wrmsr(self, cpu: int, msr: int, value: int) -> None:
+        self._put(RecordType.WRMSR, cpu, addr=msr, value=value)
+
+    def rdmsr(self, cpu: int, msr: int) -> None:
+        self._put(RecordType.RDMSR, cpu, addr=msr)
+
+    def wrpkru(self, cpu: int, value: int, ecx: int = 0, edx: int = 0) -> None:
+        self._put(RecordType.WRPKRU, cpu, addr=(ecx & 0xFFFFFFFF) | (edx & 0xFFFFFFFF) << 32,
+                  value=value & 0xFFFFFFFF)
+
+    def mov_cr(self, cpu: int, cr: int, value: int) -> None:
+        if cr not in (0, 3, 4):
+            raise ValueError(f"MOV to CR{cr}: only CR0, CR3 and CR4 are modelled")
+        self._put(RecordType.MOV_CR, cpu, op=cr, value=value)
+
+    def invlpg(self, cpu: int, va: int) -> None:
+        self._put(RecordType.INVLPG, cpu, addr=va)
+
+    def pte_write(self, pa: int, value: int, cpu: int = 0) -> None:
+        """A store of a paging-structure entry at physical address ``pa`` (no TLB flush)."""
+        if pa % 8:
+            raise ValueError(f"PTE address {pa:#x} is not 8-byte aligned")
+        self._put(RecordType.PTE_WRITE, cpu, addr=pa, value=value)
+
+    def context_switch(self, cpu: int, task: int, cr3: int = 0) -> None:
+        """Switch ``cpu`` to ``task`` (and to ``cr3`` unless 0), as __switch_to does."""
+        self._put(RecordType.CONTEXT_SWITCH, cpu, addr=cr3, value=task)
+
+    def exception_entry(self, cpu: int, vector: int = 14, *, from_user: bool = False) -> None:
+        self._put(RecordType.EXCEPTION_ENTRY, cpu, flags=FLAG_FROM_USER if from_user else 0,
+                  value=vector)
+
+    def exception_exit(self, cpu: int) -> None:
+        self._put(RecordType.EXCEPTION_EXIT, cpu)
+
+    def set_rflags(self, cpu: int, value: int) -> None:
+        self._put(RecordType.SET_RFLAGS, cpu, value=value)
+
+    # --- end ---------------------------------------------------------------------
+    def close(self) -> None:
+        if self._f is None:
+            return
+        self._flush()
+        self.header.record_count = self.count
+        self._f.seek(0)
+        self._f.write(self.header.pack())
+        self._f.close()
+        self._f = None
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
