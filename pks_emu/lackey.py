@@ -39,6 +39,7 @@ import bz2
 import gzip
 import lzma
 import os
+import re
 import zlib
 from collections.abc import Iterator
 from typing import IO
@@ -70,11 +71,11 @@ _WHY = {
     8: f"line longer than {_MAX_LINE} bytes",
 }
 
-_MAGIC = (
-    (b"\x1f\x8b", "gzip"),
-    (b"\xfd7zXZ\x00", "xz"),
-    (b"BZh", "bzip2"),
-)
+# Magic numbers: gzip (RFC 1952: ID1 ID2, CM=8 deflate), xz (the stream header
+# magic), bzip2 ("BZh", the block size digit, then the magic of a block or of
+# the end of the stream), long enough that no text line can be mistaken.
+_MAGIC = re.compile(rb"(\x1f\x8b\x08)|(\xfd7zXZ\x00)|(BZh[1-9](?:1AY&SY|\x17rE8P\x90))")
+_COMPRESSION = ("gzip", "xz", "bzip2")
 
 
 class LackeyTrace:
@@ -146,9 +147,10 @@ def iter_lackey(path: str | os.PathLike[str], *, chunk_records: int = 1 << 20,
     together); a last chunk with no records is yielded only to carry the
     counts of lines read after the previous chunk.
     """
-    if isinstance(chunk_records, bool) or not isinstance(chunk_records, int) or chunk_records < 2:
-        raise ValueError(f"chunk_records = {chunk_records!r}: expected an int >= 2 "
-                         "(an M line is two records)")
+    if (isinstance(chunk_records, bool) or not isinstance(chunk_records, int)
+            or not 2 <= chunk_records <= 1 << 40):
+        raise ValueError(f"chunk_records = {chunk_records!r}: expected an int from 2 "
+                         "(an M line is two records) to 2**40")
     return _read(path, chunk_records=chunk_records, skip_bad=skip_bad)
 
 
@@ -158,17 +160,17 @@ def _open(fspath: str) -> tuple[IO[bytes], IO[bytes], str]:
     """Open ``fspath``; return (file, stream to read, compression)."""
     raw = open(fspath, "rb")
     try:
-        head = raw.peek(6)[:6]
-        for magic, name in _MAGIC:
-            if head.startswith(magic):
-                stream: IO[bytes]
-                if name == "gzip":
-                    stream = gzip.GzipFile(fileobj=raw, mode="rb")
-                elif name == "xz":
-                    stream = lzma.LZMAFile(raw, mode="rb")
-                else:
-                    stream = bz2.BZ2File(raw, mode="rb")
-                return raw, stream, name
+        m = _MAGIC.match(raw.peek(10)[:10])
+        if m is not None:
+            name = _COMPRESSION[m.lastindex - 1]  # type: ignore[operator]
+            stream: IO[bytes]
+            if name == "gzip":
+                stream = gzip.GzipFile(fileobj=raw, mode="rb")
+            elif name == "xz":
+                stream = lzma.LZMAFile(raw, mode="rb")
+            else:
+                stream = bz2.BZ2File(raw, mode="rb")
+            return raw, stream, name
     except BaseException:
         raw.close()
         raise
@@ -329,7 +331,8 @@ def _read(path: str | os.PathLike[str], *, chunk_records: int | None, skip_bad: 
                     skipped += 1
                 else:
                     bad += 1
-                    bad_line(bytes(buf[limit:limit + _TEXT_MAX]), 8)
+                    # Enough bytes for _text() to show the same prefix as for a short line.
+                    bad_line(bytes(buf[limit:limit + 4 * _TEXT_MAX + 4]), 8)
                 discarding = True
                 have = 0
                 continue
