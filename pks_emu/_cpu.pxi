@@ -350,6 +350,9 @@ cdef class CPU:
         ``stale_uses`` in ``counters()`` counts all of them."""
         cdef uint64_t n = min(self.st.stale_len, self.st.stale_cap)
         cdef uint64_t start = self.st.stale_len - n
+        # Typed, so that the struct is copied as a struct; an untyped name
+        # made Cython convert it to a dict and ``s.va`` raised AttributeError.
+        cdef pks_stale_t s
         out = []
         for i in range(start, self.st.stale_len):
             s = self.st.stale_log[i % self.st.stale_cap]
