@@ -37,12 +37,12 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import lzma
 import os
 import re
 import zlib
 from collections.abc import Iterator
-from typing import IO
 
 import numpy as np
 
@@ -156,14 +156,14 @@ def iter_lackey(path: str | os.PathLike[str], *, chunk_records: int = 1 << 20,
 
 # --- reading ------------------------------------------------------------------
 
-def _open(fspath: str) -> tuple[IO[bytes], IO[bytes], str]:
+def _open(fspath: str) -> tuple[io.BufferedIOBase, io.BufferedIOBase, str]:
     """Open ``fspath``; return (file, stream to read, compression)."""
     raw = open(fspath, "rb")
     try:
         m = _MAGIC.match(raw.peek(10)[:10])
         if m is not None:
             name = _COMPRESSION[m.lastindex - 1]  # type: ignore[operator]
-            stream: IO[bytes]
+            stream: io.BufferedIOBase
             if name == "gzip":
                 stream = gzip.GzipFile(fileobj=raw, mode="rb")
             elif name == "xz":
@@ -185,7 +185,7 @@ def _text(raw: bytes) -> str:
 class _Reader:
     """Fills a reusable buffer from the stream; turns decompression errors into TraceFormatError."""
 
-    def __init__(self, fspath: str, stream: IO[bytes], compression: str) -> None:
+    def __init__(self, fspath: str, stream: io.BufferedIOBase, compression: str) -> None:
         self.fspath = fspath
         self.stream = stream
         self.compression = compression
@@ -193,9 +193,9 @@ class _Reader:
 
     def readinto(self, mv: memoryview) -> int:
         if self.compression == "none":
-            return self.stream.readinto(mv)  # type: ignore[attr-defined]
+            return self.stream.readinto(mv)
         try:
-            n = self.stream.readinto(mv)  # type: ignore[attr-defined]
+            n = self.stream.readinto(mv)
         except (EOFError, OSError, lzma.LZMAError, zlib.error) as e:
             what = "truncated" if isinstance(e, EOFError) else "corrupt"
             raise TraceFormatError(
