@@ -52,7 +52,7 @@ class KernelOops(PksEmuError):
         if self.pkrs is not None:
             lines.append(f"PKRS: 0x{self.pkrs:08x}")
         if self.pkey is not None:
-            owner = self.owner if self.owner is not None else "(no owner)"
+            owner = repr(self.owner) if self.owner is not None else "(no owner)"
             lines.append(f"pkey: {self.pkey} owner: {owner}")
         return "\n".join(lines)
 

@@ -179,6 +179,8 @@ class SchedMixin:
         """do_exit(): close the task's files and switch its CPU to the idle task."""
         if task.state == DEAD:
             return
+        if task.state == RUNNING:
+            self.percpu[task.cpu].cpu.cpl = 0  # do_exit runs in the kernel
         with self.on_cpu(task.cpu):
             for f in list(task.files):
                 f.put(task)
