@@ -163,10 +163,15 @@ def replay(path: str | os.PathLike, *, max_faults: int | None = None, stop_on_fa
             mm = mmap.mmap(f.fileno(), length, flags=_MAP_FLAGS, prot=mmap.PROT_READ, offset=base)
             try:
                 view = memoryview(mm)[offset - base:]
-                recs = np.frombuffer(view, dtype=RECORD, count=n)
-                validate_records(path, recs, done, header)
-                del recs
                 status = engine.run(view, done)
+                if status == REPLAY_STATUS["invalid"]:
+                    # The loop stopped at a bad record; say what is wrong with it.
+                    k = engine.error_record - done
+                    recs = np.frombuffer(view, dtype=RECORD, count=n)
+                    try:
+                        validate_records(path, recs[k:k + 1].copy(), engine.error_record, header)
+                    finally:
+                        del recs
                 view.release()
             finally:
                 mm.close()
