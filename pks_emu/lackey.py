@@ -20,7 +20,8 @@ The kinds are those of :class:`pks_emu.AccessKind`. Rules of this reader:
   and empty lines are skipped and counted in ``skipped_lines``.
 - LF or CRLF line ends; a missing final newline is fine.
 - Any other line is malformed: :class:`~pks_emu.errors.TraceFormatError`
-  naming the file, the 1-based line number, the text and what was expected;
+  naming the file, the 1-based line number, the text and what was expected
+  (also in its ``path``, ``line_number`` and ``text`` attributes);
   with ``skip_bad=True`` it is counted in ``bad_lines`` instead, and the first
   20 are kept in ``bad_examples``. A line longer than 64 KiB cannot be a
   record: it is skipped if it starts with ``==``, else it is malformed.
@@ -31,7 +32,9 @@ The kinds are those of :class:`pks_emu.AccessKind`. Rules of this reader:
 
 The per-line work is the compiled, GIL-free scanner in ``_lackey.pyx``; this
 module reads the file in 16 MiB blocks and carries the partial last line of
-each block over to the next.
+each block over to the next. :func:`iter_lackey` therefore holds one block,
+one chunk's arrays (11 bytes a record) and the decompressor's own state (an
+``xz -9`` stream needs its 64 MiB dictionary), whatever the file's size.
 """
 from __future__ import annotations
 
