@@ -102,8 +102,11 @@ class PerCpu:
 
     @property
     def msr(self) -> int:
-        """IA32_PKRS as RDMSR on this CPU returns it."""
-        return self.cpu.rdmsr(MSR_IA32_PKRS)
+        """IA32_PKRS: RDMSR when the CPU is in the kernel (as kernel code reads
+        it); read without the CPL check when it is in user mode (an observer)."""
+        if self.cpu.cpl == 0:
+            return self.cpu.rdmsr(MSR_IA32_PKRS)
+        return self.cpu.pkrs
 
     def __repr__(self) -> str:
         cur = self.current.name if self.current else None
