@@ -24,7 +24,7 @@ directives = {
     "initializedcheck": DEBUG,
 }
 
-cflags = ["-O0", "-g", "-UNDEBUG"] if DEBUG else ["-O3"]
+cflags = ["-O0", "-g", "-UNDEBUG", "-DPKS_EMU_DEBUG=1"] if DEBUG else ["-O3"]
 
 # Every pks_emu/*.pyx is one extension module (the .pxi files are included).
 extensions = [

@@ -11,6 +11,17 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memcpy, memset
 
+cdef extern from *:
+    """
+    #ifndef PKS_EMU_DEBUG
+    #define PKS_EMU_DEBUG 0
+    #endif
+    """
+    const int PKS_EMU_DEBUG
+
+#: True in a debug build (PKS_EMU_DEBUG=1: bounds checks and assertions on).
+DEBUG_BUILD = bool(PKS_EMU_DEBUG)
+
 include "_memory.pxi"
 include "_paging.pxi"
 include "_tlb.pxi"

@@ -1,0 +1,87 @@
+"""``pks-emu info TRACE``: header, record counts, address ranges of a native trace."""
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import sys
+
+import numpy as np
+
+from ..errors import TraceFormatError
+from .format import RECORD, RecordType, is_native_trace, read_header, validate_records
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trace", help="native trace")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+
+def describe(path: str, chunk_records: int = 1 << 20) -> dict:
+    """Header and statistics of a native trace; validates every record."""
+    if not is_native_trace(path):
+        raise TraceFormatError(f"{path}: not a native pks_emu trace (use `pks-emu convert` for lackey traces)")
+    h = read_header(path)
+    counts = np.zeros(RecordType.COUNT, dtype=np.int64)
+    kinds = np.zeros(3, dtype=np.int64)
+    per_cpu = np.zeros(h.ncpus, dtype=np.int64)
+    lo = hi = None
+    tasks: set[int] = set()
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if h.record_count else None
+        try:
+            for start in range(0, h.record_count, chunk_records):
+                n = min(chunk_records, h.record_count - start)
+                recs = np.frombuffer(mm, dtype=RECORD, count=n, offset=h.records_offset + start * 24)
+                validate_records(path, recs, start, h)
+                counts += np.bincount(recs["type"], minlength=RecordType.COUNT)
+                acc = recs[recs["type"] == RecordType.ACCESS]
+                kinds += np.bincount(acc["op"], minlength=3)[:3]
+                per_cpu += np.bincount(recs["cpu"], minlength=h.ncpus)
+                if len(acc):
+                    a, b = int(acc["addr"].min()), int(acc["addr"].max())
+                    lo = a if lo is None else min(lo, a)
+                    hi = b if hi is None else max(hi, b)
+                cs = recs[recs["type"] == RecordType.CONTEXT_SWITCH]
+                tasks.update(np.unique(cs["value"]).tolist())
+                del recs, acc, cs
+        finally:
+            if mm is not None:
+                mm.close()
+    return {
+        "trace": path, "version": h.version, "paging_levels": h.paging_levels, "ncpus": h.ncpus,
+        "compat": h.compat, "features": sorted(h.features), "maxphyaddr": h.maxphyaddr,
+        "tlb_entries": h.tlb_entries, "pkrs_init": f"{h.pkrs_init:#x}",
+        "memory_frames": h.memory_frames, "records": h.record_count,
+        "record_counts": {name: int(c) for name, c in zip(RecordType.NAMES, counts)},
+        "access_kinds": {"read": int(kinds[0]), "write": int(kinds[1]), "fetch": int(kinds[2])},
+        "records_per_cpu": [int(x) for x in per_cpu],
+        "address_range": None if lo is None else [f"{lo:#x}", f"{hi:#x}"],
+        "tasks": len(tasks),
+        "initial_cpus": [dict(zip(("cr0", "cr3", "cr4", "efer", "rflags", "cpl", "pkru", "pkrs"),
+                                  (hex(v) for v in s))) for s in h.cpu_states],
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    d = describe(args.trace)
+    if args.json:
+        json.dump(d, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    print(f"pks-emu info: {d['trace']}")
+    print(f"  format       version {d['version']}, {d['records']:,} records, {d['memory_frames']:,} memory frames")
+    print(f"  machine      {d['paging_levels']}-level paging, {d['ncpus']} CPU(s), compat {d['compat']}, "
+          f"MAXPHYADDR {d['maxphyaddr']}, TLB {d['tlb_entries']} entries")
+    print(f"  features     {', '.join(d['features'])}")
+    print("  records      " + ", ".join(f"{k} {v:,}" for k, v in d["record_counts"].items() if v))
+    k = d["access_kinds"]
+    print(f"  accesses     read {k['read']:,}, write {k['write']:,}, fetch {k['fetch']:,}")
+    if d["address_range"]:
+        print(f"  addresses    {d['address_range'][0]} .. {d['address_range'][1]}")
+    print(f"  per CPU      {', '.join(f'{i}: {n:,}' for i, n in enumerate(d['records_per_cpu']))}")
+    if d["tasks"]:
+        print(f"  tasks        {d['tasks']}")
+    for i, s in enumerate(d["initial_cpus"]):
+        print(f"  CPU {i} init   " + " ".join(f"{k}={v}" for k, v in s.items()))
+    return 0

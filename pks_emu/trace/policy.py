@@ -1,0 +1,227 @@
+"""Address-space policies: how a user-space trace without page tables (a
+Valgrind lackey trace) becomes a machine with page tables and keys.
+
+A policy is a small TOML file (docs/trace-format.md#policies)::
+
+    [registers]
+    cpl = 3                      # CPL of the traced accesses
+    pkru = { 3 = "read-only" }   # or an integer; keys not named are read/write
+    pkrs = 0x55555554
+    cr4 = ["pke", "pks", "smep", "smap"]
+
+    [default]                    # pages outside every region
+    map = "user"                 # "user", "supervisor" or "unmapped"
+    writable = true
+    executable = true
+    pkey = 0
+
+    [[region]]                   # first matching region wins
+    name = "heap"
+    start = 0x4a0c000
+    end = 0x4c00000              # exclusive
+    pkey = 3
+
+Every page the trace touches is mapped before the first record (which is
+what "mapped on first touch" amounts to for a replay: the first access to a
+page misses the TLB either way), each to its own physical frame.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..constants import (CR0_WP, CR4_PKE, CR4_PKS, CR4_SMAP, CR4_SMEP, EFER_NXE, MSR_IA32_PKRS,
+                         PKEY_DISABLE_ACCESS, PKEY_DISABLE_WRITE, pkey_update_pkval)
+from ..errors import TraceFormatError
+from ..machine import Machine
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_RIGHTS = {"rw": 0, "read-write": 0, "read-only": PKEY_DISABLE_WRITE, "ro": PKEY_DISABLE_WRITE,
+           "no-access": PKEY_DISABLE_ACCESS, "none": PKEY_DISABLE_ACCESS}
+_CR4 = {"pke": CR4_PKE, "pks": CR4_PKS, "smep": CR4_SMEP, "smap": CR4_SMAP}
+_MAPS = ("user", "supervisor", "unmapped")
+
+#: Data frames of policy-mapped pages start here (page tables come from the
+#: top of physical memory, see Machine.alloc_frames).
+DATA_BASE = 0x1000000
+
+
+@dataclass
+class PageRule:
+    name: str = "default"
+    start: int = 0
+    end: int = 1 << 64
+    map: str = "user"
+    writable: bool = True
+    executable: bool = True
+    pkey: int = 0
+
+
+@dataclass
+class Policy:
+    cpl: int = 3
+    pkru: int = 0
+    pkrs: int = 0x55555554
+    cr4: tuple[str, ...] = ("pke", "pks")
+    nxe: bool = True
+    wp: bool = True
+    paging_levels: int = 4
+    default: PageRule = field(default_factory=PageRule)
+    regions: list[PageRule] = field(default_factory=list)
+    source: str = "<default policy>"
+
+    def rule_for(self, page_va: int) -> PageRule:
+        for r in self.regions:
+            if r.start <= page_va < r.end:
+                return r
+        return self.default
+
+
+def _rights_value(where: str, value) -> int:
+    if isinstance(value, int):
+        if not 0 <= value < 1 << 32:
+            raise TraceFormatError(f"{where}: {value:#x} does not fit in 32 bits")
+        return value
+    if isinstance(value, dict):
+        reg = 0
+        for k, v in value.items():
+            try:
+                key = int(k)
+            except ValueError:
+                raise TraceFormatError(f"{where}: key {k!r} is not a number 0..15") from None
+            if not 0 <= key <= 15:
+                raise TraceFormatError(f"{where}: key {key} out of range 0..15")
+            if v not in _RIGHTS:
+                raise TraceFormatError(f"{where}: rights {v!r} for key {key}: expected one of {sorted(_RIGHTS)}")
+            reg = pkey_update_pkval(reg, key, _RIGHTS[v])
+        return reg
+    raise TraceFormatError(f"{where}: expected an integer or a table of key = rights")
+
+
+def _rule(where: str, d: dict, base: PageRule) -> PageRule:
+    known = {"name", "start", "end", "map", "writable", "executable", "pkey"}
+    extra = set(d) - known
+    if extra:
+        raise TraceFormatError(f"{where}: unknown setting(s) {sorted(extra)}; expected {sorted(known)}")
+    r = PageRule(name=str(d.get("name", base.name)), start=d.get("start", base.start),
+                 end=d.get("end", base.end), map=d.get("map", base.map),
+                 writable=d.get("writable", base.writable),
+                 executable=d.get("executable", base.executable), pkey=d.get("pkey", base.pkey))
+    if r.map not in _MAPS:
+        raise TraceFormatError(f"{where}: map = {r.map!r}: expected one of {list(_MAPS)}")
+    if not isinstance(r.pkey, int) or not 0 <= r.pkey <= 15:
+        raise TraceFormatError(f"{where}: pkey = {r.pkey!r}: expected 0..15")
+    for name in ("start", "end"):
+        v = getattr(r, name)
+        if not isinstance(v, int) or not 0 <= v <= 1 << 64:
+            raise TraceFormatError(f"{where}: {name} = {v!r}: expected an address")
+    if r.start >= r.end:
+        raise TraceFormatError(f"{where}: start {r.start:#x} is not below end {r.end:#x}")
+    for name in ("writable", "executable"):
+        if not isinstance(getattr(r, name), bool):
+            raise TraceFormatError(f"{where}: {name} must be true or false")
+    return r
+
+
+def load_policy(path: str | os.PathLike | None) -> Policy:
+    """Read a policy file; None gives the default policy (everything a plain user page)."""
+    if path is None:
+        return Policy()
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise TraceFormatError(f"{path}: cannot read policy: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise TraceFormatError(f"{path}: not valid TOML: {e}") from None
+    extra = set(doc) - {"registers", "default", "region", "machine"}
+    if extra:
+        raise TraceFormatError(f"{path}: unknown section(s) {sorted(extra)}")
+    p = Policy(source=path)
+    regs = doc.get("registers", {})
+    bad = set(regs) - {"cpl", "pkru", "pkrs", "cr4", "nxe", "wp"}
+    if bad:
+        raise TraceFormatError(f"{path}: [registers]: unknown setting(s) {sorted(bad)}")
+    p.cpl = regs.get("cpl", p.cpl)
+    if p.cpl not in (0, 1, 2, 3):
+        raise TraceFormatError(f"{path}: [registers] cpl = {p.cpl!r}: expected 0..3")
+    p.pkru = _rights_value(f"{path}: [registers] pkru", regs.get("pkru", p.pkru))
+    p.pkrs = _rights_value(f"{path}: [registers] pkrs", regs.get("pkrs", p.pkrs))
+    cr4 = regs.get("cr4", list(p.cr4))
+    if not isinstance(cr4, list) or any(c not in _CR4 for c in cr4):
+        raise TraceFormatError(f"{path}: [registers] cr4 = {cr4!r}: expected a list of {sorted(_CR4)}")
+    p.cr4 = tuple(cr4)
+    p.nxe = regs.get("nxe", p.nxe)
+    p.wp = regs.get("wp", p.wp)
+    mach = doc.get("machine", {})
+    p.paging_levels = mach.get("paging_levels", 4)
+    if p.paging_levels not in (4, 5):
+        raise TraceFormatError(f"{path}: [machine] paging_levels = {p.paging_levels!r}: expected 4 or 5")
+    p.default = _rule(f"{path}: [default]", doc.get("default", {}), PageRule())
+    regions = doc.get("region", [])
+    if not isinstance(regions, list):
+        raise TraceFormatError(f"{path}: region must be an array of tables ([[region]])")
+    for i, r in enumerate(regions):
+        if "start" not in r or "end" not in r:
+            raise TraceFormatError(f"{path}: region {i + 1}: start and end are required")
+        p.regions.append(_rule(f"{path}: region {i + 1} ({r.get('name', 'unnamed')})", r,
+                               PageRule(name=f"region {i + 1}", map=p.default.map,
+                                        writable=p.default.writable,
+                                        executable=p.default.executable, pkey=p.default.pkey)))
+    return p
+
+
+def build_machine(policy: Policy, pages: np.ndarray) -> tuple[Machine, dict[str, int]]:
+    """A machine whose page tables map ``pages`` (sorted unique page numbers,
+    va >> 12) as the policy says, with the policy's registers in force."""
+    m = Machine(paging_levels=policy.paging_levels)
+    aspace = m.address_space()
+    stats = {"pages_mapped": 0, "pages_unmapped": 0}
+    bits = 57 if policy.paging_levels == 5 else 48
+    # Group runs of consecutive pages under the same rule: map_range fills
+    # whole page-table pages at once.
+    next_pa = DATA_BASE
+    i = 0
+    n = len(pages)
+    while i < n:
+        va = int(pages[i]) << 12
+        rule = policy.rule_for(va)
+        j = i + 1
+        while (j < n and int(pages[j]) == int(pages[j - 1]) + 1
+               and policy.rule_for(int(pages[j]) << 12) is rule):
+            j += 1
+        top = va >> (bits - 1)
+        canonical = top in (0, (1 << (65 - bits)) - 1)
+        if rule.map == "unmapped" or not canonical:
+            stats["pages_unmapped"] += j - i
+        else:
+            length = (j - i) << 12
+            aspace.map_range(va, next_pa, length, writable=rule.writable,
+                             user=rule.map == "user", nx=not rule.executable, pkey=rule.pkey)
+            next_pa += length
+            stats["pages_mapped"] += j - i
+        i = j
+    cpu = m.cpus[0]
+    aspace.activate()
+    cpu.efer = cpu.efer | (EFER_NXE if policy.nxe else 0)
+    cpu.cr0 = (cpu.cr0 | CR0_WP) if policy.wp else (cpu.cr0 & ~CR0_WP)
+    cr4 = cpu.cr4
+    for name in policy.cr4:
+        cr4 |= _CR4[name]
+    cpu.cr4 = cr4
+    if policy.pkrs:
+        cpu.wrmsr(MSR_IA32_PKRS, policy.pkrs)
+    if cr4 & CR4_PKE:
+        cpu.wrpkru(policy.pkru)
+    elif policy.pkru:
+        raise TraceFormatError(f"{policy.source}: pkru is set but cr4 does not include 'pke'")
+    cpu.cpl = policy.cpl
+    return m, stats
