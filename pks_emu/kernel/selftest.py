@@ -216,10 +216,10 @@ def run(args: argparse.Namespace) -> int:
     features = parse_features(args.features)
     if args.ncpus < 1:
         raise PksEmuError(f"--ncpus {args.ncpus}: expected at least 1")
-    machine = Machine(ncpus=args.ncpus, features=features)
-    kernel = Kernel(machine, api=args.api, pks_test_all_keys=args.all_keys and args.api == "v10")
     if args.all_keys and args.api != "v10":
         raise PksEmuError("--all-keys (CONFIG_PKS_TEST_ALL_KEYS) exists only with --api v10")
+    machine = Machine(ncpus=args.ncpus, features=features)
+    kernel = Kernel(machine, api=args.api, pks_test_all_keys=args.all_keys)
     default, special = test_table(args.api)
     known = dict(default + special)
     if args.list:
