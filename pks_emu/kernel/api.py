@@ -25,6 +25,7 @@ import os
 from ..constants import NR_PKEYS, PKEY_ACCESS_MASK, PKEY_DISABLE_ACCESS, PKEY_DISABLE_WRITE
 from .errors import PksApiError
 from .keys import INIT_PKRS_VALUE
+from ._part import KernelPart
 
 
 def update_pkey_val(pk_reg: int, pkey: int, flags: int) -> int:
@@ -59,7 +60,7 @@ def _check_key(pkey, fn: str) -> int:
     return pkey
 
 
-class ApiMixin:
+class ApiMixin(KernelPart):
     """Consumer API of the PKS series (part of Kernel)."""
 
     # --- values the versions disagree on ----------------------------------------------

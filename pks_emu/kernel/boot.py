@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 from ..constants import (CR0_WP, CR4_PKS, CR4_SMAP, CR4_SMEP, EFER_NXE, MSR_IA32_PKRS,
                          PKEY_DISABLE_ACCESS)
@@ -72,6 +73,8 @@ class Kernel(ApiMixin, SchedMixin, EntryMixin, FaultMixin, MmMixin, DebugfsMixin
 
         # X86_FEATURE_PKS: CPUID.(EAX=7,ECX=0):ECX[31]
         self.pks_supported = bool(machine.cpus[0].cpuid(7, 0)[2] >> 31 & 1)
+        self.key_allocator: KeyAllocator | None
+        self.static_keys: StaticKeys | None
         if self.version.dynamic_keys:
             self.key_allocator = KeyAllocator()
             self.static_keys = None
@@ -101,12 +104,11 @@ class Kernel(ApiMixin, SchedMixin, EntryMixin, FaultMixin, MmMixin, DebugfsMixin
             self._switch_to(pc, None, idle)
         self.init_task = self.percpu[0].idle
 
+        self.pks_test: Any = None
         if pks_test:
             from .pks_test import load_pks_test
             self.pks_test = load_pks_test(self)
-        else:
-            self.pks_test = None
-        self.pmem = None
+        self.pmem: Any = None
         if pmem and v == "v10":
             from .pmem import PmemConsumer
             self.pmem = PmemConsumer(self, pmem_fault_mode)

@@ -25,6 +25,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from .errors import KernelStateError
+from ._part import KernelPart
 
 #: vectors with a name (others print as numbers)
 VECTOR_NAMES = {2: "NMI", 14: "#PF", 32: "IRQ", 0xEC: "LOCAL_TIMER", 0xFB: "CALL_FUNCTION"}
@@ -98,7 +99,7 @@ class PtRegs:
                 f"{'user' if self.user_mode else 'kernel'} {self.aux!r}>")
 
 
-class EntryMixin:
+class EntryMixin(KernelPart):
     """``irqentry_enter/exit``, ``irqentry_nmi_enter/exit`` (part of Kernel)."""
 
     def irqentry_enter(self, cpu=None, *, vector: int = 32, error_code: int = 0,

@@ -22,12 +22,13 @@ from ..constants import PF_PK, PF_U, PF_W
 from ..errors import PageFault
 from .api import update_pkey_val
 from .errors import FaultLoopError, KernelOops, SegmentationFault
+from ._part import KernelPart
 
 #: retries of one access before the emulator calls it a fault loop
 MAX_FAULT_RETRIES = 8
 
 
-class FaultMixin:
+class FaultMixin(KernelPart):
     """``kernel.access`` and the #PF handler (part of Kernel)."""
 
     def access(self, who, va: int, kind, size: int = 8) -> int:

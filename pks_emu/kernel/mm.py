@@ -8,8 +8,8 @@ does, with a guard page after each area like vmalloc.
 """
 from __future__ import annotations
 
-from ..constants import (PAGE_KERNEL_PKEY, PAGE_SIZE, PAGE_SIZE_1G, PAGE_SIZE_2M, PTE_P, PTE_PS,
-                         PTE_XD, pte_pkey)
+from ..constants import PAGE_KERNEL_PKEY, PAGE_SIZE, PAGE_SIZE_1G, PAGE_SIZE_2M, PTE_P, PTE_PS, PTE_XD, pte_pkey
+from ._part import KernelPart
 
 #: VMALLOC_START for 4-level and 5-level paging (Documentation/x86/x86_64/mm.rst)
 VMALLOC_START = {4: 0xFFFFC90000000000, 5: 0xFFA0000000000000}
@@ -29,7 +29,7 @@ class VmArea:
         return f"<vm_area {self.addr:#x}+{self.size:#x} pkey {self.pkey}>"
 
 
-class MmMixin:
+class MmMixin(KernelPart):
     """Kernel mappings and byte copies through the CPU core (part of Kernel)."""
 
     def _mm_init(self) -> None:

@@ -99,6 +99,7 @@ class PksTestV6:
 
     def check_exception(self, thread_pkrs: int) -> None:
         ctx = self.test_exception_ctx
+        assert ctx is not None
         key = self.test_armed_key
         if not check_pkey_val(thread_pkrs, key, PKEY_DISABLE_WRITE):
             self.log("err", "     FAIL: checking ept_regs->thread_pkrs")
@@ -295,6 +296,7 @@ class PksTestV6:
         k.schedule(here, kt)
         key = k.PKS_KEY_PKS_TEST
         ctx = self.alloc_ctx(key)
+        assert ctx is not None  # V7: a static key, no allocation to fail
         ctx.pass_ = True
         ptr = self.alloc_test_page(key)
         try:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..constants import MSR_IA32_PKRS
 from .errors import KernelStateError
+from ._part import KernelPart
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -113,7 +114,7 @@ class PerCpu:
         return f"<cpu {self.index} current={cur!r} pkrs_cache={self.pkrs_cache:#010x}>"
 
 
-class SchedMixin:
+class SchedMixin(KernelPart):
     """Task creation, fork/exec/exit, ``switch_to`` and migration (part of Kernel)."""
 
     machine: Machine
