@@ -145,3 +145,15 @@ def test_pmem_fault_modes(mode):
         assert e.value.owner == "PKS_KEY_PGMAP_PROTECTION"
     with pytest.raises(ValueError):
         pm.fault_mode = "lenient"
+
+
+def test_five_level_paging_kernel():
+    k = Kernel(pks_emu.Machine(paging_levels=5), api="v10")
+    page = k.vmalloc(4096, k.PKS_KEY_TEST)
+    assert page >> 48 == 0xFFA0
+    assert k.walk_init_mm_key(page) == k.PKS_KEY_TEST
+    t = k.create_task("t", 0)
+    k.schedule(0, t)
+    with pytest.raises(KernelOops) as e:
+        k.read_bytes(t, page, 8)
+    assert e.value.pkey == k.PKS_KEY_TEST and e.value.error_code == PF_P | PF_PK
