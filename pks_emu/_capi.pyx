@@ -251,6 +251,13 @@ def frame_address(PhysicalMemory memory not None, uint64_t pa, bint create=True)
     return <uint64_t><size_t>p
 
 
+def last_fault(CPU cpu not None):
+    """``(address, pkey)`` of the CPU's last #PF: the CR2 value and the key of
+    the leaf the walk reached (None if it reached none)."""
+    cdef pks_cpu_t *c = cpu_state_of(cpu)
+    return c.last_fault_va, (c.last_pkey if c.last_pkey >= 0 else None)
+
+
 def _run_until_fault(CPU cpu not None, const uint64_t[::1] va, const uint8_t[::1] kind,
                      const uint16_t[::1] size, const uint8_t[::1] implicit,
                      Py_ssize_t start, uint64_t[::1] pa_out, int32_t[::1] err_out):

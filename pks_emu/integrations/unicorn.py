@@ -43,10 +43,11 @@ from typing import Any, Callable
 from .. import _capi
 from ..constants import CR4_SMAP, MSR_IA32_EFER, MSR_IA32_PKRS, PAGE_SIZE
 from ..errors import CPUException, PageFault
+from ..hooks import RETRY
 
-#: Returned by an ``on_fault`` callback to resume the guest at the faulting
-#: instruction (the callback changed what made it fault).
-RETRY = "retry"
+#: ``RETRY`` (from ``pks_emu.hooks``, one sentinel for every ``on_fault``
+#: API): returned by an ``on_fault`` callback to resume the guest at the
+#: faulting instruction (the callback changed what made it fault).
 
 _PAGE_MASK = ~(PAGE_SIZE - 1)
 _REX = range(0x40, 0x50)
