@@ -158,6 +158,11 @@ ctypedef struct pks_cpu_t:
     int32_t last_pkey           # key of the last translation that reached a leaf, else -1
     uint64_t last_fault_va      # address (CR2) of the last #PF
     pks_counters_t counters
+    # Frame-pointer cache of the walker: physical frame number -> host page.
+    # Frames are never freed while the memory lives, so a cached pointer
+    # stays valid; this caches host lookups, not paging structures.
+    uint64_t frame_cache_pfn[64]
+    uint8_t *frame_cache_page[64]
 
 
 # --- memory ---------------------------------------------------------------

@@ -61,10 +61,31 @@ cdef inline uint64_t _rsvd_mask(pks_cpu_t *c, int level, uint64_t e) noexcept no
     return r
 
 
+cdef inline uint8_t *_frame(pks_cpu_t *c, uint64_t pfn) noexcept nogil:
+    """Host page of frame ``pfn`` (NULL if never written), through the CPU's frame cache."""
+    cdef uint32_t i = <uint32_t>(pfn & 63)
+    cdef uint8_t *page
+    if c.frame_cache_pfn[i] == pfn:
+        return c.frame_cache_page[i]
+    page = pks_mem_frame(c.mem, pfn, False)
+    if page != NULL:
+        c.frame_cache_pfn[i] = pfn
+        c.frame_cache_page[i] = page
+    return page
+
+
+cdef inline uint64_t *_entry_ptr(pks_cpu_t *c, uint64_t ea) noexcept nogil:
+    cdef uint8_t *page = _frame(c, ea >> 12)
+    if page == NULL:
+        return NULL
+    return <uint64_t *>(page + (ea & 0xFF8))
+
+
 cdef inline void _set_bits(pks_cpu_t *c, uint64_t ea, uint64_t bits) noexcept nogil:
-    cdef uint64_t v = pks_mem_read_u64(c.mem, ea)
-    if (v & bits) != bits:
-        pks_mem_write_u64(c.mem, ea, v | bits)
+    # The entry was just read as present, so its frame exists.
+    cdef uint64_t *p = _entry_ptr(c, ea)
+    if p != NULL and (p[0] & bits) != bits:
+        p[0] |= bits
 
 
 cdef int32_t _walk(pks_cpu_t *c, uint64_t va, int kind, bint implicit, bint update,
@@ -80,6 +101,7 @@ cdef int32_t _walk(pks_cpu_t *c, uint64_t va, int kind, bint implicit, bint upda
     """
     cdef uint64_t table = c.cr3 & c.addr_mask
     cdef uint64_t e = 0, ea = 0
+    cdef uint64_t *entry = NULL
     cdef uint64_t combined = PKS_PTE_RW | PKS_PTE_US
     cdef uint64_t xd = 0
     cdef uint64_t page_mask, frame
@@ -90,7 +112,8 @@ cdef int32_t _walk(pks_cpu_t *c, uint64_t va, int kind, bint implicit, bint upda
     while True:
         shift = 12 + 9 * (level - 1)
         ea = table + (((va >> shift) & 511) << 3)
-        e = pks_mem_read_u64(c.mem, ea)
+        entry = _entry_ptr(c, ea)
+        e = entry[0] if entry != NULL else 0    # untouched memory reads as zero
         if not (e & PKS_PTE_P):
             return _pf_error(c, kind, implicit, 0)
         if e & _rsvd_mask(c, level, e):
@@ -101,13 +124,13 @@ cdef int32_t _walk(pks_cpu_t *c, uint64_t va, int kind, bint implicit, bint upda
         if level == 1 or (e & PKS_PTE_PS):
             break
         if update and not (e & PKS_PTE_A):
-            pks_mem_write_u64(c.mem, ea, e | PKS_PTE_A)
+            entry[0] = e | PKS_PTE_A
         table = e & c.addr_mask
         level -= 1
     if update and qemu and level == 3 and not (e & PKS_PTE_A):
         # QEMU 7.2 sets A on a PDPTE before testing PS, so a 1-GiB leaf gets A
         # even when the access then faults.
-        pks_mem_write_u64(c.mem, ea, e | PKS_PTE_A)
+        entry[0] = e | PKS_PTE_A
     page_mask = (<uint64_t>1 << shift) - 1
     frame = (e & c.addr_mask & ~page_mask) | (va & page_mask & ~<uint64_t>0xFFF)
     leaf_out[0] = (frame | PKS_PTE_P | (combined & (PKS_PTE_RW | PKS_PTE_US))

@@ -118,6 +118,15 @@ class TraceWriter:
         self._f.write(recs.tobytes())
         self.count += n
 
+    def extend(self, recs: np.ndarray) -> None:
+        """Append records given as an array of the ``RECORD`` dtype (validated)."""
+        recs = np.ascontiguousarray(recs, dtype=RECORD)
+        from .format import validate_records
+        validate_records(self.path, recs, self.count, self.header)
+        self._flush()
+        self._f.write(recs.tobytes())
+        self.count += len(recs)
+
     def wrmsr(self, cpu: int, msr: int, value: int) -> None:
         self._put(RecordType.WRMSR, cpu, addr=msr, value=value)
 

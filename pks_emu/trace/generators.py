@@ -1,0 +1,276 @@
+"""``pks-emu gen NAME``: reproducible kernel-style workload traces.
+
+Every generator takes a seed and produces the same file for the same
+arguments. The workloads follow the uses the PKS series was written for
+(pks-spec.md §3, §6):
+
+* ``pmem-stray``: the PMEM consumer. Accesses to persistent memory happen in
+  windows opened and closed with WRMSR (``pks_set_readwrite``/``noaccess``);
+  stray writes outside a window must fault with PK.
+* ``kmap-nesting``: ``kmap_local_page``-style windows with interrupts
+  arriving inside them; the handler runs with the default PKRS, may open its
+  own (nested) window, and the interrupted window is restored on exit.
+* ``multi-task``: several tasks on several CPUs, each with its own rights in
+  its saved PKRS, context switches and migrations; a task touching another
+  task's key faults; the per-CPU cache saves WRMSRs.
+* ``tlb-miss-scan``: accesses spread over a large address space so that
+  nearly every access misses the TLB and walks four (or five) levels.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+
+from ..constants import (CR0_WP, CR4_PGE, CR4_PKE, CR4_PKS, CR4_SMAP, CR4_SMEP, EFER_NXE,
+                         MSR_IA32_PKRS, PAGE_KERNEL_PKEY, PKEY_DISABLE_ACCESS, PKS_INIT_VALUE,
+                         pkey_update_pkval)
+from ..machine import Machine
+from .format import KEEP_CPL, RECORD, RecordType
+from .writer import TraceWriter
+
+KERNEL_DATA = 0xffff888000000000        # direct map: ordinary kernel data, key 0
+PMEM_BASE = 0xffffc90000000000          # vmalloc area: protected mappings
+PMEM_KEY = 1                            # PKS_KEY_PGMAP_PROTECTION with the test key off (V10)
+
+
+def kernel_machine(ncpus: int, paging_levels: int = 4) -> tuple[Machine, object]:
+    """A machine set up as the PKS series' boot leaves it: CR4.PKS and PKE
+    set, PKRS = PKS_INIT_VALUE on every CPU (pks_setup, V10 12/44)."""
+    m = Machine(paging_levels=paging_levels, ncpus=ncpus)
+    aspace = m.address_space()
+    for cpu in m.cpus:
+        cpu.efer = cpu.efer | EFER_NXE
+        cpu.cr0 = cpu.cr0 | CR0_WP
+        cpu.cr4 = cpu.cr4 | CR4_PGE | CR4_PKE | CR4_PKS | CR4_SMEP | CR4_SMAP
+        cpu.wrmsr(MSR_IA32_PKRS, PKS_INIT_VALUE)
+    aspace.activate()
+    return m, aspace
+
+
+def _records(rows: list[tuple]) -> np.ndarray:
+    return np.array(rows, dtype=RECORD)
+
+
+def _acc(cpu: int, va: int, kind: int, size: int = 8) -> tuple:
+    return (RecordType.ACCESS, cpu, kind, 0, size, 0, 0, va, 0)
+
+
+def _wrmsr(cpu: int, value: int) -> tuple:
+    return (RecordType.WRMSR, cpu, 0, 0, 0, KEEP_CPL, 0, MSR_IA32_PKRS, value)
+
+
+def gen_pmem_stray(path: str, *, records: int = 1_000_000, seed: int = 0, cpus: int = 2,
+                   pages: int = 64, stray_rate: float = 0.01) -> dict:
+    """PMEM windows opened/closed with WRMSR, plus stray writes outside them."""
+    rng = np.random.default_rng(seed)
+    m, aspace = kernel_machine(cpus)
+    for i in range(pages):
+        aspace.map(PMEM_BASE + i * 4096, 0x40000000 + i * 4096, prot=PAGE_KERNEL_PKEY(PMEM_KEY))
+        aspace.map(KERNEL_DATA + i * 4096, 0x10000000 + i * 4096, prot=PAGE_KERNEL_PKEY(0))
+    open_ = pkey_update_pkval(PKS_INIT_VALUE, PMEM_KEY, 0)
+    rows: list[tuple] = []
+    strays = 0
+    with TraceWriter(path, m) as w:
+        while w.count + len(rows) < records:
+            cpu = int(rng.integers(cpus))
+            # Ordinary kernel work between windows.
+            for _ in range(int(rng.integers(4, 32))):
+                rows.append(_acc(cpu, KERNEL_DATA + int(rng.integers(pages * 512)) * 8, int(rng.integers(2))))
+            if rng.random() < stray_rate:
+                # A stray write: the bug PKS is meant to catch.
+                rows.append(_acc(cpu, PMEM_BASE + int(rng.integers(pages * 512)) * 8, 1))
+                strays += 1
+            rows.append(_wrmsr(cpu, open_))                       # pks_set_readwrite(PMEM_KEY)
+            page = int(rng.integers(pages))
+            for _ in range(int(rng.integers(4, 32))):
+                rows.append(_acc(cpu, PMEM_BASE + page * 4096 + int(rng.integers(512)) * 8,
+                                 int(rng.integers(2))))
+            rows.append(_wrmsr(cpu, PKS_INIT_VALUE))              # pks_set_noaccess(PMEM_KEY)
+            if len(rows) >= 1 << 16:
+                w.extend(_records(rows))
+                rows.clear()
+        if rows:
+            w.extend(_records(rows))
+        count = w.count
+    return {"records": count, "stray_writes": strays}
+
+
+def gen_kmap_nesting(path: str, *, records: int = 1_000_000, seed: int = 0, cpus: int = 2,
+                     irq_rate: float = 0.2, nmi_rate: float = 0.05) -> dict:
+    """kmap_local windows interrupted by exceptions (and NMIs inside those)."""
+    rng = np.random.default_rng(seed)
+    m, aspace = kernel_machine(cpus)
+    for i in range(16):
+        aspace.map(PMEM_BASE + i * 4096, 0x40000000 + i * 4096, prot=PAGE_KERNEL_PKEY(PMEM_KEY))
+        aspace.map(KERNEL_DATA + i * 4096, 0x10000000 + i * 4096, prot=PAGE_KERNEL_PKEY(0))
+    open_ = pkey_update_pkval(PKS_INIT_VALUE, PMEM_KEY, 0)
+    rows: list[tuple] = []
+    expected_faults = 0
+    with TraceWriter(path, m) as w:
+        for cpu in range(cpus):
+            rows.append((RecordType.CONTEXT_SWITCH, cpu, 0, 0, 0, KEEP_CPL, 0, 0, cpu + 1))
+        while w.count + len(rows) < records:
+            cpu = int(rng.integers(cpus))
+            page = PMEM_BASE + int(rng.integers(16)) * 4096
+            rows.append(_wrmsr(cpu, open_))                      # kmap_local_page
+            rows.append(_acc(cpu, page, 1))
+            if rng.random() < irq_rate:
+                rows.append((RecordType.EXCEPTION_ENTRY, cpu, 0, 0, 0, KEEP_CPL, 0, 0, 0x20))
+                rows.append(_acc(cpu, KERNEL_DATA + int(rng.integers(16 * 512)) * 8, 0))
+                if rng.random() < 0.5:
+                    # The handler touches PMEM without its own mapping: it
+                    # runs with the default PKRS, so this faults.
+                    rows.append(_acc(cpu, page + 8, 0))
+                    expected_faults += 1
+                else:
+                    rows.append(_wrmsr(cpu, open_))              # nested kmap_local_page
+                    rows.append(_acc(cpu, page + 16, 1))
+                    if rng.random() < nmi_rate / 0.5:
+                        rows.append((RecordType.EXCEPTION_ENTRY, cpu, 0, 0, 0, KEEP_CPL, 0, 0, 2))
+                        rows.append(_acc(cpu, KERNEL_DATA, 0))
+                        rows.append((RecordType.EXCEPTION_EXIT, cpu, 0, 0, 0, KEEP_CPL, 0, 0, 0))
+                    rows.append(_acc(cpu, page + 24, 0))
+                    rows.append(_wrmsr(cpu, PKS_INIT_VALUE))     # kunmap_local
+                rows.append((RecordType.EXCEPTION_EXIT, cpu, 0, 0, 0, KEEP_CPL, 0, 0, 0))
+            # Back in the interrupted window: the restored PKRS opens the page.
+            for _ in range(int(rng.integers(1, 8))):
+                rows.append(_acc(cpu, page + int(rng.integers(512)) * 8, int(rng.integers(2))))
+            rows.append(_wrmsr(cpu, PKS_INIT_VALUE))             # kunmap_local
+            if len(rows) >= 1 << 16:
+                w.extend(_records(rows))
+                rows.clear()
+        if rows:
+            w.extend(_records(rows))
+        count = w.count
+    return {"records": count, "expected_faults": expected_faults}
+
+
+def gen_multi_task(path: str, *, records: int = 1_000_000, seed: int = 0, cpus: int = 4,
+                   tasks: int = 8, slice_accesses: int = 200, foreign_rate: float = 0.001) -> dict:
+    """Tasks with their own key rights, switched and migrated across CPUs."""
+    rng = np.random.default_rng(seed)
+    m, aspace = kernel_machine(cpus)
+    for t in range(tasks):
+        key = 1 + t % 15
+        for i in range(4):
+            aspace.map(PMEM_BASE + (t * 4 + i) * 4096, 0x40000000 + (t * 4 + i) * 4096,
+                       prot=PAGE_KERNEL_PKEY(key))
+    rows: list[tuple] = []
+    opened = [False] * tasks
+    foreign = 0
+    with TraceWriter(path, m, max_tasks=tasks) as w:
+        while w.count + len(rows) < records:
+            cpu = int(rng.integers(cpus))
+            t = int(rng.integers(tasks))
+            rows.append((RecordType.CONTEXT_SWITCH, cpu, 0, 0, 0, KEEP_CPL, 0, 0, t))
+            if not opened[t]:
+                # The task's first run: pks_set_readwrite(its key); its
+                # thread.pkrs keeps the right from then on.
+                rows.append(_wrmsr(cpu, pkey_update_pkval(PKS_INIT_VALUE, 1 + t % 15, 0)))
+                opened[t] = True
+            base = PMEM_BASE + t * 4 * 4096
+            for _ in range(slice_accesses):
+                if rng.random() < foreign_rate:
+                    other = (t + 1 + int(rng.integers(tasks - 1))) % tasks if tasks > 1 else t
+                    if (1 + other % 15) != (1 + t % 15):
+                        foreign += 1
+                    rows.append(_acc(cpu, PMEM_BASE + other * 4 * 4096 + int(rng.integers(2048)) * 8, 0))
+                else:
+                    rows.append(_acc(cpu, base + int(rng.integers(2048)) * 8, int(rng.integers(2))))
+            if len(rows) >= 1 << 16:
+                w.extend(_records(rows))
+                rows.clear()
+        if rows:
+            w.extend(_records(rows))
+        count = w.count
+    return {"records": count, "foreign_accesses": foreign}
+
+
+def gen_tlb_miss_scan(path: str, *, records: int = 1_000_000, seed: int = 0, pages: int = 1 << 20,
+                      paging_levels: int = 4, wrmsr_every: int = 100, random: bool = False) -> dict:
+    """A scan over ``pages`` 4-KiB pages, one access per page, wrapping
+    around: with more pages than TLB entries nearly every access misses the
+    TLB and walks all levels. ``random`` visits the pages in random order
+    instead, which also defeats the data caches holding the page tables."""
+    rng = np.random.default_rng(seed)
+    m, aspace = kernel_machine(1, paging_levels)
+    base = PMEM_BASE
+    aspace.map_range(base, 0x100000000, pages * 4096, pkey=PMEM_KEY, nx=True)
+    open_ = pkey_update_pkval(PKS_INIT_VALUE, PMEM_KEY, 0)
+    for cpu in m.cpus:
+        cpu.wrmsr(MSR_IA32_PKRS, open_)
+    with TraceWriter(path, m) as w:
+        done = 0
+        block = 1 << 20
+        while done < records:
+            n = min(block, records - done)
+            recs = np.zeros(n, dtype=RECORD)
+            recs["type"] = RecordType.ACCESS
+            recs["size"] = 8
+            recs["cpl"] = KEEP_CPL
+            recs["op"] = rng.integers(0, 2, n)
+            if random:
+                page_idx = rng.integers(0, pages, n).astype(np.uint64)
+            else:
+                page_idx = (np.arange(done, done + n, dtype=np.uint64) % np.uint64(pages))
+            recs["addr"] = np.uint64(base) + page_idx * np.uint64(4096) \
+                + rng.integers(0, 512, n).astype(np.uint64) * np.uint64(8)
+            if wrmsr_every:
+                idx = np.arange(wrmsr_every - 1, n, wrmsr_every)
+                recs["type"][idx] = RecordType.WRMSR
+                recs["addr"][idx] = MSR_IA32_PKRS
+                recs["value"][idx] = open_
+            w.extend(recs)
+            done += n
+        count = w.count
+    return {"records": count, "pages": pages}
+
+
+GENERATORS = {
+    "pmem-stray": gen_pmem_stray,
+    "kmap-nesting": gen_kmap_nesting,
+    "multi-task": gen_multi_task,
+    "tlb-miss-scan": gen_tlb_miss_scan,
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", choices=sorted(GENERATORS), help="workload")
+    p.add_argument("-o", "--output", required=True, help="native trace to write")
+    p.add_argument("--records", type=int, default=1_000_000, help="approximate record count (default 1,000,000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same file)")
+    p.add_argument("--cpus", type=int, help="CPU count (not for tlb-miss-scan)")
+    p.add_argument("--pages", type=int, help="pages to scan (tlb-miss-scan; default 1,048,576)")
+    p.add_argument("--levels", type=int, choices=(4, 5), default=4, help="paging depth (tlb-miss-scan)")
+    p.add_argument("--random", action="store_true", help="tlb-miss-scan: visit pages in random order")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import PksEmuError
+    if args.records < 1:
+        raise PksEmuError(f"--records {args.records}: expected a positive number")
+    kw: dict = {"records": args.records, "seed": args.seed}
+    if args.name == "tlb-miss-scan":
+        if args.cpus is not None:
+            raise PksEmuError("--cpus does not apply to tlb-miss-scan (one CPU)")
+        if args.pages is not None:
+            kw["pages"] = args.pages
+        kw["paging_levels"] = args.levels
+        kw["random"] = args.random
+    else:
+        if args.random:
+            raise PksEmuError("--random applies to tlb-miss-scan only")
+        if args.pages is not None and args.name != "pmem-stray":
+            raise PksEmuError(f"--pages does not apply to {args.name}")
+        if args.pages is not None:
+            kw["pages"] = args.pages
+        if args.cpus is not None:
+            if not 1 <= args.cpus <= 255:
+                raise PksEmuError(f"--cpus {args.cpus}: expected 1..255")
+            kw["cpus"] = args.cpus
+    out = os.fspath(args.output)
+    stats = GENERATORS[args.name](out, **kw)
+    print(f"pks-emu gen {args.name}: {out}: " + ", ".join(f"{k} {v:,}" for k, v in stats.items()))
+    return 0
