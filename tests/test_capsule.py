@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ctypes
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +152,19 @@ def ext(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("capsule")
     (tmp / "pks_capi_consumer.c").write_text(CONSUMER_C)
     return build_extension(tmp, "pks_capi_consumer", SETUP_PY.format(include=get_include()))
+
+
+def test_import_works_in_a_fresh_interpreter(ext):
+    """pks_emu_import() must import pks_emu._capi itself (PyCapsule_Import
+    alone imports only the top-level package)."""
+    code = (f"import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('pks_capi_consumer', {ext.__file__!r})\n"
+            f"mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+            f"assert 'pks_emu._capi' in sys.modules\n"
+            f"print(mod.info())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(ext.info())
 
 
 def test_capsule_and_version_fields(ext):

@@ -129,6 +129,12 @@ static const pks_emu_c_api *PKS_EMU_API = NULL;
  * ImportError (or the error of the import) set. Needs the GIL. */
 static inline int pks_emu_import(void)
 {
+    /* PyCapsule_Import imports only the top package and then looks up
+     * attributes, so the submodule must be imported first. */
+    PyObject *mod = PyImport_ImportModule("pks_emu._capi");
+    if (mod == NULL)
+        return -1;
+    Py_DECREF(mod);
     const pks_emu_c_api *api =
         (const pks_emu_c_api *)PyCapsule_Import(PKS_EMU_CAPSULE_NAME, 0);
     if (api == NULL)
