@@ -141,7 +141,7 @@ class UnicornAttachment:
             except CPUException as exc:
                 if self.on_fault is None or self.on_fault(exc) != RETRY:
                     raise
-                begin = exc.rip
+                begin = getattr(exc, "rip")
 
     def flush_tlb(self) -> None:
         """Drop Unicorn's TLB (not pks_emu's): needed after PKRS, PKRU, CR or
