@@ -266,6 +266,10 @@ cdef class ReplayEngine:
                         return REPLAY_OUT_OF_MEMORY
                 elif self._log_fault(first + i, cpu, 14, res, c.last_fault_va, c.last_pkey, r.op) != 0:
                     return REPLAY_OUT_OF_MEMORY
+                if self.max_faults and self.n_faults >= self.max_faults:
+                    self.records_done = first + i + 1
+                    return REPLAY_STOPPED
+                continue
             if r.type >= REC_COUNT or cpu >= self.ncpus:
                 return self._invalid(first + i)
             c = self.cpus[cpu]

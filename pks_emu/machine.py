@@ -56,7 +56,16 @@ class Machine:
             raise MemoryError("the frame allocator ran into the low 4 GiB of physical memory")
         self._next_free = base
         self._frames_allocated += count
-        self.memory.write(base, bytes(count * PAGE_SIZE))
+        # Untouched frames already read as zero; clear only frames someone
+        # wrote to (so a 1-GiB allocation costs nothing until used).
+        if count <= 64:
+            touched = [base + i * PAGE_SIZE for i in range(count)
+                       if self.memory.is_allocated(base + i * PAGE_SIZE)]
+        else:
+            touched = [pa for pa in self.memory.frame_addresses()
+                       if base <= pa < base + count * PAGE_SIZE]
+        for pa in touched:
+            self.memory.write(pa, bytes(PAGE_SIZE))
         return base
 
     def address_space(self) -> AddressSpace:

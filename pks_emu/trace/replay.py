@@ -161,20 +161,18 @@ def replay(path: str | os.PathLike, *, max_faults: int | None = None, stop_on_fa
             base = offset - offset % gran
             length = offset - base + n * RECORD_SIZE
             mm = mmap.mmap(f.fileno(), length, flags=_MAP_FLAGS, prot=mmap.PROT_READ, offset=base)
+            bad = None
             try:
-                view = memoryview(mm)[offset - base:]
-                status = engine.run(view, done)
-                if status == REPLAY_STATUS["invalid"]:
-                    # The loop stopped at a bad record; say what is wrong with it.
-                    k = engine.error_record - done
-                    recs = np.frombuffer(view, dtype=RECORD, count=n)
-                    try:
-                        validate_records(path, recs[k:k + 1].copy(), engine.error_record, header)
-                    finally:
-                        del recs
-                view.release()
+                with memoryview(mm) as whole, whole[offset - base:] as view:
+                    status = engine.run(view, done)
+                    if status == REPLAY_STATUS["invalid"]:
+                        k = engine.error_record - done
+                        bad = np.frombuffer(view, dtype=RECORD, count=n)[k:k + 1].copy()
             finally:
                 mm.close()
+            if bad is not None:
+                # The loop stopped at a bad record; say what is wrong with it.
+                validate_records(path, bad, engine.error_record, header)
             if status == REPLAY_STATUS["exit_without_entry"]:
                 raise TraceFormatError(
                     f"{path}: record {engine.error_record}: exception exit without a matching entry")

@@ -1,0 +1,349 @@
+"""The native trace format and the compiled replay loop.
+
+The central check replays random traces in the compiled loop and compares
+every fault with a plain Python re-execution of the same records through the
+public CPU API, with the V10 context-switch/exception rules written out in
+Python (tests/replay_model.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pks_emu
+from pks_emu.constants import (CR4_PKE, CR4_PKS, EFER_NXE, MSR_IA32_PKRS, PAGE_KERNEL_PKEY, PKS_INIT_VALUE,
+                               pkey_update_pkval)
+from pks_emu.errors import TraceFormatError
+from pks_emu.trace.format import (HEADER_SIZE, RECORD, RECORD_SIZE, RecordType, read_header,
+                                  validate_records)
+from pks_emu.trace.replay import machine_from_header, replay
+from pks_emu.trace.writer import TraceWriter
+
+from replay_model import python_replay
+
+BASE = 0xffffc90000000000
+USER = 0x0000000040000000
+
+
+def small_machine(ncpus=2):
+    m = pks_emu.Machine(ncpus=ncpus)
+    a = m.address_space()
+    for i in range(8):
+        a.map(BASE + i * 4096, 0x100000 + i * 4096, prot=PAGE_KERNEL_PKEY(i % 4))
+        a.map(USER + i * 4096, 0x200000 + i * 4096, user=True, pkey=i % 4)
+    a.map(BASE + 0x200000, 0x400000, size=2 << 20, pkey=2)
+    for c in m.cpus:
+        c.efer = c.efer | EFER_NXE           # PAGE_KERNEL has NX: bit 63 is reserved without NXE
+        c.cr4 = c.cr4 | CR4_PKE | CR4_PKS
+        c.wrmsr(MSR_IA32_PKRS, PKS_INIT_VALUE)
+    a.activate()
+    return m, a
+
+
+def test_header_roundtrip(tmp_path):
+    m, a = small_machine(3)
+    m.cpus[1].cpl = 3
+    path = tmp_path / "t.pkt"
+    with TraceWriter(path, m, max_tasks=7) as w:
+        w.access(0, BASE, "read")
+        w.wrmsr(1, MSR_IA32_PKRS, 0)
+    h = read_header(path)
+    assert (h.paging_levels, h.ncpus, h.compat, h.max_tasks, h.record_count) == (4, 3, "sdm", 7, 2)
+    assert h.features == pks_emu.ALL_FEATURES
+    assert h.cpu_states[1][5] == 3 and h.cpu_states[0][7] == PKS_INIT_VALUE
+    assert h.cpu_states[0][1] == a.cr3
+    assert h.memory_frames == len(m.memory.frame_addresses())
+    m2 = machine_from_header(str(path), h)
+    for pa in m.memory.frame_addresses():
+        assert m2.memory.read(pa, 4096) == m.memory.read(pa, 4096)
+    assert m2.cpus[1].cpl == 3 and m2.cpus[2].cr3 == a.cr3
+
+
+def test_replay_finds_the_pk_fault_with_its_details(tmp_path):
+    m, a = small_machine(1)
+    path = tmp_path / "t.pkt"
+    with TraceWriter(path, m) as w:
+        w.access(0, BASE + 4096 + 8, "write")                  # key 1, AD in PKS_INIT_VALUE
+        w.wrmsr(0, MSR_IA32_PKRS, pkey_update_pkval(PKS_INIT_VALUE, 1, 0))
+        w.access(0, BASE + 4096 + 8, "write")                  # now allowed
+        w.access(0, 0x0000800000000000, "read")                # non-canonical: #GP
+        w.wrmsr(0, 0x1234, 0)                                  # unknown MSR: #GP
+        w.access(0, USER + 3 * 4096, "read", cpl=3)            # user page key 3, PKRU 0: ok
+        w.wrpkru(0, 0x55555555)
+        w.access(0, USER + 3 * 4096, "write", cpl=3)           # PKRU AD3: PK
+    r = replay(path)
+    f = r.faults
+    assert list(f["record"]) == [0, 3, 4, 7]
+    assert list(f["vector"]) == [14, 13, 13, 14]
+    assert f["error_code"][0] == pks_emu.PF_P | pks_emu.PF_W | pks_emu.PF_PK
+    assert f["pkey"][0] == 1 and f["address"][0] == BASE + 4096 + 8
+    assert f["error_code"][3] == pks_emu.PF_P | pks_emu.PF_W | pks_emu.PF_U | pks_emu.PF_PK
+    assert f["pkey"][3] == 3 and f["kind"][3] == 1
+    assert f["kind"][2] == 255 and f["address"][2] == 0x1234
+    assert r.faults_by_pkey() == {1: 1, 3: 1}
+    assert r.record_counts["access"] == 5 and r.record_counts["wrmsr"] == 2
+    assert r.counters["wrmsr_pkrs"] == 1 and r.counters["wrpkru"] == 1
+
+
+def test_context_switch_uses_the_per_cpu_cache(tmp_path):
+    m, a = small_machine(1)
+    open1 = pkey_update_pkval(PKS_INIT_VALUE, 1, 0)
+    path = tmp_path / "t.pkt"
+    with TraceWriter(path, m, max_tasks=4) as w:
+        w.context_switch(0, 1)                 # task 1 has PKS_INIT_VALUE = cache: avoided
+        w.wrmsr(0, MSR_IA32_PKRS, open1)       # task 1 opens key 1
+        w.context_switch(0, 2)                 # task 2: init value, differs: WRMSR
+        w.access(0, BASE + 4096, "read")       # key 1 closed for task 2: fault
+        w.context_switch(0, 1)                 # back to task 1: WRMSR of open1
+        w.access(0, BASE + 4096, "read")       # ok
+        w.context_switch(0, 1)                 # same value: avoided
+    r = replay(path)
+    assert list(r.faults["record"]) == [3]
+    assert r.kernel["context_switches"] == 4
+    assert r.kernel["pkrs_writes"] == 2 and r.kernel["pkrs_writes_avoided"] == 2
+
+
+def test_exception_saves_and_restores_pkrs_nested(tmp_path):
+    m, a = small_machine(1)
+    open1 = pkey_update_pkval(PKS_INIT_VALUE, 1, 0)
+    path = tmp_path / "t.pkt"
+    with TraceWriter(path, m) as w:
+        w.context_switch(0, 5)
+        w.wrmsr(0, MSR_IA32_PKRS, open1)
+        w.exception_entry(0, 14)
+        w.access(0, BASE + 4096, "read")                      # handler: default PKRS, fault
+        w.wrmsr(0, MSR_IA32_PKRS, open1)                      # handler opens its own window
+        w.exception_entry(0, 2)                               # nested NMI
+        w.access(0, BASE + 4096, "read")                      # default again: fault
+        w.exception_exit(0)
+        w.access(0, BASE + 4096, "read")                      # handler's window restored: ok
+        w.exception_exit(0)
+        w.access(0, BASE + 4096 + 8, "write")                 # task's window restored: ok
+    r = replay(path)
+    assert list(r.faults["record"]) == [3, 6]
+    assert r.kernel["exceptions"] == 2 and r.kernel["max_exception_depth"] == 2
+
+
+def test_exception_exit_without_entry_is_bad_input(tmp_path):
+    m, _ = small_machine(1)
+    path = tmp_path / "t.pkt"
+    with TraceWriter(path, m) as w:
+        w.access(0, BASE, "read")
+        w.exception_exit(0)
+    with pytest.raises(TraceFormatError, match=r"t\.pkt: record 1: exception exit without a matching entry"):
+        replay(path)
+
+
+def test_pte_write_without_invlpg_is_stale_until_flushed(tmp_path):
+    m, a = small_machine(1)
+    ea, entry, _ = a.lookup(BASE)
+    path = tmp_path / "t.pkt"
+    with TraceWriter(path, m) as w:
+        w.access(0, BASE, "read")                             # key 0: fills the TLB
+        w.pte_write(ea, (entry & ~(0xF << 59)) | (1 << 59))   # key 1 (AD) in memory
+        w.access(0, BASE, "read")                             # stale TLB entry: still ok
+        w.invlpg(0, BASE)
+        w.access(0, BASE, "read")                             # fresh walk: key 1, fault
+    r = replay(path)
+    assert list(r.faults["record"]) == [4] and r.faults["pkey"][0] == 1
+
+
+def test_stop_on_fault_and_max_faults(tmp_path):
+    m, _ = small_machine(1)
+    path = tmp_path / "t.pkt"
+    with TraceWriter(path, m) as w:
+        for i in range(10):
+            w.access(0, BASE + 4096, "read")                  # all fault (key 1 AD)
+            w.access(0, BASE, "read")
+    r = replay(path, stop_on_fault=True)
+    assert len(r.faults) == 1 and r.stopped_early and r.records_replayed == 1
+    r = replay(path, max_faults=3)
+    assert len(r.faults) == 3 and r.records_replayed == 5
+    r = replay(path)
+    assert len(r.faults) == 10 and not r.stopped_early and r.records_replayed == 20
+
+
+def test_chunking_does_not_change_the_result(tmp_path):
+    m, _ = small_machine(2)
+    path = tmp_path / "t.pkt"
+    rng = np.random.default_rng(5)
+    with TraceWriter(path, m, max_tasks=3) as w:
+        for i in range(300):
+            cpu = int(rng.integers(2))
+            w.access(cpu, BASE + int(rng.integers(8)) * 4096, int(rng.integers(3)))
+            if i % 17 == 0:
+                w.context_switch(cpu, int(rng.integers(3)))
+            if i % 23 == 0:
+                w.wrmsr(cpu, MSR_IA32_PKRS, int(rng.integers(1 << 32)))
+    whole = replay(path)
+    for chunk in (1, 7, 64):
+        part = replay(path, chunk_records=chunk)
+        assert np.array_equal(part.faults, whole.faults)
+        assert part.counters == whole.counters and part.kernel == whole.kernel
+
+
+# --- differential test against the Python model -------------------------------
+
+record_st = st.one_of(
+    st.tuples(st.just("access"), st.integers(0, 1), st.sampled_from([BASE, USER, BASE + 0x200000]),
+              st.integers(0, 9), st.integers(0, 2), st.sampled_from([None, 0, 3]), st.booleans(),
+              st.sampled_from([1, 8, 16])),
+    st.tuples(st.just("wrmsr"), st.integers(0, 1), st.sampled_from([MSR_IA32_PKRS, 0x10]),
+              st.integers(0, (1 << 32) - 1) | st.just(1 << 40)),
+    st.tuples(st.just("wrpkru"), st.integers(0, 1), st.integers(0, (1 << 32) - 1), st.sampled_from([0, 0, 1])),
+    st.tuples(st.just("invlpg"), st.integers(0, 1), st.integers(0, 9)),
+    st.tuples(st.just("pte"), st.integers(0, 9), st.integers(0, 15)),
+    st.tuples(st.just("switch"), st.integers(0, 1), st.integers(0, 3)),
+    st.tuples(st.just("entry"), st.integers(0, 1)),
+    st.tuples(st.just("exit"), st.integers(0, 1)),
+    st.tuples(st.just("cr4"), st.integers(0, 1), st.booleans()),
+)
+
+
+def _write(w, a, rec, depth):
+    kind = rec[0]
+    if kind == "access":
+        _, cpu, base, page, k, cpl, implicit, size = rec
+        w.access(cpu, base + page * 4096 + 4090 * (size == 16), k, size, cpl=cpl, implicit=implicit)
+    elif kind == "wrmsr":
+        w.wrmsr(rec[1], rec[2], rec[3])
+    elif kind == "wrpkru":
+        w.wrpkru(rec[1], rec[2], ecx=rec[3])
+    elif kind == "invlpg":
+        w.invlpg(rec[1], BASE + rec[2] * 4096)
+    elif kind == "pte":
+        found = a.lookup(BASE + rec[1] * 4096)
+        if found:
+            ea, e, _ = found
+            w.pte_write(ea, (e & ~(0xF << 59)) | (rec[2] << 59))
+    elif kind == "switch":
+        w.context_switch(rec[1], rec[2])
+    elif kind == "entry":
+        w.exception_entry(rec[1])
+        depth[rec[1]] += 1
+    elif kind == "exit":
+        if depth[rec[1]]:
+            w.exception_exit(rec[1])
+            depth[rec[1]] -= 1
+    elif kind == "cr4":
+        w.mov_cr(rec[1], 4, (0x20 | CR4_PKE | CR4_PKS) if rec[2] else 0x20)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(record_st, min_size=1, max_size=60), st.sampled_from(["sdm", "qemu"]))
+def test_compiled_replay_matches_python_replay(tmp_path_factory, recs, compat):
+    m = pks_emu.Machine(ncpus=2, compat=compat)
+    a = m.address_space()
+    for i in range(10):
+        a.map(BASE + i * 4096, 0x100000 + i * 4096, prot=PAGE_KERNEL_PKEY(i % 4))
+        a.map(USER + i * 4096, 0x200000 + i * 4096, user=True, pkey=i % 4, writable=i % 3 != 0)
+    a.map(BASE + 0x200000, 0x400000, size=2 << 20, pkey=2)
+    for c in m.cpus:
+        c.efer = c.efer | EFER_NXE           # PAGE_KERNEL has NX: bit 63 is reserved without NXE
+        c.cr4 = c.cr4 | CR4_PKE | CR4_PKS
+        c.wrmsr(MSR_IA32_PKRS, PKS_INIT_VALUE)
+    a.activate()
+    path = tmp_path_factory.mktemp("r") / "t.pkt"
+    depth = [0, 0]
+    with TraceWriter(path, m, max_tasks=4) as w:
+        for rec in recs:
+            _write(w, a, rec, depth)
+    got = replay(path)
+    want_faults, want_kernel = python_replay(str(path))
+    assert [tuple(int(x) for x in f) for f in got.faults] == want_faults
+    for k, v in want_kernel.items():
+        assert got.kernel[k] == v, k
+
+
+# --- bad input ---------------------------------------------------------------
+
+def _good_trace(tmp_path, n=3):
+    m, _ = small_machine(1)
+    path = tmp_path / "t.pkt"
+    with TraceWriter(path, m) as w:
+        for _ in range(n):
+            w.access(0, BASE, "read")
+    return path
+
+
+def _poke(path, index, field, value):
+    h = read_header(path)
+    data = bytearray(path.read_bytes())
+    recs = np.frombuffer(data, dtype=RECORD, count=h.record_count, offset=h.records_offset).copy()
+    recs[index][field] = value
+    data[h.records_offset:] = recs.tobytes()
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("type", 42, "record 1: unknown record type 42"),
+    ("cpu", 3, "record 1: CPU 3 out of range (the trace has 1)"),
+    ("op", 7, "record 1: access kind 7"),
+    ("size", 0, "record 1: access size 0"),
+    ("size", 5000, "record 1: access size 5000"),
+    ("cpl", 9, "record 1: CPL 9"),
+])
+def test_bad_records_name_file_and_index(tmp_path, field, value, message):
+    path = _good_trace(tmp_path)
+    _poke(path, 1, field, value)
+    with pytest.raises(TraceFormatError, match=str(path.name) + ": " + message.replace("(", r"\(").replace(")", r"\)")):
+        replay(path)
+
+
+def test_bad_context_switch_task(tmp_path):
+    m, _ = small_machine(1)
+    path = tmp_path / "t.pkt"
+    with TraceWriter(path, m, max_tasks=2) as w:
+        w.access(0, BASE, "read")
+    h = read_header(path)
+    data = bytearray(path.read_bytes())
+    rec = np.zeros(1, dtype=RECORD)
+    rec["type"] = RecordType.CONTEXT_SWITCH
+    rec["value"] = 5
+    data[h.records_offset:h.records_offset + RECORD_SIZE] = rec.tobytes()
+    path.write_bytes(bytes(data))
+    with pytest.raises(TraceFormatError, match="record 0: task id 5 out of range"):
+        replay(path)
+
+
+def test_wrong_magic_newer_version_truncated_trailing(tmp_path):
+    path = _good_trace(tmp_path)
+    good = path.read_bytes()
+    path.write_bytes(b"NOTATRACE" + good[9:])
+    with pytest.raises(TraceFormatError, match="not a pks_emu trace"):
+        replay(path)
+    path.write_bytes(good[:8] + (99).to_bytes(2, "little") + good[10:])
+    with pytest.raises(TraceFormatError, match="version 99 is newer"):
+        replay(path)
+    path.write_bytes(good[:-5])
+    with pytest.raises(TraceFormatError, match="truncated: header promises 3 records, file holds 2"):
+        replay(path)
+    path.write_bytes(good + b"xyz")
+    with pytest.raises(TraceFormatError, match="3 trailing bytes"):
+        replay(path)
+    path.write_bytes(good[:HEADER_SIZE - 10])
+    with pytest.raises(TraceFormatError, match="truncated header"):
+        replay(path)
+
+
+def test_validate_records_names_first_bad_index():
+    h = read_header.__globals__["TraceHeader"](ncpus=2)
+    recs = np.zeros(5, dtype=RECORD)
+    recs["size"] = 8
+    recs["cpu"][3] = 2
+    with pytest.raises(TraceFormatError, match="x.pkt: record 13: CPU 2 out of range"):
+        validate_records("x.pkt", recs, 10, h)
+
+
+def test_writer_rejects_bad_arguments(tmp_path):
+    m, _ = small_machine(1)
+    with TraceWriter(tmp_path / "t.pkt", m) as w:
+        with pytest.raises(ValueError, match="CPU 1 out of range"):
+            w.access(1, BASE, "read")
+        with pytest.raises(ValueError, match="access size 0"):
+            w.access(0, BASE, "read", 0)
+        with pytest.raises(ValueError, match="MOV to CR2"):
+            w.mov_cr(0, 2, 0)
+        with pytest.raises(ValueError, match="not 8-byte aligned"):
+            w.pte_write(0x1003, 0)
