@@ -11,8 +11,12 @@ from .constants import (ALL_FEATURES, MSR_IA32_EFER, MSR_IA32_PKRS, PAGE_KERNEL,
                         pkey_update_pkval, pte_pkey)
 from .errors import (CPUException, GeneralProtectionFault, InvalidOpcode, MachineBusyError,
                      PageFault, PksEmuError, TraceFormatError)
+from .embed import get_cython_include, get_include
 from .machine import Machine
 from .paging import AddressSpace
+from .trace.format import RecordType
+from .trace.replay import ReplayResult, replay
+from .trace.writer import TraceWriter
 
 try:
     from ._version import version as __version__
@@ -25,6 +29,7 @@ __all__ = [
     "PAGE_KERNEL", "PAGE_KERNEL_PKEY", "PF_I", "PF_P", "PF_PK", "PF_RSVD", "PF_SGX", "PF_SS",
     "PF_U", "PF_W", "PKEY_DISABLE_ACCESS", "PKEY_DISABLE_WRITE", "PKR_AD_BIT", "PKR_AD_KEY",
     "PKR_WD_BIT", "PKR_WD_KEY", "PKS_INIT_VALUE", "PageFault", "PhysicalMemory", "PksEmuError",
-    "TraceFormatError", "Translation", "_PAGE_PKEY", "access_batch", "pf_error_code_str",
-    "pkey_update_pkval", "pte_pkey", "__version__",
+    "RecordType", "ReplayResult", "TraceFormatError", "TraceWriter", "Translation", "_PAGE_PKEY",
+    "access_batch", "get_cython_include", "get_include", "pf_error_code_str", "pkey_update_pkval",
+    "pte_pkey", "replay", "__version__",
 ]

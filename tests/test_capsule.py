@@ -154,7 +154,7 @@ def ext(tmp_path_factory):
     return build_extension(tmp, "pks_capi_consumer", SETUP_PY.format(include=get_include()))
 
 
-def test_import_works_in_a_fresh_interpreter(ext):
+def test_import_works_in_a_fresh_interpreter(ext, tmp_path):
     """pks_emu_import() must import pks_emu._capi itself (PyCapsule_Import
     alone imports only the top-level package)."""
     code = (f"import importlib.util, sys\n"
@@ -162,7 +162,8 @@ def test_import_works_in_a_fresh_interpreter(ext):
             f"mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
             f"assert 'pks_emu._capi' in sys.modules\n"
             f"print(mod.info())\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(ext.info())
 

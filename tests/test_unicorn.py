@@ -308,13 +308,15 @@ def test_attach_rejects_other_architectures():
         pkuc.attach(Uc(UC_ARCH_X86, UC_MODE_64), pks_emu.Machine(), cpl=4)
 
 
-def test_pks_emu_imports_without_unicorn():
+def test_pks_emu_imports_without_unicorn(tmp_path):
     code = ("import sys; sys.modules['unicorn'] = None\n"
             "import pks_emu, pks_emu.integrations.unicorn as u\n"
             "try:\n"
             "    u.attach(object(), pks_emu.Machine())\n"
             "except ImportError as e:\n"
             "    print('IMPORTERROR', e)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    # Run outside the source tree so the installed (compiled) package is imported.
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "IMPORTERROR" in out.stdout and "pip install" in out.stdout

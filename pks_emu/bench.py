@@ -1,0 +1,191 @@
+"""``pks-emu bench``: measure the core's throughput on this machine against
+the project's targets (docs/benchmarks.md). Each figure is the best of
+``--repeat`` runs; nothing here asserts anything."""
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .constants import MSR_IA32_PKRS, PKS_INIT_VALUE, pkey_update_pkval
+
+
+def _best(fn: Callable[[], float], repeat: int) -> float:
+    return min(fn() for _ in range(repeat))
+
+
+def _kernel_cpu(levels: int = 4):
+    from .trace.generators import PMEM_BASE, PMEM_KEY, kernel_machine
+    m, aspace = kernel_machine(1, levels)
+    m.cpus[0].wrmsr(MSR_IA32_PKRS, pkey_update_pkval(PKS_INIT_VALUE, PMEM_KEY, 0))
+    return m, aspace, PMEM_BASE, PMEM_KEY
+
+
+def bench_single_access(n: int, repeat: int) -> float:
+    """ns per cpu.access() call on a TLB hit."""
+    m, a, base, key = _kernel_cpu()
+    a.map(base, 0x100000, pkey=key)
+    cpu = m.cpus[0]
+    access = cpu.access
+    access(base, "read")
+
+    def once() -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            access(base, "read")
+        return (time.perf_counter() - t) / n * 1e9
+    return _best(once, repeat)
+
+
+def bench_batch(n: int, repeat: int, *, miss: bool, levels: int = 4) -> float:
+    """M accesses/s through access_batch: hits on 64 pages, or one access per
+    page over a large mapping (every access misses the TLB and walks)."""
+    from ._core import access_batch
+    m, a, base, key = _kernel_cpu(levels)
+    rng = np.random.default_rng(1)
+    pages = n if miss else 64
+    a.map_range(base, 1 << 32, pages * 4096, pkey=key)
+    if miss:
+        va = base + np.arange(n, dtype=np.uint64) * np.uint64(4096) + (rng.integers(0, 512, n) * 8).astype(np.uint64)
+    else:
+        va = base + (rng.integers(0, pages * 512, n) * 8).astype(np.uint64)
+    kind = rng.integers(0, 2, n).astype(np.uint8)
+    cpu = m.cpus[0]
+    access_batch(cpu, va, kind, 8)
+
+    def once() -> float:
+        cpu.flush_tlb()
+        if not miss:
+            access_batch(cpu, va[:4096], kind[:4096], 8)    # warm the TLB
+        t = time.perf_counter()
+        access_batch(cpu, va, kind, 8)
+        return n / (time.perf_counter() - t) / 1e6
+    return -_best(lambda: -once(), repeat)
+
+
+def bench_replay(path: str, repeat: int) -> float:
+    """M accesses/s replaying a native trace file (in the page cache)."""
+    from .trace.replay import replay
+    replay(path)
+
+    def once() -> float:
+        r = replay(path)
+        return r.record_counts["access"] / r.elapsed / 1e6
+    return -_best(lambda: -once(), repeat)
+
+
+def make_hit_trace(path: str, accesses: int) -> None:
+    """Accesses on 256 pages that fit the TLB, one WRMSR every 100 accesses."""
+    from .trace.format import KEEP_CPL, RECORD, RecordType
+    from .trace.writer import TraceWriter
+    m, a, base, key = _kernel_cpu()
+    a.map_range(base, 1 << 32, 256 * 4096, pkey=key)
+    rng = np.random.default_rng(2)
+    on = pkey_update_pkval(PKS_INIT_VALUE, key, 0)
+    with TraceWriter(path, m) as w:
+        done = 0
+        while done < accesses:
+            n = min(1 << 20, accesses - done)
+            groups = (n + 99) // 100
+            recs = np.zeros(groups * 101, dtype=RECORD)
+            recs["type"] = RecordType.ACCESS
+            recs["size"] = 8
+            recs["cpl"] = KEEP_CPL
+            recs["op"] = rng.integers(0, 2, len(recs))
+            recs["addr"] = base + (rng.integers(0, 256 * 512, len(recs)) * 8).astype(np.uint64)
+            wr = np.arange(0, len(recs), 101)
+            recs["type"][wr] = RecordType.WRMSR
+            recs["addr"][wr] = MSR_IA32_PKRS
+            recs["value"][wr] = on
+            w.extend(recs)
+            done += groups * 100
+
+
+def bench_lackey(path: str, repeat: int) -> float:
+    """M lines/s parsing an uncompressed lackey file."""
+    from .lackey import parse_lackey
+
+    def once() -> float:
+        t = time.perf_counter()
+        tr = parse_lackey(path)
+        return tr.lines / (time.perf_counter() - t) / 1e6
+    return -_best(lambda: -once(), repeat)
+
+
+TARGETS = {
+    "access_single_ns": ("cpu.access() on a TLB hit", "ns/call", 300, "max"),
+    "batch_hit": ("access_batch, TLB hits", "M acc/s", 100, "min"),
+    "batch_miss_4level": ("access_batch, every access a 4-level walk", "M acc/s", 20, "min"),
+    "batch_miss_5level": ("access_batch, every access a 5-level walk", "M acc/s", None, "min"),
+    "replay_hit": ("replay, TLB-resident, 1 WRMSR per 100 accesses", "M acc/s", 100, "min"),
+    "replay_miss": ("replay, tlb-miss-scan (4-level walks)", "M acc/s", 20, "min"),
+    "lackey_import": ("lackey import, uncompressed", "M lines/s", 5, "min"),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="small sizes, one run each (a smoke test)")
+    p.add_argument("--repeat", type=int, default=5, help="runs per figure; the best is kept (default 5)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--only", nargs="*", choices=sorted(TARGETS), help="run only these")
+
+
+def run(args: argparse.Namespace) -> int:
+    repeat = 1 if args.quick else max(1, args.repeat)
+    n = 100_000 if args.quick else 2_000_000
+    trace_n = 200_000 if args.quick else 10_000_000
+    only = set(args.only or TARGETS)
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="pks-emu-bench-") as tmp:
+        def want(name: str) -> bool:
+            return name in only
+
+        if want("access_single_ns"):
+            results["access_single_ns"] = bench_single_access(20_000 if args.quick else 500_000, repeat)
+        if want("batch_hit"):
+            results["batch_hit"] = bench_batch(n, repeat, miss=False)
+        if want("batch_miss_4level"):
+            results["batch_miss_4level"] = bench_batch(n // 2, repeat, miss=True)
+        if want("batch_miss_5level"):
+            results["batch_miss_5level"] = bench_batch(n // 2, repeat, miss=True, levels=5)
+        if want("replay_hit"):
+            path = os.path.join(tmp, "hit.pkt")
+            make_hit_trace(path, trace_n)
+            results["replay_hit"] = bench_replay(path, repeat)
+            os.unlink(path)
+        if want("replay_miss"):
+            from .trace.generators import gen_tlb_miss_scan
+            path = os.path.join(tmp, "miss.pkt")
+            gen_tlb_miss_scan(path, records=trace_n, pages=1 << 20 if not args.quick else 1 << 14)
+            results["replay_miss"] = bench_replay(path, repeat)
+            os.unlink(path)
+        if want("lackey_import"):
+            src = Path(__file__).resolve().parents[1] / "examples" / "gzip-services.lackey.xz"
+            plain = os.path.join(tmp, "trace.lackey")
+            if src.exists():
+                with lzma.open(src) as f, open(plain, "wb") as g:
+                    g.write(f.read())
+                results["lackey_import"] = bench_lackey(plain, repeat)
+    if args.json:
+        json.dump({k: {"value": v, "unit": TARGETS[k][1], "target": TARGETS[k][2]}
+                   for k, v in results.items()}, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    print(f"pks-emu bench ({'quick' if args.quick else f'best of {repeat}'}, {os.cpu_count()} CPUs)")
+    for k, v in results.items():
+        what, unit, target, sense = TARGETS[k]
+        if target is None:
+            verdict = ""
+        else:
+            ok = v <= target if sense == "max" else v >= target
+            verdict = f"target {'<=' if sense == 'max' else '>='} {target:g}: {'met' if ok else 'NOT met'}"
+        print(f"  {what:<48} {v:10.1f} {unit:<10} {verdict}")
+    return 0
