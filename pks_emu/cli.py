@@ -21,7 +21,6 @@ COMMANDS = {
     "convert": ("pks_emu.trace.cli_convert", "convert a Valgrind lackey trace to the native format"),
     "bench": ("pks_emu.bench", "measure the core's throughput on this machine"),
     "selftest": ("pks_emu.kernel.selftest", "run the PKS series' test suite on the emulated kernel"),
-    "demo": ("pks_emu.demo", "a short tour: a PKS fault and its error code"),
 }
 
 
