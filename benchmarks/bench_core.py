@@ -1,0 +1,147 @@
+"""asv benchmarks of the compiled access check (issue 2).
+
+* one ``cpu.access`` call from Python on a TLB hit (target <= 300 ns);
+* ``pks_emu.access_batch`` over TLB hits (target >= 100 M accesses/s);
+* ``pks_emu.access_batch`` where every access misses the TLB and walks all
+  levels, 4 and 5 (target >= 20 M accesses/s), scanning the pages in order or
+  in random order (which also defeats the data caches holding the tables).
+
+Every access runs the full check: supervisor pages under a protection key
+with CR4.PKS/PKE/SMEP/SMAP, CR0.WP and EFER.NXE on, and the key opened in
+PKRS, so all of them are allowed. The ``track_`` figures are best-of-N rates
+in the units shown; the ``track_*_walks_per_access`` pins say that the miss
+benchmarks really miss (a change to the TLB that makes them hit shows there).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import pks_emu
+from pks_emu.constants import MSR_IA32_PKRS, PKR_AD_KEY
+from pks_emu.errors import PageFault
+
+from .common import (BATCH_N, HIT_PAGES, MISS_N, MISS_PAGES, PMEM_BASE, PMEM_KEY, PKRS_OPEN,
+                     best_seconds, mapped_machine, ns_per_call, scan_addresses)
+
+
+class SingleAccess:
+    """One access from Python; the TLB already holds the page."""
+
+    params = [[4, 5]]
+    param_names = ["levels"]
+
+    def setup(self, levels):
+        self.m, self.cpu = mapped_machine(levels, HIT_PAGES)
+        self.va = PMEM_BASE + 0x10
+        self.cpu.access(self.va, "read")
+        self.cpu.access(self.va, "write")   # sets D: later writes hit too
+        self.access = self.cpu.access
+        self.translate = self.cpu.translate
+
+    def time_access_read(self, levels):
+        self.access(self.va, "read")
+
+    def time_access_write_int_kind(self, levels):
+        self.access(self.va, 1)
+
+    def time_translate_read(self, levels):
+        self.translate(self.va, "read")
+
+    def track_access_read_ns(self, levels):
+        access, va = self.access, self.va
+        return ns_per_call(lambda: access(va, "read"))
+
+    track_access_read_ns.unit = "ns"
+
+    def track_translate_read_ns(self, levels):
+        translate, va = self.translate, self.va
+        return ns_per_call(lambda: translate(va, "read"))
+
+    track_translate_read_ns.unit = "ns"
+
+
+class SingleAccessFault:
+    """One access that faults with PK (PKRS denies the key): the cost of
+    building and raising ``PageFault``, against ``translate`` that returns it."""
+
+    def setup(self):
+        self.m, self.cpu = mapped_machine(4, HIT_PAGES)
+        self.va = PMEM_BASE + 0x10
+        self.cpu.access(self.va, "read")
+        self.cpu.wrmsr(MSR_IA32_PKRS, PKRS_OPEN | PKR_AD_KEY(PMEM_KEY))
+
+    def time_access_raises(self):
+        try:
+            self.cpu.access(self.va, "read")
+        except PageFault:
+            pass
+
+    def time_translate_returns_fault(self):
+        self.cpu.translate(self.va, "read")
+
+    def track_fault_error_code(self):
+        # Pins the answer: P|PK (0x21), a supervisor read denied by PKRS.AD.
+        return self.cpu.translate(self.va, "read").error_code
+
+    track_fault_error_code.unit = "error code"
+
+
+class BatchHit:
+    """``access_batch`` over HIT_PAGES pages (all in the TLB), reads and writes."""
+
+    params = [[4, 5]]
+    param_names = ["levels"]
+    timeout = 300
+
+    def setup(self, levels):
+        self.m, self.cpu = mapped_machine(levels, HIT_PAGES)
+        self.va, self.kind = scan_addresses(BATCH_N, HIT_PAGES)
+        pks_emu.access_batch(self.cpu, self.va, self.kind)     # fill the TLB, set A/D
+
+    def time_batch(self, levels):
+        pks_emu.access_batch(self.cpu, self.va, self.kind)
+
+    def track_batch_maccess_per_s(self, levels):
+        t = best_seconds(lambda: pks_emu.access_batch(self.cpu, self.va, self.kind))
+        return len(self.va) / t / 1e6
+
+    track_batch_maccess_per_s.unit = "M accesses/s"
+
+    def track_faults(self, levels):
+        # Pins the answer: every access is allowed.
+        _, err = pks_emu.access_batch(self.cpu, self.va, self.kind)
+        return int(np.count_nonzero(err != -1))
+
+    track_faults.unit = "faults"
+
+
+class BatchMiss:
+    """``access_batch`` where every access misses the TLB and walks all levels."""
+
+    params = [[4, 5], ["sequential", "random"]]
+    param_names = ["levels", "order"]
+    timeout = 300
+
+    def setup(self, levels, order):
+        self.m, self.cpu = mapped_machine(levels, MISS_PAGES)
+        self.va, self.kind = scan_addresses(MISS_N, MISS_PAGES, order=order)
+        # One pass first: sets every A/D bit, so the timed passes do the
+        # same work each time.
+        pks_emu.access_batch(self.cpu, self.va, self.kind)
+
+    def time_batch(self, levels, order):
+        pks_emu.access_batch(self.cpu, self.va, self.kind)
+
+    def track_batch_maccess_per_s(self, levels, order):
+        t = best_seconds(lambda: pks_emu.access_batch(self.cpu, self.va, self.kind))
+        return len(self.va) / t / 1e6
+
+    track_batch_maccess_per_s.unit = "M accesses/s"
+
+    def track_walks_per_access(self, levels, order):
+        # Pins the workload: ~1.0 means every access walked the tables.
+        self.cpu.reset_counters()
+        pks_emu.access_batch(self.cpu, self.va, self.kind)
+        return self.cpu.counters()["walks"] / len(self.va)
+
+    track_walks_per_access.unit = "walks/access"
