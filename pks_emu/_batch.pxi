@@ -5,8 +5,12 @@
 import numpy as np
 
 
-cdef inline void _enter_nogil(CPU cpu):
+cdef inline int _enter_nogil(CPU cpu) except -1:
+    # One GIL-free loop per machine at a time: a replay may allocate frames,
+    # which moves the frame table under any other reader.
+    _check_writable(cpu.st.mem)
     cpu.st.mem.busy += 1
+    return 0
 
 
 cdef inline void _leave_nogil(CPU cpu):

@@ -229,6 +229,7 @@ cdef class ReplayEngine:
             return REPLAY_DONE
         cdef const pks_record_t *recs = <const pks_record_t *>&data[0]
         cdef int status = REPLAY_DONE
+        _check_writable(&self._memory.m)     # one GIL-free loop per machine at a time
         self._memory.m.busy += 1
         try:
             with nogil:

@@ -32,6 +32,7 @@ def describe(path: str, chunk_records: int = 1 << 20) -> dict:
         try:
             for start in range(0, h.record_count, chunk_records):
                 n = min(chunk_records, h.record_count - start)
+                assert mm is not None
                 recs = np.frombuffer(mm, dtype=RECORD, count=n, offset=h.records_offset + start * 24)
                 validate_records(path, recs, start, h)
                 counts += np.bincount(recs["type"], minlength=RecordType.COUNT)

@@ -45,7 +45,7 @@ def _progress(quiet: bool):
     if quiet or not sys.stderr.isatty():
         return None, None
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped]
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return None, None
     bar = tqdm(total=0, unit="rec", unit_scale=True, file=sys.stderr, leave=False)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 
@@ -14,7 +15,8 @@ def touched_pages(path: str, *, skip_bad: bool = False, chunk_records: int = 1 <
     """Sorted unique page numbers a lackey trace touches (both pages of an
     access that crosses a page boundary), and the parse statistics."""
     pages = np.empty(0, dtype=np.uint64)
-    stats = {"lines": 0, "records": 0, "skipped_lines": 0, "bad_lines": 0, "bad_examples": []}
+    stats: dict[str, Any] = {"lines": 0, "records": 0, "skipped_lines": 0, "bad_lines": 0,
+                             "bad_examples": []}
     for chunk in iter_lackey(path, chunk_records=chunk_records, skip_bad=skip_bad):
         first = chunk.va >> np.uint64(12)
         last = (chunk.va + chunk.size.astype(np.uint64) - np.uint64(1)) >> np.uint64(12)

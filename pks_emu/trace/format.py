@@ -197,7 +197,8 @@ def validate_records(path: str, recs: np.ndarray, first_index: int, header: Trac
         return
     # The compiled scan finds the first bad record fast; the numpy checks
     # below then say what is wrong with it.
-    bad_index = first_invalid_record(recs.view(np.uint8).reshape(-1), header.ncpus, header.max_tasks)
+    bad_index = first_invalid_record(np.ascontiguousarray(recs).view(np.uint8).reshape(-1).data,
+                                     header.ncpus, header.max_tasks)
     if bad_index < 0:
         return
     first_index += bad_index

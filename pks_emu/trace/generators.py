@@ -26,7 +26,10 @@ import numpy as np
 from ..constants import (CR0_WP, CR4_PGE, CR4_PKE, CR4_PKS, CR4_SMAP, CR4_SMEP, EFER_NXE,
                          MSR_IA32_PKRS, PAGE_KERNEL_PKEY, PKEY_DISABLE_ACCESS, PKS_INIT_VALUE,
                          pkey_update_pkval)
+from collections.abc import Callable
+
 from ..machine import Machine
+from ..paging import AddressSpace
 from .format import KEEP_CPL, RECORD, RecordType
 from .writer import TraceWriter
 
@@ -35,7 +38,7 @@ PMEM_BASE = 0xffffc90000000000          # vmalloc area: protected mappings
 PMEM_KEY = 1                            # PKS_KEY_PGMAP_PROTECTION with the test key off (V10)
 
 
-def kernel_machine(ncpus: int, paging_levels: int = 4) -> tuple[Machine, object]:
+def kernel_machine(ncpus: int, paging_levels: int = 4) -> tuple[Machine, AddressSpace]:
     """A machine set up as the PKS series' boot leaves it: CR4.PKS and PKE
     set, PKRS = PKS_INIT_VALUE on every CPU (pks_setup, V10 12/44)."""
     m = Machine(paging_levels=paging_levels, ncpus=ncpus)
@@ -228,7 +231,7 @@ def gen_tlb_miss_scan(path: str, *, records: int = 1_000_000, seed: int = 0, pag
     return {"records": count, "pages": pages}
 
 
-GENERATORS = {
+GENERATORS: dict[str, Callable[..., dict]] = {
     "pmem-stray": gen_pmem_stray,
     "kmap-nesting": gen_kmap_nesting,
     "multi-task": gen_multi_task,

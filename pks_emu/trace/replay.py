@@ -96,7 +96,7 @@ class ReplayResult:
 
 def fault_to_dict(f) -> dict:
     vector = int(f["vector"])
-    d = {"record": int(f["record"]), "cpu": int(f["cpu"]), "vector": VECTOR_NAMES.get(vector, vector),
+    d: dict[str, object] = {"record": int(f["record"]), "cpu": int(f["cpu"]), "vector": VECTOR_NAMES.get(vector, vector),
          "kind": KIND_NAMES.get(int(f["kind"]), int(f["kind"])), "address": f"{int(f['address']):#x}",
          "error_code": int(f["error_code"])}
     if vector == 14:

@@ -51,6 +51,7 @@ class TraceWriter:
         self.header.records_offset, self.header.memory_frames = rec_off, len(frames)
         self._ncpus = machine.ncpus
         self._f = open(self.path, "wb")
+        self._closed = False
         self._f.write(self.header.pack())
         for c in machine.cpus:
             self._f.write(CPU_STATE.pack(c.cr0, c.cr3, c.cr4, c.efer, c.rflags, c.cpl, c.pkru, c.pkrs))
@@ -70,7 +71,7 @@ class TraceWriter:
 
     def _put(self, type_: int, cpu: int = 0, op: int = 0, flags: int = 0, size: int = 0,
              cpl: int = KEEP_CPL, addr: int = 0, value: int = 0) -> None:
-        if self._f is None:
+        if self._closed:
             raise PksEmuError(f"{self.path}: the trace writer is closed")
         if self._n == len(self._buf):
             self._flush()
@@ -96,6 +97,8 @@ class TraceWriter:
 
     def accesses(self, cpu, va, kind, size=8, cpl=None, implicit=False) -> None:
         """Append many accesses at once (numpy arrays or scalars, broadcast)."""
+        if self._closed:
+            raise PksEmuError(f"{self.path}: the trace writer is closed")
         va = np.asarray(va, dtype=np.uint64)
         n = len(va)
         recs = np.zeros(n, dtype=RECORD)
@@ -120,6 +123,8 @@ class TraceWriter:
 
     def extend(self, recs: np.ndarray) -> None:
         """Append records given as an array of the ``RECORD`` dtype (validated)."""
+        if self._closed:
+            raise PksEmuError(f"{self.path}: the trace writer is closed")
         recs = np.ascontiguousarray(recs, dtype=RECORD)
         from .format import validate_records
         validate_records(self.path, recs, self.count, self.header)
@@ -167,14 +172,14 @@ class TraceWriter:
 
     # --- end ---------------------------------------------------------------------
     def close(self) -> None:
-        if self._f is None:
+        if self._closed:
             return
         self._flush()
         self.header.record_count = self.count
         self._f.seek(0)
         self._f.write(self.header.pack())
         self._f.close()
-        self._f = None
+        self._closed = True
 
     def __enter__(self) -> TraceWriter:
         return self
