@@ -53,6 +53,8 @@ RECORD = np.dtype([
 assert RECORD.itemsize == RECORD_SIZE
 
 KEEP_CPL = 0xFF
+#: The replay keeps a saved PKRS per task id: 8 bytes each.
+MAX_TASKS_LIMIT = 1 << 22
 FLAG_IMPLICIT = 0x1
 FLAG_FROM_USER = 0x1
 
@@ -158,6 +160,10 @@ def read_header(path: str | os.PathLike) -> TraceHeader:
         raise TraceFormatError(f"{path}: header compat code {compat}: expected 0 (sdm) or 1 (qemu)")
     if feats & ~sum(FEATURE_CODES.values()):
         raise TraceFormatError(f"{path}: header feature bits {feats:#x} include unknown features")
+    if tlb_entries < 1 or tlb_entries > 1 << 24 or tlb_entries & (tlb_entries - 1):
+        raise TraceFormatError(f"{path}: header TLB size {tlb_entries}: expected a power of two in 1..2**24")
+    if not 1 <= max_tasks <= MAX_TASKS_LIMIT:
+        raise TraceFormatError(f"{path}: header max_tasks {max_tasks}: expected 1..{MAX_TASKS_LIMIT}")
     if not 36 <= maxphy <= 52:
         raise TraceFormatError(f"{path}: header MAXPHYADDR {maxphy}: expected 36..52")
     if rec_off % 8 or rec_off < mem_off + frames * FRAME_ENTRY_SIZE or mem_off < cpu_off + ncpus * CPU_STATE_SIZE:

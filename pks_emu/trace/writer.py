@@ -8,7 +8,7 @@ import numpy as np
 
 from ..constants import PKS_INIT_VALUE
 from ..errors import PksEmuError
-from .format import (CPU_STATE, FLAG_FROM_USER, FLAG_IMPLICIT, FRAME_SIZE, KEEP_CPL, RECORD,
+from .format import (CPU_STATE, FLAG_FROM_USER, FLAG_IMPLICIT, FRAME_SIZE, KEEP_CPL, MAX_TASKS_LIMIT, RECORD,
                      TraceHeader, RecordType, layout)
 
 _KINDS = {"read": 0, "write": 1, "fetch": 2, "r": 0, "w": 1, "x": 2}
@@ -41,6 +41,8 @@ class TraceWriter:
     def __init__(self, path: str | os.PathLike, machine, *, max_tasks: int = 65536,
                  pkrs_init: int = PKS_INIT_VALUE, buffer_records: int = 1 << 16) -> None:
         self.path = os.fspath(path)
+        if not 1 <= max_tasks <= MAX_TASKS_LIMIT:
+            raise ValueError(f"max_tasks {max_tasks}: expected 1..{MAX_TASKS_LIMIT}")
         frames = machine.memory.frame_addresses()
         self.header = TraceHeader(
             paging_levels=machine.paging_levels, ncpus=machine.ncpus, compat=machine.compat,
