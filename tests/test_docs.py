@@ -135,3 +135,23 @@ def test_worked_example(row):
     names = m.group(2).split()
     assert code == sum(BITS[n] for n in names), f"{row}: the hex and the bit names disagree"
     assert not t.ok and t.vector == 14 and t.error_code == code, f"{row}: {t!r}"
+
+
+# --- the Python examples of the pages run as shown --------------------------------
+
+def python_blocks(page: str) -> list[str]:
+    text = (DOC.parent / page).read_text()
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+
+
+@pytest.mark.parametrize("page", ["quickstart.md", "concepts.md"])
+def test_python_examples_run(page, tmp_path, monkeypatch, capsys):
+    blocks = python_blocks(page)
+    assert blocks, f"{page} has no Python example"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": f"docs_{page[:-3]}"}
+    for i, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"docs/{page} block {i + 1}", "exec"), namespace)
+        except Exception as e:
+            raise AssertionError(f"docs/{page}, Python block {i + 1} failed: {e!r}\n{block}") from e
