@@ -142,6 +142,11 @@ def read_header(path: str | os.PathLike) -> TraceHeader:
                 raise TraceFormatError(
                     f"{path}: unsupported layout (version {version}, header {header_size} bytes, "
                     f"record {record_size} bytes; expected 1, {HEADER_SIZE}, {RECORD_SIZE})")
+            if not 1 <= ncpus <= 255:
+                raise TraceFormatError(f"{path}: header CPU count {ncpus}: expected 1..255")
+            if cpu_off < HEADER_SIZE or cpu_off + ncpus * CPU_STATE_SIZE > size:
+                raise TraceFormatError(
+                    f"{path}: header CPU-state offset {cpu_off:#x} lies outside the file ({size} bytes)")
             f.seek(cpu_off)
             states = []
             for i in range(ncpus):
@@ -166,7 +171,8 @@ def read_header(path: str | os.PathLike) -> TraceHeader:
         raise TraceFormatError(f"{path}: header max_tasks {max_tasks}: expected 1..{MAX_TASKS_LIMIT}")
     if not 36 <= maxphy <= 52:
         raise TraceFormatError(f"{path}: header MAXPHYADDR {maxphy}: expected 36..52")
-    if rec_off % 8 or rec_off < mem_off + frames * FRAME_ENTRY_SIZE or mem_off < cpu_off + ncpus * CPU_STATE_SIZE:
+    if (rec_off % 8 or rec_off < mem_off + frames * FRAME_ENTRY_SIZE
+            or mem_off < cpu_off + ncpus * CPU_STATE_SIZE or rec_off > size):
         raise TraceFormatError(f"{path}: header section offsets are inconsistent")
     expected = rec_off + count * RECORD_SIZE
     if size < expected:
