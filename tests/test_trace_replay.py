@@ -347,3 +347,18 @@ def test_writer_rejects_bad_arguments(tmp_path):
             w.mov_cr(0, 2, 0)
         with pytest.raises(ValueError, match="not 8-byte aligned"):
             w.pte_write(0x1003, 0)
+
+
+def test_cpu_access_batch_method_matches_translate():
+    m, _ = small_machine(1)
+    cpu = m.cpus[0]
+    va = np.array([BASE, BASE + 4096, BASE + 8 * 4096, 0x0000800000000000, USER], dtype=np.uint64)
+    kind = np.array([0, 1, 0, 0, 1], dtype=np.uint8)
+    pa, err = cpu.access_batch(va, kind, 8)
+    m2, _ = small_machine(1)
+    for i in range(len(va)):
+        t = m2.cpus[0].translate(int(va[i]), int(kind[i]), 8)
+        if t.ok:
+            assert err[i] == -1 and pa[i] == t.pa
+        else:
+            assert err[i] == (-2 if t.vector == 13 else t.error_code) and pa[i] == 0
