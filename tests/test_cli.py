@@ -186,3 +186,24 @@ def test_convert_then_replay_equals_direct_replay(tmp_path, capsys):
 def test_info_of_generated_trace(pmem_trace, capsys):
     code, out, _ = run(capsys, "info", pmem_trace)
     assert code == 0 and "pks-emu info" in out and "wrmsr" in out and "per CPU" in out
+
+
+def test_compat_override_changes_the_user_to_supervisor_pk_bit(tmp_path, capsys):
+    """A user-mode read of a supervisor page whose PKRS key denies: PK is set
+    under the SDM (KVM, Xen) and not under QEMU 7.2."""
+    import pks_emu
+    from pks_emu.constants import CR4_PKS, MSR_IA32_PKRS
+    from pks_emu.trace.writer import TraceWriter
+    m = pks_emu.Machine()
+    a = m.address_space()
+    a.map(0x7000000000, 0x100000, pkey=2)            # supervisor page, key 2
+    a.activate()
+    m.cpus[0].cr4 = m.cpus[0].cr4 | CR4_PKS
+    m.cpus[0].wrmsr(MSR_IA32_PKRS, 0x55555554)
+    path = tmp_path / "t.pkt"
+    with TraceWriter(path, m) as w:
+        w.access(0, 0x7000000000, "read", cpl=3)
+    sdm = json.loads(run(capsys, "replay", path, "--json")[1])
+    qemu = json.loads(run(capsys, "replay", path, "--json", "--compat", "qemu")[1])
+    assert sdm["faults_by_error_code"] == {"0x25": 1} and sdm["header"]["compat"] == "sdm"
+    assert qemu["faults_by_error_code"] == {"0x5": 1} and qemu["header"]["compat"] == "qemu"

@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-on-fault", action="store_true", help="stop at the first fault")
     p.add_argument("--fail-on-fault", action="store_true",
                    help=f"exit with status {EXIT_FAULTS_FOUND} when any fault was found")
+    p.add_argument("--compat", choices=("sdm", "qemu"),
+                   help="replay with these semantics instead of the trace's (e.g. to compare with QEMU 7.2)")
     p.add_argument("--skip-bad", action="store_true",
                    help="lackey input: count and skip malformed lines instead of stopping")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -158,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     bar, update = _progress(args.quiet or args.json)
     try:
         result = replay(native, max_faults=args.max_faults, stop_on_fault=args.stop_on_fault,
-                        progress=update)
+                        progress=update, compat=args.compat)
     finally:
         if bar is not None:
             bar.close()

@@ -105,10 +105,11 @@ def fault_to_dict(f) -> dict:
     return d
 
 
-def machine_from_header(path: str, header) -> Machine:
-    """The machine a trace runs on, with its initial registers and memory."""
+def machine_from_header(path: str, header, compat: str | None = None) -> Machine:
+    """The machine a trace runs on, with its initial registers and memory
+    (``compat`` overrides the header's semantics: "sdm" or "qemu")."""
     m = Machine(paging_levels=header.paging_levels, ncpus=header.ncpus, features=header.features,
-                compat=header.compat, maxphyaddr=header.maxphyaddr, tlb_entries=header.tlb_entries)
+                compat=compat or header.compat, maxphyaddr=header.maxphyaddr, tlb_entries=header.tlb_entries)
     for i, state in enumerate(header.cpu_states):
         problem = load_cpu_state(m.cpus[i], *state)
         if problem:
@@ -130,20 +131,23 @@ def machine_from_header(path: str, header) -> Machine:
 def replay(path: str | os.PathLike, *, max_faults: int | None = None, stop_on_fault: bool = False,
            chunk_records: int = DEFAULT_CHUNK,
            progress: Callable[[int, int], None] | None = None,
-           machine: Machine | None = None) -> ReplayResult:
+           machine: Machine | None = None, compat: str | None = None) -> ReplayResult:
     """Replay the native trace at ``path``.
 
     ``max_faults``/``stop_on_fault`` stop the replay after that many faults
     (every fault up to then is kept). ``progress(done, total)`` is called
     after each chunk. Records are read through a memory map one chunk at a
     time, so memory stays bounded whatever the trace size. Pass ``machine``
-    to replay on a machine you built (it must match the header).
+    to replay on a machine you built (it must match the header), or
+    ``compat`` to replay under other semantics than the header's.
     """
     path = os.fspath(path)
     header = read_header(path)
     if chunk_records < 1:
         raise ValueError(f"chunk_records {chunk_records} must be positive")
-    m = machine if machine is not None else machine_from_header(path, header)
+    if compat is not None and compat not in ("sdm", "qemu"):
+        raise ValueError(f"compat {compat!r}: expected 'sdm' or 'qemu'")
+    m = machine if machine is not None else machine_from_header(path, header, compat)
     limit = 1 if stop_on_fault else (max_faults or 0)
     engine = ReplayEngine(m, max_tasks=header.max_tasks, pkrs_init=header.pkrs_init,
                           max_faults=limit)
@@ -190,7 +194,7 @@ def replay(path: str | os.PathLike, *, max_faults: int | None = None, stop_on_fa
               "pkrs_writes_avoided": engine.pkrs_writes_avoided, "exceptions": engine.exceptions,
               "max_exception_depth": engine.max_exception_depth}
     hdr = {"version": header.version, "paging_levels": header.paging_levels, "ncpus": header.ncpus,
-           "compat": header.compat, "features": sorted(header.features),
+           "compat": m.compat, "features": sorted(header.features),
            "maxphyaddr": header.maxphyaddr, "memory_frames": header.memory_frames}
     return ReplayResult(path=path, records=total, records_replayed=int(replayed),
                         stopped_early=status == REPLAY_STATUS["stopped"], elapsed=elapsed,
