@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pks_emu.constants import MSR_IA32_PKRS, PKR_WD_KEY
 
-from .common import HIT_PAGES, PKRS_OPEN, PMEM_BASE, PMEM_KEY, mapped_machine, ns_per_call
+from .common import HIT_PAGES, LOOP, PKRS_OPEN, PMEM_BASE, PMEM_KEY, mapped_machine, ns_per_call
 
 
 class KeyRegisters:
@@ -23,21 +23,32 @@ class KeyRegisters:
         self.cpu.access(self.va, "read")
         self.closed = PKRS_OPEN | PKR_WD_KEY(PMEM_KEY)
 
+    # Each time_ runs LOOP (1000) instructions: divide by 1000 for one.
     def time_wrmsr_pkrs(self, compat):
-        self.cpu.wrmsr(MSR_IA32_PKRS, PKRS_OPEN)
+        wrmsr = self.cpu.wrmsr
+        for _ in range(LOOP):
+            wrmsr(MSR_IA32_PKRS, PKRS_OPEN)
 
     def time_rdmsr_pkrs(self, compat):
-        self.cpu.rdmsr(MSR_IA32_PKRS)
+        rdmsr = self.cpu.rdmsr
+        for _ in range(LOOP):
+            rdmsr(MSR_IA32_PKRS)
 
     def time_wrpkru(self, compat):
-        self.cpu.wrpkru(0x55555554)
+        wrpkru = self.cpu.wrpkru
+        for _ in range(LOOP):
+            wrpkru(0x55555554)
 
     def time_rdpkru(self, compat):
-        self.cpu.rdpkru()
+        rdpkru = self.cpu.rdpkru
+        for _ in range(LOOP):
+            rdpkru()
 
     def time_wrmsr_then_access(self, compat):
-        self.cpu.wrmsr(MSR_IA32_PKRS, PKRS_OPEN)
-        self.cpu.access(self.va, "read")
+        wrmsr, access, va = self.cpu.wrmsr, self.cpu.access, self.va
+        for _ in range(LOOP):
+            wrmsr(MSR_IA32_PKRS, PKRS_OPEN)
+            access(va, "read")
 
     def track_wrmsr_pkrs_ns(self, compat):
         wrmsr, v = self.cpu.wrmsr, PKRS_OPEN

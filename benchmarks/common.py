@@ -36,7 +36,11 @@ REPLAY_RECORDS = 20_000 if QUICK else 10_000_000
 EVENT_RECORDS = 2_000 if QUICK else 1_000_000
 #: Size of the streaming trace for peakmem (issue 4: a 2 GB trace).
 BIG_TRACE_BYTES = (2 << 20) if QUICK else int(os.environ.get("PKS_EMU_BENCH_BIG_MB", "2048")) << 20
-#: Calls per timing of the single-call benchmarks.
+#: Calls per invocation of the time_ benchmarks of single calls: asv_runner
+#: >= 0.3 times every invocation of a benchmark that has a setup on its own
+#: (asv#966), so a sub-microsecond call alone would measure the clock reads.
+LOOP = 1000
+#: Calls per timing of the single-call track_ benchmarks.
 SINGLE_CALLS = 1_000 if QUICK else 200_000
 #: Repeats of the track_ throughput measurements; the best is reported.
 REPEATS = 1 if QUICK else 5
