@@ -27,20 +27,19 @@ def access_batch(CPU cpu, va, kind, size=1, implicit=False):
     -1 where the access succeeded, -2 for #GP (non-canonical), else the #PF
     error code.
     """
-    cdef const uint64_t[::1] vas = np.ascontiguousarray(va, dtype=np.uint64)
+    # Values are range-checked *before* the cast to the narrow loop dtypes: a
+    # cast first turned size=65537 into 1 and kind=-1 into 255 (a silent wrong
+    # answer, or an error quoting a value the caller never passed).
+    cdef const uint64_t[::1] vas = _batch_va(va)
     cdef Py_ssize_t n = vas.shape[0]
     cdef Py_ssize_t i
-    kinds_arr = np.ascontiguousarray(
-        np.broadcast_to(np.asarray(kind if not isinstance(kind, str) else _kind_of(kind)), (n,)),
-        dtype=np.uint8)
-    sizes_arr = np.ascontiguousarray(np.broadcast_to(np.asarray(size), (n,)), dtype=np.uint16)
-    impl_arr = np.ascontiguousarray(np.broadcast_to(np.asarray(implicit), (n,)), dtype=np.uint8)
-    if n and int(kinds_arr.max()) > 2:
-        bad = int(np.argmax(kinds_arr > 2))
-        raise ValueError(f"kind[{bad}] = {int(kinds_arr[bad])}: expected 0 (read), 1 (write) or 2 (fetch)")
-    if n and (int(sizes_arr.min()) == 0 or int(sizes_arr.max()) > 4096):
-        bad = int(np.argmax((sizes_arr == 0) | (sizes_arr > 4096)))
-        raise ValueError(f"size[{bad}] = {int(sizes_arr[bad])}: expected 1..4096")
+    if isinstance(kind, str):
+        kind = _kind_of(kind)
+    elif isinstance(kind, (list, tuple)) and any(isinstance(k, str) for k in kind):
+        kind = [_batch_kind(i, k) for i, k in enumerate(kind)]
+    kinds_arr = _batch_arg("kind", kind, n, np.uint8, 0, 2, "0 (read), 1 (write) or 2 (fetch)")
+    sizes_arr = _batch_arg("size", size, n, np.uint16, 1, 4096, "1..4096")
+    impl_arr = _batch_arg("implicit", implicit, n, np.uint8, 0, 1, "a bool")
     cdef const uint8_t[::1] kinds = kinds_arr
     cdef const uint16_t[::1] sizes = sizes_arr
     cdef const uint8_t[::1] impl = impl_arr
@@ -57,3 +56,45 @@ def access_batch(CPU cpu, va, kind, size=1, implicit=False):
     finally:
         _leave_nogil(cpu)
     return pa_out, err_out
+
+
+def _batch_kind(Py_ssize_t i, k):
+    """One element of a list of kinds given by name."""
+    if not isinstance(k, str):
+        return k                            # numbers are range-checked with the rest
+    try:
+        return _kind_of(k)
+    except ValueError:
+        raise ValueError(f"kind[{i}] = {k!r}: expected 'read', 'write' or 'fetch'") from None
+
+
+def _batch_va(va):
+    """``va`` as a contiguous 1-D uint64 array; no silent float or negative conversion."""
+    if isinstance(va, np.ndarray):
+        if va.dtype.kind not in "ui":
+            raise TypeError(f"va must be an integer array (uint64), got dtype {va.dtype}")
+        if va.dtype.kind == "i" and va.size and int(va.min()) < 0:
+            bad = int(np.argmax(va < 0))
+            raise ValueError(f"va[{bad}] = {int(va.flat[bad])}: expected 0..2**64-1")
+    else:
+        va = np.array(va, dtype=np.uint64)     # exact for Python ints; OverflowError if < 0
+    if va.ndim != 1:
+        raise ValueError(f"va must be one-dimensional, got shape {va.shape}")
+    return np.ascontiguousarray(va, dtype=np.uint64)
+
+
+def _batch_arg(str name, value, Py_ssize_t n, dtype, long lo, long hi, str expected):
+    """Broadcast a per-access argument to ``n`` values of ``dtype``, after
+    checking each value against lo..hi; errors name the first bad index."""
+    arr = np.asarray(value)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    if arr.dtype.kind not in "ui":
+        raise TypeError(f"{name} must be integers, got dtype {arr.dtype}")
+    if arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != n):
+        raise ValueError(f"{name} has shape {arr.shape}: expected a scalar or {n} values (one per va)")
+    arr = np.broadcast_to(arr, (n,))
+    if n and (int(arr.min()) < lo or int(arr.max()) > hi):
+        bad = int(np.argmax((arr < lo) | (arr > hi)))
+        raise ValueError(f"{name}[{bad}] = {int(arr[bad])}: expected {expected}")
+    return np.ascontiguousarray(arr, dtype=dtype)
