@@ -26,12 +26,15 @@ BASE = 0xffffc90000000000
 USER = 0x0000000040000000
 
 
-def small_machine(ncpus=2):
-    m = pks_emu.Machine(ncpus=ncpus)
+def small_machine(ncpus=2, compat="sdm", pages=8, read_only_every=0):
+    """Kernel pages with keys 0..3 at BASE, user pages at USER (every
+    ``read_only_every``-th one read-only), a 2-MiB page, PKS and PKE on."""
+    m = pks_emu.Machine(ncpus=ncpus, compat=compat)
     a = m.address_space()
-    for i in range(8):
+    for i in range(pages):
         a.map(BASE + i * 4096, 0x100000 + i * 4096, prot=PAGE_KERNEL_PKEY(i % 4))
-        a.map(USER + i * 4096, 0x200000 + i * 4096, user=True, pkey=i % 4)
+        a.map(USER + i * 4096, 0x200000 + i * 4096, user=True, pkey=i % 4,
+              writable=not (read_only_every and i % read_only_every == 0))
     a.map(BASE + 0x200000, 0x400000, size=2 << 20, pkey=2)
     for c in m.cpus:
         c.efer = c.efer | EFER_NXE           # PAGE_KERNEL has NX: bit 63 is reserved without NXE
@@ -233,17 +236,7 @@ def _write(w, a, rec, depth):
 @settings(max_examples=60, deadline=None)
 @given(st.lists(record_st, min_size=1, max_size=60), st.sampled_from(["sdm", "qemu"]))
 def test_compiled_replay_matches_python_replay(tmp_path_factory, recs, compat):
-    m = pks_emu.Machine(ncpus=2, compat=compat)
-    a = m.address_space()
-    for i in range(10):
-        a.map(BASE + i * 4096, 0x100000 + i * 4096, prot=PAGE_KERNEL_PKEY(i % 4))
-        a.map(USER + i * 4096, 0x200000 + i * 4096, user=True, pkey=i % 4, writable=i % 3 != 0)
-    a.map(BASE + 0x200000, 0x400000, size=2 << 20, pkey=2)
-    for c in m.cpus:
-        c.efer = c.efer | EFER_NXE           # PAGE_KERNEL has NX: bit 63 is reserved without NXE
-        c.cr4 = c.cr4 | CR4_PKE | CR4_PKS
-        c.wrmsr(MSR_IA32_PKRS, PKS_INIT_VALUE)
-    a.activate()
+    m, a = small_machine(2, compat, pages=10, read_only_every=3)
     path = tmp_path_factory.mktemp("r") / "t.pkt"
     depth = [0, 0]
     with TraceWriter(path, m, max_tasks=4) as w:

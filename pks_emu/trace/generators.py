@@ -52,8 +52,33 @@ def kernel_machine(ncpus: int, paging_levels: int = 4) -> tuple[Machine, Address
     return m, aspace
 
 
-def _records(rows: list[tuple]) -> np.ndarray:
-    return np.array(rows, dtype=RECORD)
+class _RowBuffer:
+    """Record tuples collected and handed to the writer in blocks."""
+
+    def __init__(self, writer: TraceWriter) -> None:
+        self.writer = writer
+        self.rows: list[tuple] = []
+
+    def add(self, row: tuple) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= 1 << 16:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.writer.extend(np.array(self.rows, dtype=RECORD))
+            self.rows.clear()
+
+    def __len__(self) -> int:
+        """Records written or buffered so far."""
+        return self.writer.count + len(self.rows)
+
+
+def _map_kernel_pages(aspace: AddressSpace, pages: int) -> None:
+    """``pages`` PMEM pages (key PMEM_KEY) and as many ordinary kernel data pages (key 0)."""
+    for i in range(pages):
+        aspace.map(PMEM_BASE + i * 4096, 0x40000000 + i * 4096, prot=PAGE_KERNEL_PKEY(PMEM_KEY))
+        aspace.map(KERNEL_DATA + i * 4096, 0x10000000 + i * 4096, prot=PAGE_KERNEL_PKEY(0))
 
 
 def _acc(cpu: int, va: int, kind: int, size: int = 8) -> tuple:
@@ -69,33 +94,27 @@ def gen_pmem_stray(path: str, *, records: int = 1_000_000, seed: int = 0, cpus: 
     """PMEM windows opened/closed with WRMSR, plus stray writes outside them."""
     rng = np.random.default_rng(seed)
     m, aspace = kernel_machine(cpus)
-    for i in range(pages):
-        aspace.map(PMEM_BASE + i * 4096, 0x40000000 + i * 4096, prot=PAGE_KERNEL_PKEY(PMEM_KEY))
-        aspace.map(KERNEL_DATA + i * 4096, 0x10000000 + i * 4096, prot=PAGE_KERNEL_PKEY(0))
+    _map_kernel_pages(aspace, pages)
     open_ = pkey_update_pkval(PKS_INIT_VALUE, PMEM_KEY, 0)
-    rows: list[tuple] = []
     strays = 0
     with TraceWriter(path, m) as w:
-        while w.count + len(rows) < records:
+        rows = _RowBuffer(w)
+        while len(rows) < records:
             cpu = int(rng.integers(cpus))
             # Ordinary kernel work between windows.
             for _ in range(int(rng.integers(4, 32))):
-                rows.append(_acc(cpu, KERNEL_DATA + int(rng.integers(pages * 512)) * 8, int(rng.integers(2))))
+                rows.add(_acc(cpu, KERNEL_DATA + int(rng.integers(pages * 512)) * 8, int(rng.integers(2))))
             if rng.random() < stray_rate:
                 # A stray write: the bug PKS is meant to catch.
-                rows.append(_acc(cpu, PMEM_BASE + int(rng.integers(pages * 512)) * 8, 1))
+                rows.add(_acc(cpu, PMEM_BASE + int(rng.integers(pages * 512)) * 8, 1))
                 strays += 1
-            rows.append(_wrmsr(cpu, open_))                       # pks_set_readwrite(PMEM_KEY)
+            rows.add(_wrmsr(cpu, open_))                       # pks_set_readwrite(PMEM_KEY)
             page = int(rng.integers(pages))
             for _ in range(int(rng.integers(4, 32))):
-                rows.append(_acc(cpu, PMEM_BASE + page * 4096 + int(rng.integers(512)) * 8,
+                rows.add(_acc(cpu, PMEM_BASE + page * 4096 + int(rng.integers(512)) * 8,
                                  int(rng.integers(2))))
-            rows.append(_wrmsr(cpu, PKS_INIT_VALUE))              # pks_set_noaccess(PMEM_KEY)
-            if len(rows) >= 1 << 16:
-                w.extend(_records(rows))
-                rows.clear()
-        if rows:
-            w.extend(_records(rows))
+            rows.add(_wrmsr(cpu, PKS_INIT_VALUE))              # pks_set_noaccess(PMEM_KEY)
+        rows.flush()
         count = w.count
     return {"records": count, "stray_writes": strays}
 
@@ -105,47 +124,41 @@ def gen_kmap_nesting(path: str, *, records: int = 1_000_000, seed: int = 0, cpus
     """kmap_local windows interrupted by exceptions (and NMIs inside those)."""
     rng = np.random.default_rng(seed)
     m, aspace = kernel_machine(cpus)
-    for i in range(16):
-        aspace.map(PMEM_BASE + i * 4096, 0x40000000 + i * 4096, prot=PAGE_KERNEL_PKEY(PMEM_KEY))
-        aspace.map(KERNEL_DATA + i * 4096, 0x10000000 + i * 4096, prot=PAGE_KERNEL_PKEY(0))
+    _map_kernel_pages(aspace, 16)
     open_ = pkey_update_pkval(PKS_INIT_VALUE, PMEM_KEY, 0)
-    rows: list[tuple] = []
     expected_faults = 0
     with TraceWriter(path, m) as w:
+        rows = _RowBuffer(w)
         for cpu in range(cpus):
-            rows.append((RecordType.CONTEXT_SWITCH, cpu, 0, 0, 0, KEEP_CPL, 0, 0, cpu + 1))
-        while w.count + len(rows) < records:
+            rows.add((RecordType.CONTEXT_SWITCH, cpu, 0, 0, 0, KEEP_CPL, 0, 0, cpu + 1))
+        while len(rows) < records:
             cpu = int(rng.integers(cpus))
             page = PMEM_BASE + int(rng.integers(16)) * 4096
-            rows.append(_wrmsr(cpu, open_))                      # kmap_local_page
-            rows.append(_acc(cpu, page, 1))
+            rows.add(_wrmsr(cpu, open_))                      # kmap_local_page
+            rows.add(_acc(cpu, page, 1))
             if rng.random() < irq_rate:
-                rows.append((RecordType.EXCEPTION_ENTRY, cpu, 0, 0, 0, KEEP_CPL, 0, 0, 0x20))
-                rows.append(_acc(cpu, KERNEL_DATA + int(rng.integers(16 * 512)) * 8, 0))
+                rows.add((RecordType.EXCEPTION_ENTRY, cpu, 0, 0, 0, KEEP_CPL, 0, 0, 0x20))
+                rows.add(_acc(cpu, KERNEL_DATA + int(rng.integers(16 * 512)) * 8, 0))
                 if rng.random() < 0.5:
                     # The handler touches PMEM without its own mapping: it
                     # runs with the default PKRS, so this faults.
-                    rows.append(_acc(cpu, page + 8, 0))
+                    rows.add(_acc(cpu, page + 8, 0))
                     expected_faults += 1
                 else:
-                    rows.append(_wrmsr(cpu, open_))              # nested kmap_local_page
-                    rows.append(_acc(cpu, page + 16, 1))
+                    rows.add(_wrmsr(cpu, open_))              # nested kmap_local_page
+                    rows.add(_acc(cpu, page + 16, 1))
                     if rng.random() < nmi_rate / 0.5:
-                        rows.append((RecordType.EXCEPTION_ENTRY, cpu, 0, 0, 0, KEEP_CPL, 0, 0, 2))
-                        rows.append(_acc(cpu, KERNEL_DATA, 0))
-                        rows.append((RecordType.EXCEPTION_EXIT, cpu, 0, 0, 0, KEEP_CPL, 0, 0, 0))
-                    rows.append(_acc(cpu, page + 24, 0))
-                    rows.append(_wrmsr(cpu, PKS_INIT_VALUE))     # kunmap_local
-                rows.append((RecordType.EXCEPTION_EXIT, cpu, 0, 0, 0, KEEP_CPL, 0, 0, 0))
+                        rows.add((RecordType.EXCEPTION_ENTRY, cpu, 0, 0, 0, KEEP_CPL, 0, 0, 2))
+                        rows.add(_acc(cpu, KERNEL_DATA, 0))
+                        rows.add((RecordType.EXCEPTION_EXIT, cpu, 0, 0, 0, KEEP_CPL, 0, 0, 0))
+                    rows.add(_acc(cpu, page + 24, 0))
+                    rows.add(_wrmsr(cpu, PKS_INIT_VALUE))     # kunmap_local
+                rows.add((RecordType.EXCEPTION_EXIT, cpu, 0, 0, 0, KEEP_CPL, 0, 0, 0))
             # Back in the interrupted window: the restored PKRS opens the page.
             for _ in range(int(rng.integers(1, 8))):
-                rows.append(_acc(cpu, page + int(rng.integers(512)) * 8, int(rng.integers(2))))
-            rows.append(_wrmsr(cpu, PKS_INIT_VALUE))             # kunmap_local
-            if len(rows) >= 1 << 16:
-                w.extend(_records(rows))
-                rows.clear()
-        if rows:
-            w.extend(_records(rows))
+                rows.add(_acc(cpu, page + int(rng.integers(512)) * 8, int(rng.integers(2))))
+            rows.add(_wrmsr(cpu, PKS_INIT_VALUE))             # kunmap_local
+        rows.flush()
         count = w.count
     return {"records": count, "expected_faults": expected_faults}
 
@@ -160,18 +173,18 @@ def gen_multi_task(path: str, *, records: int = 1_000_000, seed: int = 0, cpus: 
         for i in range(4):
             aspace.map(PMEM_BASE + (t * 4 + i) * 4096, 0x40000000 + (t * 4 + i) * 4096,
                        prot=PAGE_KERNEL_PKEY(key))
-    rows: list[tuple] = []
     opened = [False] * tasks
     foreign = 0
     with TraceWriter(path, m, max_tasks=tasks) as w:
-        while w.count + len(rows) < records:
+        rows = _RowBuffer(w)
+        while len(rows) < records:
             cpu = int(rng.integers(cpus))
             t = int(rng.integers(tasks))
-            rows.append((RecordType.CONTEXT_SWITCH, cpu, 0, 0, 0, KEEP_CPL, 0, 0, t))
+            rows.add((RecordType.CONTEXT_SWITCH, cpu, 0, 0, 0, KEEP_CPL, 0, 0, t))
             if not opened[t]:
                 # The task's first run: pks_set_readwrite(its key); its
                 # thread.pkrs keeps the right from then on.
-                rows.append(_wrmsr(cpu, pkey_update_pkval(PKS_INIT_VALUE, 1 + t % 15, 0)))
+                rows.add(_wrmsr(cpu, pkey_update_pkval(PKS_INIT_VALUE, 1 + t % 15, 0)))
                 opened[t] = True
             base = PMEM_BASE + t * 4 * 4096
             for _ in range(slice_accesses):
@@ -179,14 +192,10 @@ def gen_multi_task(path: str, *, records: int = 1_000_000, seed: int = 0, cpus: 
                     other = (t + 1 + int(rng.integers(tasks - 1))) % tasks if tasks > 1 else t
                     if (1 + other % 15) != (1 + t % 15):
                         foreign += 1
-                    rows.append(_acc(cpu, PMEM_BASE + other * 4 * 4096 + int(rng.integers(2048)) * 8, 0))
+                    rows.add(_acc(cpu, PMEM_BASE + other * 4 * 4096 + int(rng.integers(2048)) * 8, 0))
                 else:
-                    rows.append(_acc(cpu, base + int(rng.integers(2048)) * 8, int(rng.integers(2))))
-            if len(rows) >= 1 << 16:
-                w.extend(_records(rows))
-                rows.clear()
-        if rows:
-            w.extend(_records(rows))
+                    rows.add(_acc(cpu, base + int(rng.integers(2048)) * 8, int(rng.integers(2))))
+        rows.flush()
         count = w.count
     return {"records": count, "foreign_accesses": foreign}
 
