@@ -16,9 +16,10 @@ agree.
 """
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, note
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import pks_emu
 import refmodel as ref
@@ -261,14 +262,23 @@ class CoreVersusModel(RuleBasedStateMachine):
     PyRoaringBitMap test_state_machine.py pattern): every rule acts on both and
     the invariants compare them after each rule."""
 
-    @initialize(levels=st.sampled_from([4, 5]), compat=st.sampled_from(["sdm", "qemu"]))
-    def setup(self, levels, compat):
+    @initialize(levels=st.sampled_from([4, 5]), compat=st.sampled_from(["sdm", "qemu"]),
+                pkru=st.integers(0, 0xFFFFFFFF), pkrs=st.integers(0, 0xFFFFFFFF),
+                keys=st.lists(st.integers(0, 15), min_size=len(SLOTS), max_size=len(SLOTS)))
+    def setup(self, levels, compat, pkru, pkrs, keys):
         self.m = pks_emu.Machine(paging_levels=levels, compat=compat)
         self.cpu = self.m.cpus[0]
         self.space = self.m.address_space()
         self.space.activate(self.cpu)
-        self.regs = Regs(cr3=self.cpu.cr3, cr4=self.cpu.cr4, compat=compat)
-        self.model_mem = ref.DictMemory()
+        # Start with every slot mapped (user and supervisor pages alternate)
+        # and both key registers live, so that accesses mostly reach the
+        # rights and key checks; the rules then change all of it.
+        for i, ((va, size), key) in enumerate(zip(SLOTS, keys)):
+            self.space.map(va, (i + 1) * size, size, user=i % 2 == 0, pkey=key)
+        self.cpu.cr4 = self.cpu.cr4 | ref.CR4_PKE | ref.CR4_PKS
+        self.cpu.wrpkru(pkru)
+        self.cpu.wrmsr(MSR_PKRS, pkrs)
+        self.regs = Regs(cr3=self.cpu.cr3, cr4=self.cpu.cr4, pkru=pkru, pkrs=pkrs, compat=compat)
         self.sync_model_memory()
 
     def sync_model_memory(self):
@@ -354,24 +364,29 @@ class CoreVersusModel(RuleBasedStateMachine):
         self.space.invalidate(slot[0])
         self.sync_model_memory()
 
-    @precondition(lambda self: self.space.lookup(SLOTS[0][0]) is not None)
-    @rule(pkey=st.integers(0, 15), writable=st.booleans())
-    def protect_first_slot(self, pkey, writable):
-        self.space.protect(SLOTS[0][0], pkey=pkey, writable=writable)
-        self.space.invalidate(SLOTS[0][0])
+    @rule(slot=st.sampled_from(SLOTS), pkey=st.integers(0, 15), writable=st.booleans(),
+          user=st.booleans())
+    def protect(self, slot, pkey, writable, user):
+        va = slot[0]
+        if self.space.lookup(va) is None:
+            with pytest.raises(ValueError, match="not mapped"):
+                self.space.protect(va, pkey=pkey)
+            return
+        self.space.protect(va, pkey=pkey, writable=writable, user=user)
+        self.space.invalidate(va)
         self.sync_model_memory()
 
     # accesses
     @rule(slot=st.sampled_from(SLOTS), off=st.sampled_from([0, 8, 0xFF8, 0xFFC, -4, 0x123456]),
-          kind=KIND, size=st.sampled_from([1, 8, 16]), implicit=st.booleans())
-    def access(self, slot, off, kind, size, implicit):
+          kind=KIND, size=st.sampled_from([1, 8, 16]), implicit=st.booleans(),
+          edge=st.integers(0, 19))
+    def access(self, slot, off, kind, size, implicit, edge):
         va, page = slot
         va = (va + off % page) & ((1 << 64) - 1)
+        if edge == 0:
+            # now and then the edge of the canonical range (#GP, or a crossing into it)
+            va = [0x0000_8000_0000_0000, 0x0100_0000_0000_0000, 0x0000_7FFF_FFFF_FFFC][off % 3]
         compare(self.cpu, self.m.memory, self.model_mem, self.regs, va, kind, size, implicit)
-
-    @rule(va=st.sampled_from([0x0000_8000_0000_0000, 0x0100_0000_0000_0000, 0x0000_7FFF_FFFF_FFFC]))
-    def access_edge(self, va):
-        compare(self.cpu, self.m.memory, self.model_mem, self.regs, va, ref.READ, 8, False)
 
     @invariant()
     def registers_agree(self):

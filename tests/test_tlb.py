@@ -340,3 +340,13 @@ def test_stale_check_flags_rights_changes():
     cpu.access(va, "read")
     assert len(cpu.stale_uses) == 1
     assert cpu.stale_uses[0]["fresh_pa"] == PA
+
+
+def test_translation_reports_the_key_of_this_access_on_a_tlb_hit():
+    m, a, cpu, va = setup(pkey=2)
+    a.map(va + 0x1000, PA + 0x1000, pkey=3)
+    assert cpu.translate(va, "read").pkey == 2
+    assert cpu.translate(va + 0x1000, "read").pkey == 3
+    hits = cpu.counters()["tlb_hits"]
+    assert cpu.translate(va, "read").pkey == 2          # a hit must not report the last key
+    assert cpu.counters()["tlb_hits"] == hits + 1
