@@ -32,4 +32,8 @@ extensions = [
     for path in sorted(glob.glob("pks_emu/*.pyx"))
 ]
 
-setup(ext_modules=cythonize(extensions, compiler_directives=directives))
+# Generated C goes to a directory per build mode: the directives differ, and
+# cythonize decides what to regenerate by timestamps alone, so a shared
+# output would let a debug build compile release C (or the reverse).
+setup(ext_modules=cythonize(extensions, compiler_directives=directives,
+                            build_dir="build/cython-debug" if DEBUG else "build/cython-release"))

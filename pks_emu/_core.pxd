@@ -161,8 +161,8 @@ ctypedef struct pks_cpu_t:
     # Frame-pointer cache of the walker: physical frame number -> host page.
     # Frames are never freed while the memory lives, so a cached pointer
     # stays valid; this caches host lookups, not paging structures.
-    uint64_t frame_cache_pfn[64]
-    uint8_t *frame_cache_page[64]
+    uint64_t frame_cache_pfn[4096]
+    uint8_t *frame_cache_page[4096]
 
 
 # --- memory ---------------------------------------------------------------

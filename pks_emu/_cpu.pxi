@@ -71,6 +71,12 @@ cdef class Translation:
                 f"error_code={self.error_code:#x}, pkey={self.pkey})")
 
 
+cdef str _cr_reason(CPU cpu, int n, uint64_t value, str otherwise):
+    if cpu.st.cpl != 0:
+        return f"MOV to CR{n} at CPL {cpu.st.cpl}"
+    return f"MOV to CR{n} of {value:#x}: {otherwise}"
+
+
 cdef int _raise(int32_t r, str what) except -1:
     if r == PKS_GP:
         raise GeneralProtectionFault(what)
@@ -124,7 +130,7 @@ cdef class CPU:
         # A new machine runs 64-bit code at CPL 0 (issue #2): long mode with
         # paging, PAE, and LA57 for 5-level paging. PKRS is 0 at RESET
         # (KVM PKS v5); PKRU is 0 at RESET (SDM §2.7).
-        self.st.cr0 = PKS_CR0_PE | PKS_CR0_PG
+        self.st.cr0 = PKS_CR0_PE | PKS_CR0_ET | PKS_CR0_PG     # ET is hardwired to 1 (SDM §2.5)
         self.st.cr4 = PKS_CR4_PAE | (PKS_CR4_LA57 if paging_levels == 5 else 0)
         self.st.efer = PKS_EFER_LME | PKS_EFER_LMA
         self.st.rflags = 0x2
@@ -145,7 +151,8 @@ cdef class CPU:
 
     @cr0.setter
     def cr0(self, uint64_t value):
-        _raise(pks_write_cr0(&self.st, value), f"MOV to CR0 of {value:#x}: reserved or inconsistent bits")
+        _raise(pks_write_cr0(&self.st, value), _cr_reason(self, 0, value,
+               "bits 63:32 set, PG without PE, NW without CD, or PG cleared in IA-32e mode"))
 
     @property
     def cr3(self):
@@ -153,8 +160,8 @@ cdef class CPU:
 
     @cr3.setter
     def cr3(self, uint64_t value):
-        _raise(pks_write_cr3(&self.st, value),
-                    f"MOV to CR3 of {value:#x}: bits above MAXPHYADDR ({self.st.maxphyaddr}) set")
+        _raise(pks_write_cr3(&self.st, value), _cr_reason(self, 3, value,
+               f"bits above MAXPHYADDR ({self.st.maxphyaddr}) set"))
 
     @property
     def cr4(self):
@@ -162,8 +169,8 @@ cdef class CPU:
 
     @cr4.setter
     def cr4(self, uint64_t value):
-        _raise(pks_write_cr4(&self.st, value),
-                    f"MOV to CR4 of {value:#x}: reserved bit, absent feature, or PAE/LA57 change in IA-32e mode")
+        _raise(pks_write_cr4(&self.st, value), _cr_reason(self, 4, value,
+               "reserved bit, absent feature, or PAE/LA57 change in IA-32e mode"))
 
     @property
     def efer(self):
@@ -172,7 +179,8 @@ cdef class CPU:
     @efer.setter
     def efer(self, uint64_t value):
         _raise(_write_efer(&self.st, value),
-                    f"write of IA32_EFER {value:#x}: reserved bit, absent feature, or LME change with paging on")
+               f"WRMSR IA32_EFER at CPL {self.st.cpl}" if self.st.cpl else
+               f"write of IA32_EFER {value:#x}: reserved bit, absent feature, or LME change with paging on")
 
     @property
     def rflags(self):

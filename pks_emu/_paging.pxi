@@ -63,7 +63,7 @@ cdef inline uint64_t _rsvd_mask(pks_cpu_t *c, int level, uint64_t e) noexcept no
 
 cdef inline uint8_t *_frame(pks_cpu_t *c, uint64_t pfn) noexcept nogil:
     """Host page of frame ``pfn`` (NULL if never written), through the CPU's frame cache."""
-    cdef uint32_t i = <uint32_t>(pfn & 63)
+    cdef uint32_t i = <uint32_t>(pfn & 4095)   # enough for the tables of 8 GiB of 4-KiB pages
     cdef uint8_t *page
     if c.frame_cache_pfn[i] == pfn:
         return c.frame_cache_page[i]
@@ -234,6 +234,14 @@ cdef inline int32_t _translate(pks_cpu_t *c, uint64_t va, int kind, bint implici
         r = _check(c, leaf, kind, implicit)
         if r == PKS_OK:
             pa[0] = (leaf & c.addr_mask) | (va & 0xFFF)
+            return r
+        # SDM §4.10.4.1: a page fault invalidates the TLB entries for the
+        # faulting address, so a fault caused by a stale entry happens once.
+        _tlb_drop_page(c, va)
+        if c.compat == PKS_COMPAT_QEMU:
+            # QEMU refills its TLB (a fresh walk) whenever a cached entry does
+            # not permit the access, and faults only on the walk's verdict.
+            return _translate_miss(c, va, kind, implicit, pa, t, tag)
         return r
     return _translate_miss(c, va, kind, implicit, pa, t, tag)
 
@@ -278,16 +286,14 @@ cdef inline int32_t _access(pks_cpu_t *c, uint64_t va, int kind, uint32_t size,
     cdef int32_t r
     if (t.tag == ((va & ~<uint64_t>0xFFF) | 1) and (va & 0xFFF) + size <= 4096
             and (kind != PKS_WRITE or (leaf & PKS_PTE_D)) and not c.stale_check):
-        c.counters.accesses[kind][1 if _user_mode(c, implicit) else 0] += 1
-        c.counters.tlb_hits += 1
-        c.last_pkey = <int32_t>((leaf >> PKS_PTE_PKEY_SHIFT) & 0xF)
-        r = _check(c, leaf, kind, implicit)
-        if r == PKS_OK:
+        if _check(c, leaf, kind, implicit) == PKS_OK:
+            c.counters.accesses[kind][1 if _user_mode(c, implicit) else 0] += 1
+            c.counters.tlb_hits += 1
+            c.last_pkey = <int32_t>((leaf >> PKS_PTE_PKEY_SHIFT) & 0xF)
             pa[0] = (leaf & c.addr_mask) | (va & 0xFFF)
             return PKS_OK
-        c.last_fault_va = va
-        c.counters.page_faults += 1
-        return r
+    # Misses, faults, page-crossing accesses and the stale check take the
+    # general path, which does everything again from the start.
     return _access_slow(c, va, kind, size, implicit, pa)
 
 

@@ -13,8 +13,10 @@ cdef extern from *:
     /* QEMU 7.2 cpu_x86_update_cr4: PGE PAE PSE SMEP SMAP LA57, not PKE/PKS. */
     #define PKS_CR4_FLUSH_QEMU ((1ULL<<4)|(1ULL<<5)|(1ULL<<7)|(1ULL<<12)|(1ULL<<20)|(1ULL<<21))
     #define PKS_EFER_KNOWN ((1ULL<<0)|(1ULL<<8)|(1ULL<<10)|(1ULL<<11))
+    /* CR0: PE MP EM TS ET NE WP AM NW CD PG */
+    #define PKS_CR0_DEFINED 0xE005003FULL
     """
-    const uint64_t PKS_CR4_BASE, PKS_CR4_FLUSH_SDM, PKS_CR4_FLUSH_QEMU, PKS_EFER_KNOWN
+    const uint64_t PKS_CR4_BASE, PKS_CR4_FLUSH_SDM, PKS_CR4_FLUSH_QEMU, PKS_EFER_KNOWN, PKS_CR0_DEFINED
 
 
 cdef inline uint64_t _cr4_allowed(pks_cpu_t *c) noexcept nogil:
@@ -34,9 +36,15 @@ cdef inline uint64_t _cr4_allowed(pks_cpu_t *c) noexcept nogil:
 
 cdef int32_t pks_write_cr0(pks_cpu_t *c, uint64_t value) noexcept nogil:
     """MOV to CR0 (SDM Vol. 2B MOV—Move to/from Control Registers)."""
-    cdef uint64_t changed = value ^ c.cr0
+    cdef uint64_t changed
+    if c.cpl != 0:
+        return PKS_GP                       # MOV to CRn is privileged
     if value >> 32:
         return PKS_GP                       # bits 63:32 reserved
+    # SDM §2.5: ET is hardwired to 1 (P6 and later); the other reserved bits
+    # of 31:0 are ignored and read as 0 (KVM and QEMU do the same).
+    value = (value & PKS_CR0_DEFINED) | PKS_CR0_ET
+    changed = value ^ c.cr0
     if (value & PKS_CR0_PG) and not (value & PKS_CR0_PE):
         return PKS_GP
     if (value & PKS_CR0_NW) and not (value & PKS_CR0_CD):
@@ -53,6 +61,8 @@ cdef int32_t pks_write_cr0(pks_cpu_t *c, uint64_t value) noexcept nogil:
 cdef int32_t pks_write_cr3(pks_cpu_t *c, uint64_t value) noexcept nogil:
     """MOV to CR3: with CR4.PCIDE=0, bits 63:MAXPHYADDR must be 0; flushes
     non-global entries (all entries when CR4.PGE=0), SDM §4.10.4.1."""
+    if c.cpl != 0:
+        return PKS_GP
     if value & ~((<uint64_t>1 << c.maxphyaddr) - 1):
         return PKS_GP
     c.cr3 = value
@@ -67,6 +77,8 @@ cdef int32_t pks_write_cr4(pks_cpu_t *c, uint64_t value) noexcept nogil:
     """MOV to CR4: #GP for reserved bits and bits of absent features; in IA-32e
     mode PAE cannot be cleared and LA57 cannot change (SDM Vol. 2B, MOV CR)."""
     cdef uint64_t changed = value ^ c.cr4
+    if c.cpl != 0:
+        return PKS_GP
     if value & ~_cr4_allowed(c):
         return PKS_GP
     if (c.efer & PKS_EFER_LMA) and not (value & PKS_CR4_PAE):
@@ -81,6 +93,8 @@ cdef int32_t pks_write_cr4(pks_cpu_t *c, uint64_t value) noexcept nogil:
 
 cdef int32_t _write_efer(pks_cpu_t *c, uint64_t value) noexcept nogil:
     cdef uint64_t changed
+    if c.cpl != 0:
+        return PKS_GP                       # WRMSR is privileged
     if value & ~PKS_EFER_KNOWN:
         return PKS_GP
     if (value & PKS_EFER_NXE) and not (c.features & PKS_FEAT_NX):

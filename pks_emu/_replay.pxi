@@ -244,7 +244,7 @@ cdef class ReplayEngine:
         cdef pks_cpu_t *c
         cdef int32_t res
         cdef int cpu
-        cdef uint32_t eax = 0
+        cdef uint32_t eax = 0, cpl_before
         cdef pks_aux_t saved
         for i in range(n):
             r = &recs[i]
@@ -331,7 +331,11 @@ cdef class ReplayEngine:
                     return self._invalid(first + i)
                 self.context_switches += 1
                 if r.addr != 0:
+                    # __switch_to runs at CPL 0 whatever the outgoing task's CPL.
+                    cpl_before = c.cpl
+                    c.cpl = 0
                     res = pks_write_cr3(c, r.addr)
+                    c.cpl = cpl_before
                     if res != PKS_OK:
                         if self._insn_fault(first + i, cpu, res, r.addr) != 0:
                             return REPLAY_OUT_OF_MEMORY

@@ -32,10 +32,15 @@ cdef void pks_flush_tlb(pks_cpu_t *c, bint keep_global) noexcept nogil:
 
 cdef void pks_invlpg(pks_cpu_t *c, uint64_t va) noexcept nogil:
     """INVLPG: drop the entries of the page containing ``va`` (global ones too)."""
+    c.counters.invlpg += 1
+    _tlb_drop_page(c, va)
+
+
+cdef void _tlb_drop_page(pks_cpu_t *c, uint64_t va) noexcept nogil:
+    """Drop every entry caching the page that contains ``va``, whatever its size."""
     cdef uint32_t i
     cdef uint64_t size_mask
     cdef pks_tlb_entry_t *t = &c.tlb[(va >> 12) & c.tlb_mask]
-    c.counters.invlpg += 1
     if (t.tag & ~<uint64_t>1) == (va & ~<uint64_t>0xFFF):
         t.tag = 0
     if c.tlb_has_large:

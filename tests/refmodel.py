@@ -52,7 +52,7 @@ class Regs:
     """The register state an access depends on."""
 
     cr3: int = 0
-    cr0: int = 0x80000001          # PE|PG (the reset value of a Machine)
+    cr0: int = 0x80000011          # PE|ET|PG (the reset value of a Machine; ET is hardwired)
     cr4: int = 1 << 5              # PAE
     efer: int = (1 << 8) | EFER_LMA
     rflags: int = 2

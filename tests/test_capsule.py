@@ -206,10 +206,12 @@ def test_register_entries_read_and_change_the_python_cpu(ext):
     assert ext.op(cpu, "get_reg", 9) == (-1, 5)                   # key of the leaf
     assert ext.op(cpu, "set_reg", 1, 1 << 18) == (-1, 0) and cpu.rflags == (1 << 18) | 2
     cr4 = cpu.cr4
+    assert ext.op(cpu, "cr4", cr4 & ~C.CR4_PKE)[0] == -2          # MOV to CR4 at CPL 3: #GP
+    assert ext.op(cpu, "set_reg", 0, 0) == (-1, 0) and cpu.cpl == 0
     assert ext.op(cpu, "cr4", cr4 & ~C.CR4_PKE) == (-1, 0) and cpu.cr4 == cr4 & ~C.CR4_PKE
     assert ext.op(cpu, "rdpkru")[0] == -3                         # CR4.PKE=0: #UD
     for reg, value in [(2, cpu.cr0), (3, cpu.cr3), (4, cpu.cr4), (5, cpu.efer), (6, cpu.pkrs),
-                       (7, cpu.pkru), (0, 3)]:
+                       (7, cpu.pkru), (0, 0)]:
         assert ext.op(cpu, "get_reg", reg) == (-1, value)
 
 

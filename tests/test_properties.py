@@ -119,7 +119,7 @@ def register_state(draw, features, levels: int, compat: str, cr3: int, maxphyadd
         efer |= ref.EFER_NXE
     pkr = st.one_of(st.sampled_from([0, 0x55555554, 0xFFFFFFFF, 0xAAAAAAAA]),
                     st.integers(0, 0xFFFFFFFF))
-    return Regs(cr3=cr3, cr0=0x80000001 | (ref.CR0_WP if draw(st.booleans()) else 0), cr4=cr4,
+    return Regs(cr3=cr3, cr0=0x80000011 | (ref.CR0_WP if draw(st.booleans()) else 0), cr4=cr4,
                 efer=efer, rflags=2 | (ref.RFLAGS_AC if draw(st.booleans()) else 0),
                 cpl=draw(st.sampled_from([0, 0, 1, 3, 3])),
                 pkru=draw(pkr) if "pku" in features else 0,
@@ -316,10 +316,20 @@ class CoreVersusModel(RuleBasedStateMachine):
             assert self.regs.cr4 & ref.CR4_PKE and ecx == 0
             self.regs = self.regs.with_(pkru=value)
 
+    def _privileged_write(self, attr, value):
+        """MOV to CRn / WRMSR of EFER: #GP above CPL 0 and nothing changes."""
+        if self.regs.cpl != 0:
+            with pytest.raises(pks_emu.GeneralProtectionFault):
+                setattr(self.cpu, attr, value)
+            return False
+        setattr(self.cpu, attr, value)
+        return True
+
     @rule(bit=st.sampled_from([ref.CR4_SMEP, ref.CR4_SMAP, ref.CR4_PKE, ref.CR4_PKS, 1 << 7]))
     def toggle_cr4(self, bit):
         new = self.regs.cr4 ^ bit
-        self.cpu.cr4 = new
+        if not self._privileged_write("cr4", new):
+            return
         if self.regs.compat == "qemu" and bit in (ref.CR4_PKE, ref.CR4_PKS):
             self.cpu.flush_tlb()    # see the module docstring
         self.regs = self.regs.with_(cr4=new)
@@ -327,13 +337,14 @@ class CoreVersusModel(RuleBasedStateMachine):
     @rule()
     def toggle_wp(self):
         new = self.regs.cr0 ^ ref.CR0_WP
-        self.cpu.cr0 = new
-        self.regs = self.regs.with_(cr0=new)
+        if self._privileged_write("cr0", new):
+            self.regs = self.regs.with_(cr0=new)
 
     @rule()
     def toggle_nxe(self):
         new = self.regs.efer ^ ref.EFER_NXE
-        self.cpu.efer = new
+        if not self._privileged_write("efer", new):
+            return
         if self.regs.compat == "qemu":
             self.cpu.flush_tlb()
         self.regs = self.regs.with_(efer=new)
@@ -346,7 +357,7 @@ class CoreVersusModel(RuleBasedStateMachine):
 
     @rule()
     def reload_cr3(self):
-        self.cpu.cr3 = self.cpu.cr3
+        self._privileged_write("cr3", self.cpu.cr3)
 
     # mappings
     @rule(slot=st.sampled_from(SLOTS), frame=st.integers(1, 1000), user=st.booleans(),

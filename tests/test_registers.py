@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import pks_emu
-from pks_emu.constants import (CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE,
+from pks_emu.constants import (CR0_CD, CR0_ET, CR0_NW, CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE,
                                CR4_PCIDE, CR4_PGE, CR4_PKE, CR4_PKS, CR4_SMAP, CR4_SMEP,
                                EFER_LMA, EFER_LME, EFER_NXE, MSR_IA32_EFER, MSR_IA32_PKRS,
                                RFLAGS_AC)
@@ -23,7 +23,7 @@ def cpu_of(features=ALL, levels=4, compat="sdm"):
 @pytest.mark.parametrize("levels", [4, 5])
 def test_reset_state(levels):
     cpu = cpu_of(levels=levels)
-    assert cpu.cr0 == CR0_PE | CR0_PG
+    assert cpu.cr0 == CR0_PE | CR0_ET | CR0_PG          # ET is hardwired to 1 (SDM §2.5)
     assert cpu.cr4 == CR4_PAE | (CR4_LA57 if levels == 5 else 0)
     assert cpu.efer == EFER_LME | EFER_LMA
     assert cpu.cpl == 0
@@ -37,7 +37,7 @@ def test_every_cpu_of_a_machine_resets_alike():
     m = pks_emu.Machine(ncpus=3)
     assert [c.index for c in m.cpus] == [0, 1, 2]
     assert {(c.cr0, c.cr4, c.efer, c.cpl, c.pkrs) for c in m.cpus} == {
-        (CR0_PE | CR0_PG, CR4_PAE, EFER_LME | EFER_LMA, 0, 0)}
+        (CR0_PE | CR0_ET | CR0_PG, CR4_PAE, EFER_LME | EFER_LMA, 0, 0)}
 
 
 # --- IA32_PKRS ----------------------------------------------------------------------
@@ -257,7 +257,7 @@ def test_cr0_gp(value):
     cpu = cpu_of()
     with pytest.raises(pks_emu.GeneralProtectionFault, match="CR0"):
         cpu.cr0 = value
-    assert cpu.cr0 == CR0_PE | CR0_PG
+    assert cpu.cr0 == CR0_PE | CR0_ET | CR0_PG          # ET is hardwired to 1 (SDM §2.5)
 
 
 def test_cr0_wp_and_cd_nw():
@@ -265,7 +265,7 @@ def test_cr0_wp_and_cd_nw():
     cpu.cr0 = CR0_PE | CR0_PG | CR0_WP
     assert cpu.cr0 & CR0_WP
     cpu.cr0 = CR0_PE | CR0_PG | CR0_CD | CR0_NW
-    assert cpu.cr0 == CR0_PE | CR0_PG | CR0_CD | CR0_NW
+    assert cpu.cr0 == CR0_PE | CR0_ET | CR0_PG | CR0_CD | CR0_NW
 
 
 def test_cr3_above_maxphyaddr_gp():
@@ -354,3 +354,24 @@ def test_unknown_feature_and_bad_machine_arguments():
     with pytest.raises(ValueError, match="ncpus"):
         pks_emu.Machine(ncpus=0)
     assert pks_emu.Machine(features=ALL - {"pks"}).cpus[0].features == ALL - {"pks"}
+
+
+def test_cr0_et_is_hardwired_and_reserved_low_bits_read_as_zero():
+    """SDM §2.5: ET is reserved and hardcoded to 1; reserved bits of CR0[31:0]
+    are ignored (KVM and QEMU do the same); only bits 63:32 #GP."""
+    cpu = pks_emu.Machine().cpus[0]
+    cpu.cr0 = CR0_PE | CR0_PG | (1 << 10) | (1 << 20)
+    assert cpu.cr0 == CR0_PE | CR0_ET | CR0_PG
+
+
+@pytest.mark.parametrize("reg", ["cr0", "cr3", "cr4", "efer"])
+def test_control_register_writes_fault_above_cpl0(reg):
+    """MOV to CRn and WRMSR are privileged: #GP(0) at CPL > 0 (SDM Vol. 2B)."""
+    cpu = pks_emu.Machine().cpus[0]
+    before = getattr(cpu, reg)
+    cpu.cpl = 3
+    with pytest.raises(pks_emu.GeneralProtectionFault, match="CPL 3"):
+        setattr(cpu, reg, before)
+    cpu.cpl = 0
+    setattr(cpu, reg, before)
+    assert getattr(cpu, reg) == before

@@ -54,10 +54,12 @@ def test_wrpkru_does_not_flush_and_next_access_sees_new_rights():
     flushes = cpu.counters()["tlb_flushes"]
     cpu.wrpkru(2 << 4)                                # WD for key 2
     assert cpu.counters()["tlb_flushes"] == flushes
-    hits = cpu.counters()["tlb_hits"]
-    assert outcome(cpu, va, "write") == pf("P|W|U|PK")
+    hits, misses = cpu.counters()["tlb_hits"], cpu.counters()["tlb_misses"]
+    assert outcome(cpu, va, "write") == pf("P|W|U|PK")     # decided on the TLB entry
+    assert cpu.counters()["tlb_hits"] == hits + 1
+    # SDM §4.10.4.1: the #PF invalidated the entry, so the read walks again.
     assert outcome(cpu, va, "read") == "ok"
-    assert cpu.counters()["tlb_hits"] == hits + 2
+    assert cpu.counters()["tlb_misses"] == misses + 1
 
 
 def test_qemu_flushes_on_wrpkru_and_wrmsr_pkrs():
@@ -198,8 +200,11 @@ def test_qemu_keeps_the_stale_key_decision_after_cr4_pks(compat, want):
     assert outcome(cpu, va, "read") == pf("P|PK")
 
 
-@pytest.mark.parametrize("compat,want", [("sdm", "ok"), ("qemu", pf("P|U|PK"))])
-def test_qemu_keeps_the_stale_key_decision_after_cr4_pke_clear(compat, want):
+@pytest.mark.parametrize("compat,want", [("sdm", "ok"), ("qemu", "ok")])
+def test_qemu_refills_when_the_stale_key_decision_denies(compat, want):
+    """QEMU keeps a stale decision only while it allows the access: a cached
+    entry that denies makes QEMU walk again (tlb_fill), and the fresh walk
+    after CR4.PKE was cleared allows the read."""
     m, a, cpu, va = setup(compat=compat, user=True)
     configure(cpu, pke=True, pkru=1 << 4, cpl=3)      # AD for key 2
     assert outcome(cpu, va, "fetch") == "ok"           # fetches ignore keys: fills with PKE=1
@@ -350,3 +355,30 @@ def test_translation_reports_the_key_of_this_access_on_a_tlb_hit():
     hits = cpu.counters()["tlb_hits"]
     assert cpu.translate(va, "read").pkey == 2          # a hit must not report the last key
     assert cpu.counters()["tlb_hits"] == hits + 1
+
+
+@pytest.mark.parametrize("compat", ["sdm", "qemu"])
+def test_spurious_fault_from_a_stale_entry_happens_once(compat):
+    """SDM §4.10.4.1: a #PF invalidates the faulting address's TLB entries.
+    The PTE is made writable without INVLPG: the SDM CPU faults once on the
+    stale read-only entry, then walks and succeeds; QEMU walks again before
+    faulting, so it never faults."""
+    import pks_emu
+    from pks_emu.constants import CR0_WP, PTE_A, PTE_D, PTE_P, PTE_RW
+    m = pks_emu.Machine(compat=compat)
+    a = m.address_space()
+    va = 0x40_0000_0000
+    a.map(va, 0x5000, prot=PTE_P | PTE_A | PTE_D)        # read-only, D already set
+    a.activate()
+    cpu = m.cpus[0]
+    cpu.cr0 = cpu.cr0 | CR0_WP
+    cpu.access(va, "read")                                # cached read-only
+    ea, e, _ = a.lookup(va)
+    m.memory.write_u64(ea, e | PTE_RW)                    # no INVLPG
+    first = cpu.translate(va, "write")
+    second = cpu.translate(va, "write")
+    if compat == "sdm":
+        assert not first.ok and first.error_code == pks_emu.PF_P | pks_emu.PF_W
+    else:
+        assert first.ok
+    assert second.ok and second.pa == 0x5000

@@ -6,7 +6,7 @@ CPU, keeps a per-CPU ``pkrs_cache``, runs tasks with their own saved PKRS,
 saves and restores PKRS around exceptions, handles PK faults on kernel
 addresses through per-key callbacks, and carries the series' own test
 module (``pks_emu.kernel.pks_test``) behind ``/sys/kernel/debug/x86/run_pks``.
-See docs/kernel-*.md.
+See ``docs/kernel-*.md``.
 """
 from __future__ import annotations
 
