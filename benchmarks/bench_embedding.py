@@ -18,6 +18,7 @@ per access without asv.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import struct
@@ -177,12 +178,21 @@ class _PerAccess:
     timeout = 600
 
     def setup_cache(self) -> str:
-        folder = os.path.abspath("pks_emu_bench_consumers")
-        os.makedirs(folder, exist_ok=True)
-        try:
-            build_consumers(folder)
-        except (OSError, subprocess.SubprocessError):
-            pass        # the compiled benchmarks skip (NotImplementedError in setup)
+        # One build shared by the three classes (each setup_cache runs in its
+        # own folder): keyed by the consumers' sources and the pks_emu core
+        # they are compiled against.
+        core = pks_emu._core.__file__
+        key = hashlib.sha1((CYTHON_SRC + C_SRC + SETUP_PY + core
+                            + str(os.stat(core).st_mtime_ns)).encode()).hexdigest()[:16]
+        folder = os.path.join(tempfile.gettempdir(), f"pks_emu_bench_consumers-{key}")
+        done = os.path.join(folder, ".built")
+        if not os.path.exists(done):
+            os.makedirs(folder, exist_ok=True)
+            try:
+                build_consumers(folder)
+                open(done, "w").close()
+            except (OSError, subprocess.SubprocessError):
+                pass    # the compiled benchmarks skip (NotImplementedError in setup)
         return folder
 
     def setup(self, folder: str) -> None:
