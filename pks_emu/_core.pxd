@@ -99,6 +99,9 @@ ctypedef struct pks_mem_t:
     uint64_t capacity       # power of two
     uint64_t count
     uint32_t busy           # > 0 while a GIL-free loop reads this memory
+    uint8_t **slabs         # frames are carved from 2-MiB slabs (huge pages)
+    uint64_t nslabs, cap_slabs
+    uint32_t slab_used      # frames used in the newest slab
 
 
 # One TLB entry caches a 4-KiB translation (large pages are cached per 4-KiB

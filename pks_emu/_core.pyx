@@ -8,7 +8,7 @@ Cython code can ``cimport`` the declarations in ``_core.pxd``. The rules live
 in the ``.pxi`` files included below, one area each.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
-from libc.stdlib cimport calloc, malloc, free
+from libc.stdlib cimport calloc, malloc, free, realloc
 from libc.string cimport memcpy, memset
 
 cdef extern from *:

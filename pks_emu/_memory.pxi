@@ -24,6 +24,42 @@ cdef inline uint64_t _mem_hash(uint64_t pfn, uint64_t mask) noexcept nogil:
     return ((pfn * <uint64_t>0x9E3779B97F4A7C15ULL) >> 20) & mask
 
 
+cdef extern from "<stdlib.h>" nogil:
+    int posix_memalign(void **memptr, size_t alignment, size_t size)
+
+cdef extern from "<sys/mman.h>" nogil:
+    int madvise(void *addr, size_t length, int advice)
+    int MADV_HUGEPAGE
+
+cdef enum:
+    SLAB_BYTES = 2 * 1024 * 1024
+    SLAB_FRAMES = SLAB_BYTES // 4096
+
+
+cdef uint8_t *_new_frame(pks_mem_t *m) noexcept nogil:
+    """A zeroed 4-KiB frame. Frames come from 2-MiB slabs backed by huge pages
+    where the host allows: walks over many page-table frames then cost far
+    fewer host TLB misses than with one allocation per frame."""
+    cdef void *slab = NULL
+    cdef uint8_t **grown
+    if m.nslabs == 0 or m.slab_used == SLAB_FRAMES:
+        if m.nslabs == m.cap_slabs:
+            grown = <uint8_t **>realloc(m.slabs, (m.cap_slabs * 2 + 8) * sizeof(uint8_t *))
+            if grown == NULL:
+                return NULL
+            m.slabs = grown
+            m.cap_slabs = m.cap_slabs * 2 + 8
+        if posix_memalign(&slab, SLAB_BYTES, SLAB_BYTES) != 0:
+            return NULL
+        madvise(slab, SLAB_BYTES, MADV_HUGEPAGE)   # a hint; failure is harmless
+        memset(slab, 0, SLAB_BYTES)
+        m.slabs[m.nslabs] = <uint8_t *>slab
+        m.nslabs += 1
+        m.slab_used = 0
+    m.slab_used += 1
+    return m.slabs[m.nslabs - 1] + <size_t>(m.slab_used - 1) * 4096
+
+
 cdef int _mem_init(pks_mem_t *m, uint64_t capacity) noexcept nogil:
     cdef uint64_t i
     m.keys = <uint64_t *>malloc(capacity * sizeof(uint64_t))
@@ -39,15 +75,20 @@ cdef int _mem_init(pks_mem_t *m, uint64_t capacity) noexcept nogil:
     m.capacity = capacity
     m.count = 0
     m.busy = 0
+    m.slabs = NULL
+    m.nslabs = 0
+    m.cap_slabs = 0
+    m.slab_used = 0
     return 0
 
 
 cdef void _mem_free(pks_mem_t *m) noexcept nogil:
     cdef uint64_t i
-    if m.pages != NULL:
-        for i in range(m.capacity):
-            if m.pages[i] != NULL:
-                free(m.pages[i])
+    for i in range(m.nslabs):
+        free(m.slabs[i])
+    free(m.slabs)
+    m.slabs = NULL
+    m.nslabs = 0
     free(m.keys)
     free(m.pages)
     m.keys = NULL
@@ -71,6 +112,10 @@ cdef int _mem_grow(pks_mem_t *m) noexcept nogil:
             bigger.pages[j] = m.pages[i]
     bigger.count = m.count
     bigger.busy = m.busy
+    bigger.slabs = m.slabs
+    bigger.nslabs = m.nslabs
+    bigger.cap_slabs = m.cap_slabs
+    bigger.slab_used = m.slab_used
     free(m.keys)
     free(m.pages)
     m[0] = bigger
@@ -96,7 +141,7 @@ cdef uint8_t *pks_mem_frame(pks_mem_t *m, uint64_t pfn, bint create) noexcept no
         if _mem_grow(m) != 0:
             return NULL
         return pks_mem_frame(m, pfn, True)
-    page = <uint8_t *>calloc(4096, 1)
+    page = _new_frame(m)
     if page == NULL:
         return NULL
     m.keys[j] = pfn
