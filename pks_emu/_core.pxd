@@ -14,6 +14,13 @@ CPU from one thread at a time. Return conventions:
 * ``pks_wrmsr``/``pks_rdmsr``/``pks_wrpkru``/``pks_rdpkru``/``pks_write_cr*``:
   ``PKS_OK`` on success, ``PKS_GP`` for #GP, ``PKS_UD`` for #UD.
 
+Preconditions, not checked inside (the point of these functions is a
+check-free inner loop; validate once before it, as ``access_batch`` does):
+``kind`` is 0, 1 or 2; ``size`` is 1..4096; one thread uses a CPU at a time,
+and no Python code writes the machine's memory while a GIL-free loop runs
+(hold ``mem.busy`` as ``access_batch`` does). The C capsule (``pks_emu.h``)
+checks its arguments and returns ``PKS_EMU_EINVAL`` instead.
+
 The constants mirror ``pks_emu/constants.py`` (checked by the test suite).
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
