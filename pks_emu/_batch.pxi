@@ -17,7 +17,7 @@ cdef inline void _leave_nogil(CPU cpu):
     cpu.st.mem.busy -= 1
 
 
-def access_batch(CPU cpu, va, kind, size=1, implicit=False):
+def access_batch(CPU cpu, va, kind, size=1, implicit=False, *, out=None):
     """Check many accesses with ``cpu``'s current registers, in order, through its TLB.
 
     ``va``: uint64 array; ``kind``: uint8 array (0 read, 1 write, 2 fetch) or
@@ -25,7 +25,10 @@ def access_batch(CPU cpu, va, kind, size=1, implicit=False):
     ``implicit``: bool scalar or array. Returns ``(pa, error_code)``: uint64
     physical addresses (0 where the access faulted) and int32 error codes,
     -1 where the access succeeded, -2 for #GP (non-canonical), else the #PF
-    error code.
+    error code. ``out=(pa, error_code)`` writes into arrays you keep
+    (contiguous uint64 and int32 of len(va)) instead of allocating new ones:
+    a simulator checking chunk after chunk saves the page faults of fresh
+    output memory, about a tenth of the time on TLB hits.
     """
     # Values are range-checked *before* the cast to the narrow loop dtypes: a
     # cast first turned size=65537 into 1 and kind=-1 into 255 (a silent wrong
@@ -43,16 +46,37 @@ def access_batch(CPU cpu, va, kind, size=1, implicit=False):
     cdef const uint8_t[::1] kinds = kinds_arr
     cdef const uint16_t[::1] sizes = sizes_arr
     cdef const uint8_t[::1] impl = impl_arr
-    pa_out = np.zeros(n, dtype=np.uint64)
-    err_out = np.empty(n, dtype=np.int32)
+    # A scalar argument stays one element (index mask 0) instead of being
+    # broadcast into an n-element array that the loop would stream through.
+    cdef Py_ssize_t kmask = 0 if kinds.shape[0] == 1 and n != 1 else -1
+    cdef Py_ssize_t smask = 0 if sizes.shape[0] == 1 and n != 1 else -1
+    cdef Py_ssize_t imask = 0 if impl.shape[0] == 1 and n != 1 else -1
+    if out is None:
+        pa_out = np.empty(n, dtype=np.uint64)
+        err_out = np.empty(n, dtype=np.int32)
+    else:
+        try:
+            pa_out, err_out = out
+        except (TypeError, ValueError):
+            raise TypeError("out must be a pair of arrays (pa, error_code)") from None
+        for name, arr, dt in (("pa", pa_out, np.uint64), ("error_code", err_out, np.int32)):
+            if (not isinstance(arr, np.ndarray) or arr.dtype != dt or arr.ndim != 1
+                    or arr.shape[0] != n or not arr.flags.c_contiguous or not arr.flags.writeable):
+                raise ValueError(f"out {name} must be a writable contiguous {np.dtype(dt).name} "
+                                 f"array of {n} elements (one per va)")
     cdef uint64_t[::1] pas = pa_out
     cdef int32_t[::1] errs = err_out
     cdef pks_cpu_t *c = &cpu.st
+    cdef int32_t r
     _enter_nogil(cpu)
     try:
         with nogil:
             for i in range(n):
-                errs[i] = _access(c, vas[i], kinds[i], sizes[i], impl[i] != 0, &pas[i])
+                r = _access(c, vas[i], kinds[i & kmask], sizes[i & smask], impl[i & imask] != 0,
+                            &pas[i])
+                errs[i] = r
+                if r != PKS_OK:
+                    pas[i] = 0
     finally:
         _leave_nogil(cpu)
     return pa_out, err_out
@@ -93,7 +117,10 @@ def _batch_arg(str name, value, Py_ssize_t n, dtype, long lo, long hi, str expec
         raise TypeError(f"{name} must be integers, got dtype {arr.dtype}")
     if arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != n):
         raise ValueError(f"{name} has shape {arr.shape}: expected a scalar or {n} values (one per va)")
-    arr = np.broadcast_to(arr, (n,))
+    if arr.ndim == 0:
+        if n and not lo <= int(arr) <= hi:
+            raise ValueError(f"{name}[0] = {int(arr)}: expected {expected}")
+        return np.full(1, arr, dtype=dtype)          # the loop reads element 0 for every access
     if n and (int(arr.min()) < lo or int(arr.max()) > hi):
         bad = int(np.argmax((arr < lo) | (arr > hi)))
         raise ValueError(f"{name}[{bad}] = {int(arr[bad])}: expected {expected}")

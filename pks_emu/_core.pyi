@@ -145,6 +145,8 @@ class CPU:
         kind: npt.ArrayLike | _Kind,
         size: npt.ArrayLike = 1,
         implicit: npt.ArrayLike = False,
+        *,
+        out: tuple[npt.NDArray[np.uint64], npt.NDArray[np.int32]] | None = None,
     ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int32]]: ...
     def translate(self, va: int, kind: _Kind, size: int = 8, implicit: bool = False) -> Translation: ...
     def walk(self, va: int) -> list[tuple[int, int, int]]: ...
@@ -157,6 +159,8 @@ def access_batch(
     kind: npt.ArrayLike | _Kind,
     size: npt.ArrayLike = 1,
     implicit: npt.ArrayLike = False,
+    *,
+    out: tuple[npt.NDArray[np.uint64], npt.NDArray[np.int32]] | None = None,
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int32]]: ...
 
 @disjoint_base

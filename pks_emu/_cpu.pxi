@@ -398,11 +398,11 @@ cdef class CPU:
         raise PageFault(self.st.last_fault_va, r,
                         pkey=self.st.last_pkey if self.st.last_pkey >= 0 else None, cpu=self.index)
 
-    def access_batch(self, va, kind, size=1, implicit=False):
+    def access_batch(self, va, kind, size=1, implicit=False, *, out=None):
         """Check many accesses with this CPU's current registers, in order,
         through its TLB: ``(pa, error_code)`` arrays, error code -1 where the
         access succeeded, -2 for #GP. See ``pks_emu.access_batch``."""
-        return access_batch(self, va, kind, size, implicit)
+        return access_batch(self, va, kind, size, implicit, out=out)
 
     def translate(self, uint64_t va, kind, uint32_t size=8, bint implicit=False):
         """Like ``access`` (same checks, TLB use and A/D updates) but returns a

@@ -169,3 +169,23 @@ def test_va_validation():
     # signed arrays with valid values are fine
     _, err = pks_emu.access_batch(cpu, np.array([USER], dtype=np.int64), 0)
     assert err.tolist() == [-1]
+
+
+def test_out_arrays_are_filled_in_place_and_checked():
+    m = pks_emu.Machine()
+    a = m.address_space()
+    a.map(0x1000, 0x7000)
+    a.activate()
+    cpu = m.cpus[0]
+    va = np.array([0x1008, 0x2000, 0x1010], dtype=np.uint64)
+    pa = np.full(3, 99, dtype=np.uint64)
+    err = np.full(3, 99, dtype=np.int32)
+    got = cpu.access_batch(va, "read", out=(pa, err))
+    assert got[0] is pa and got[1] is err
+    assert list(pa) == [0x7008, 0, 0x7010] and list(err) == [-1, 0, -1]
+    with pytest.raises(ValueError, match="out pa must be a writable contiguous uint64 array of 3"):
+        cpu.access_batch(va, "read", out=(np.zeros(2, np.uint64), err))
+    with pytest.raises(ValueError, match="out error_code"):
+        cpu.access_batch(va, "read", out=(pa, np.zeros(3, np.int64)))
+    with pytest.raises(TypeError, match="pair of arrays"):
+        cpu.access_batch(va, "read", out=pa)
