@@ -207,3 +207,31 @@ def test_compat_override_changes_the_user_to_supervisor_pk_bit(tmp_path, capsys)
     qemu = json.loads(run(capsys, "replay", path, "--json", "--compat", "qemu")[1])
     assert sdm["faults_by_error_code"] == {"0x25": 1} and sdm["header"]["compat"] == "sdm"
     assert qemu["faults_by_error_code"] == {"0x5": 1} and qemu["header"]["compat"] == "qemu"
+
+
+def test_stale_check_reports_a_pte_write_without_invlpg(tmp_path, capsys):
+    import pks_emu
+    from pks_emu.trace.writer import TraceWriter
+    m = pks_emu.Machine()
+    a = m.address_space()
+    va = 0x40_0000_0000
+    a.map(va, 0x100000)
+    a.activate()
+    ea, e, _ = a.lookup(va)
+    path = tmp_path / "t.pkt"
+    with TraceWriter(path, m) as w:
+        w.access(0, va, "read")
+        w.pte_write(ea, (e & ~0xFFFFFFFFF000) | 0x200000)     # remap, no INVLPG
+        w.access(0, va, "read")                                 # stale: still 0x100000
+        w.invlpg(0, va)
+        w.access(0, va, "read")                                 # fresh
+    code, out, _ = run(capsys, "replay", path, "--json", "--stale-check")
+    d = json.loads(out)
+    assert code == 0 and d["counters"]["stale_uses"] == 1
+    assert d["stale_uses"] == [{"va": hex(va), "cached_pa": "0x100000", "cached_pkey": 0,
+                                "fresh_pa": "0x200000", "fresh_pkey": 0, "fresh_error": None,
+                                "cpu": 0}]
+    code, out, _ = run(capsys, "replay", path)
+    assert "stale TLB" not in out                              # off by default
+    code, out, _ = run(capsys, "replay", path, "--stale-check")
+    assert "stale TLB   1 hits" in out and "cached 0x100000" in out and "now 0x200000" in out

@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"exit with status {EXIT_FAULTS_FOUND} when any fault was found")
     p.add_argument("--compat", choices=("sdm", "qemu"),
                    help="replay with these semantics instead of the trace's (e.g. to compare with QEMU 7.2)")
+    p.add_argument("--stale-check", action="store_true",
+                   help="report TLB hits on translations the page tables no longer hold "
+                        "(PTE writes without INVLPG); slower")
     p.add_argument("--skip-bad", action="store_true",
                    help="lackey input: count and skip malformed lines instead of stopping")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -111,6 +114,12 @@ def summary(r: ReplayResult, listed: int) -> str:
                      f"(max depth {k['max_exception_depth']}), PKRS writes {k['pkrs_writes']:,} "
                      f"done / {k['pkrs_writes_avoided']:,} avoided by the per-CPU cache")
     lines.append(f"  MSR/PKRU    {c['wrmsr_pkrs']:,} WRMSR IA32_PKRS, {c['wrpkru']:,} WRPKRU")
+    if r.stale_uses or c["stale_uses"]:
+        lines.append(f"  stale TLB   {c['stale_uses']:,} hits on translations the page tables no longer hold")
+        for u in r.stale_uses[:listed]:
+            fresh = (f"now {u['fresh_pa']:#x} key {u['fresh_pkey']}" if u["fresh_error"] is None
+                     else f"now faults ({u['fresh_error']:#x})")
+            lines.append(f"    cpu {u['cpu']} va {u['va']:#x}: cached {u['cached_pa']:#x} key {u['cached_pkey']}, {fresh}")
     nf = len(r.faults)
     by_vec = ", ".join(f"{k} {v:,}" for k, v in r.faults_by_vector().items())
     lines.append(f"  faults      {nf:,}" + (f"  ({by_vec})" if nf else ""))
@@ -160,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     bar, update = _progress(args.quiet or args.json)
     try:
         result = replay(native, max_faults=args.max_faults, stop_on_fault=args.stop_on_fault,
-                        progress=update, compat=args.compat)
+                        progress=update, compat=args.compat, stale_check=args.stale_check)
     finally:
         if bar is not None:
             bar.close()

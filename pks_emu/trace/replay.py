@@ -43,6 +43,9 @@ class ReplayResult:
     record_counts: dict[str, int]
     kernel: dict[str, int]
     header: dict = field(default_factory=dict)
+    #: with ``stale_check``: TLB hits that the page tables no longer agreed
+    #: with (the newest 4096 per CPU; ``counters["stale_uses"]`` counts all)
+    stale_uses: list[dict] = field(default_factory=list)
 
     @property
     def counters(self) -> dict[str, int]:
@@ -91,6 +94,8 @@ class ReplayResult:
             "faults_by_pkey": {str(k): v for k, v in self.faults_by_pkey().items()},
             "faults": [fault_to_dict(f) for f in listed],
             "faults_listed": int(len(listed)),
+            "stale_uses": [{k: (f"{v:#x}" if k.endswith(("va", "_pa")) and v is not None else v)
+                            for k, v in u.items()} for u in self.stale_uses[:1000]],
         }
 
 
@@ -131,7 +136,8 @@ def machine_from_header(path: str, header, compat: str | None = None) -> Machine
 def replay(path: str | os.PathLike, *, max_faults: int | None = None, stop_on_fault: bool = False,
            chunk_records: int = DEFAULT_CHUNK,
            progress: Callable[[int, int], None] | None = None,
-           machine: Machine | None = None, compat: str | None = None) -> ReplayResult:
+           machine: Machine | None = None, compat: str | None = None,
+           stale_check: bool = False) -> ReplayResult:
     """Replay the native trace at ``path``.
 
     ``max_faults``/``stop_on_fault`` stop the replay after that many faults
@@ -140,6 +146,9 @@ def replay(path: str | os.PathLike, *, max_faults: int | None = None, stop_on_fa
     time, so memory stays bounded whatever the trace size. Pass ``machine``
     to replay on a machine you built (it must match the header), or
     ``compat`` to replay under other semantics than the header's.
+    ``stale_check`` compares every TLB hit with a fresh walk and reports the
+    hits that used a translation the page tables no longer hold (a PTE write
+    without INVLPG); it slows the replay down several times.
     """
     path = os.fspath(path)
     header = read_header(path)
@@ -153,6 +162,7 @@ def replay(path: str | os.PathLike, *, max_faults: int | None = None, stop_on_fa
                           max_faults=limit)
     for cpu in m.cpus:
         cpu.reset_counters()
+        cpu.stale_check = stale_check
     total = header.record_count
     status = REPLAY_STATUS["done"]
     start = time.perf_counter()
@@ -199,4 +209,5 @@ def replay(path: str | os.PathLike, *, max_faults: int | None = None, stop_on_fa
     return ReplayResult(path=path, records=total, records_replayed=int(replayed),
                         stopped_early=status == REPLAY_STATUS["stopped"], elapsed=elapsed,
                         faults=engine.faults_array(), per_cpu=[c.counters() for c in m.cpus],
+                        stale_uses=[dict(u, cpu=c.index) for c in m.cpus for u in c.stale_uses],
                         record_counts=counts, kernel=kernel, header=hdr)
