@@ -15,7 +15,7 @@ from .embed import get_cython_include, get_include
 from .machine import Machine
 from .paging import AddressSpace
 from .trace.format import RecordType
-from .trace.replay import ReplayResult, replay
+from .trace.replay import ReplayResult, replay, replay_records
 from .trace.writer import TraceWriter
 
 try:
@@ -31,5 +31,5 @@ __all__ = [
     "PKR_WD_BIT", "PKR_WD_KEY", "PKS_INIT_VALUE", "PageFault", "PhysicalMemory", "PksEmuError",
     "RecordType", "ReplayResult", "TraceFormatError", "TraceWriter", "Translation", "_PAGE_PKEY",
     "access_batch", "get_cython_include", "get_include", "pf_error_code_str", "pkey_update_pkval",
-    "pte_pkey", "replay", "__version__",
+    "pte_pkey", "replay", "replay_records", "__version__",
 ]

@@ -14,8 +14,8 @@ from .._core import FAULT_DTYPE_FIELDS, REPLAY_STATUS, ReplayEngine, load_cpu_st
 from ..constants import pf_error_code_str
 from ..errors import TraceFormatError
 from ..machine import Machine
-from .format import FRAME_ENTRY_SIZE, FRAME_SIZE, RECORD, RECORD_SIZE, RecordType, read_header, \
-    validate_records
+from .format import (FRAME_ENTRY_SIZE, FRAME_SIZE, MAX_TASKS_LIMIT, RECORD, RECORD_SIZE,
+                     RecordType, TraceHeader, read_header, validate_records)
 
 FAULT_DTYPE = np.dtype(FAULT_DTYPE_FIELDS)
 VECTOR_NAMES = {6: "#UD", 13: "#GP", 14: "#PF"}
@@ -184,20 +184,29 @@ def replay(path: str | os.PathLike, *, max_faults: int | None = None, stop_on_fa
                         bad = np.frombuffer(view, dtype=RECORD, count=n)[k:k + 1].copy()
             finally:
                 mm.close()
-            if bad is not None:
-                # The loop stopped at a bad record; say what is wrong with it.
-                validate_records(path, bad, engine.error_record, header)
-            if status == REPLAY_STATUS["exit_without_entry"]:
-                raise TraceFormatError(
-                    f"{path}: record {engine.error_record}: exception exit without a matching entry")
-            if status == REPLAY_STATUS["out_of_memory"]:
-                raise MemoryError(f"{path}: out of memory at record {engine.error_record}")
+            _raise_for_status(path, status, engine, bad, header)
             done += n
             if progress is not None:
                 progress(min(done, total) if status != REPLAY_STATUS["stopped"] else engine.records_done, total)
             if status == REPLAY_STATUS["stopped"]:
                 break
-    elapsed = time.perf_counter() - start
+    return _result(path, engine, m, header, total, status, time.perf_counter() - start)
+
+
+def _raise_for_status(path: str, status: int, engine: ReplayEngine, bad, header) -> None:
+    """Turn a stop of the compiled loop on bad input into its error."""
+    if bad is not None:
+        # The loop stopped at a bad record; say what is wrong with it.
+        validate_records(path, bad, engine.error_record, header)
+    if status == REPLAY_STATUS["exit_without_entry"]:
+        raise TraceFormatError(
+            f"{path}: record {engine.error_record}: exception exit without a matching entry")
+    if status == REPLAY_STATUS["out_of_memory"]:
+        raise MemoryError(f"{path}: out of memory at record {engine.error_record}")
+
+
+def _result(path: str, engine: ReplayEngine, m: Machine, header, total: int, status: int,
+            elapsed: float) -> ReplayResult:
     replayed = engine.records_done if status == REPLAY_STATUS["stopped"] else total
     counts = dict(zip(RecordType.NAMES, engine.record_counts()))
     kernel = {"context_switches": engine.context_switches, "pkrs_writes": engine.pkrs_writes,
@@ -211,3 +220,34 @@ def replay(path: str | os.PathLike, *, max_faults: int | None = None, stop_on_fa
                         faults=engine.faults_array(), per_cpu=[c.counters() for c in m.cpus],
                         stale_uses=[dict(u, cpu=c.index) for c in m.cpus for u in c.stale_uses],
                         record_counts=counts, kernel=kernel, header=hdr)
+
+
+def replay_records(machine: Machine, records: np.ndarray, *, max_faults: int | None = None,
+                   stop_on_fault: bool = False, max_tasks: int = 65536,
+                   pkrs_init: int = 0x55555554, stale_check: bool = False) -> ReplayResult:
+    """Replay records held in memory (an array of the ``RECORD`` dtype) on
+    ``machine`` as it is now — for simulators that produce records as they
+    go. The machine keeps its state afterwards, so chunks can follow one
+    another; each call starts with fresh task and exception bookkeeping and
+    resets the CPUs' counters."""
+    recs = np.ascontiguousarray(records, dtype=RECORD)
+    if recs.ndim != 1:
+        raise ValueError(f"records must be one-dimensional, got shape {recs.shape}")
+    if not 1 <= max_tasks <= MAX_TASKS_LIMIT:
+        raise ValueError(f"max_tasks {max_tasks}: expected 1..{MAX_TASKS_LIMIT}")
+    header = TraceHeader(paging_levels=machine.paging_levels, ncpus=machine.ncpus,
+                         compat=machine.compat, maxphyaddr=machine.maxphyaddr,
+                         features=frozenset(machine.features), record_count=len(recs),
+                         max_tasks=max_tasks, pkrs_init=pkrs_init,
+                         tlb_entries=machine.cpus[0].tlb_entries)
+    engine = ReplayEngine(machine, max_tasks=max_tasks, pkrs_init=pkrs_init,
+                          max_faults=1 if stop_on_fault else (max_faults or 0))
+    for cpu in machine.cpus:
+        cpu.reset_counters()
+        cpu.stale_check = stale_check
+    start = time.perf_counter()
+    status = engine.run(recs.view(np.uint8).data, 0) if len(recs) else REPLAY_STATUS["done"]
+    bad = recs[engine.error_record:engine.error_record + 1] if status == REPLAY_STATUS["invalid"] else None
+    _raise_for_status("<records>", status, engine, bad, header)
+    return _result("<records>", engine, machine, header, len(recs), status,
+                   time.perf_counter() - start)
