@@ -320,3 +320,82 @@ def test_pks_emu_imports_without_unicorn(tmp_path):
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "IMPORTERROR" in out.stdout and "pip install" in out.stdout
+
+
+# Program 6: a #PF handler (at KCODE_VA + 0x100) that opens every key with
+# WRMSR and returns to the faulting instruction without IRETQ (no GDT here).
+# It keeps RAX and RDX (the faulting write uses RAX); RCX is scratch.
+#   +0   50                   push rax
+#   +1   52                   push rdx
+#   +2   B9 E1 06 00 00       mov ecx, 0x6E1          ; IA32_PKRS
+#   +7   31 C0                xor eax, eax            ; all keys read/write
+#   +9   31 D2                xor edx, edx
+#   +11  0F 30                wrmsr
+#   +13  5A                   pop rdx
+#   +14  58                   pop rax
+#   +15  48 83 C4 08          add rsp, 8              ; drop the error code
+#   +19  59                   pop rcx                 ; the faulting RIP
+#   +20  48 83 C4 08          add rsp, 8              ; CS
+#   +24  9D                   popfq                   ; RFLAGS
+#   +25  5C                   pop rsp                 ; the interrupted RSP (SS stays behind)
+#   +26  FF E1                jmp rcx                 ; retry
+PF_HANDLER = (b"\x50\x52\xb9" + imm32(0x6E1) + b"\x31\xc0\x31\xd2\x0f\x30\x5a\x58"
+              b"\x48\x83\xc4\x08\x59\x48\x83\xc4\x08\x9d\x5c\xff\xe1")
+IDT_VA, IDT_PA = 0xFFFF_FE00_0000_0000, 0x14_0000
+STACK_VA, STACK_PA = 0xFFFF_C900_0000_0000, 0x15_0000
+
+
+def test_page_fault_is_delivered_to_the_guest_handler_which_retries():
+    """deliver_faults=True: the key violation becomes a #PF in the guest
+    (IDT vector 14, frame on the stack, CR2); the guest's handler opens the
+    key with WRMSR and returns; the retried write succeeds."""
+    kernel = WRITE_PROT + b"\x90" * (0x100 - len(WRITE_PROT)) + PF_HANDLER
+    m, cpu, uc, att = setup(kernel=kernel, deliver_faults=True)
+    a = pks_emu.AddressSpace(m, cr3=cpu.cr3)
+    a.map(IDT_VA, IDT_PA, nx=True)
+    a.map(STACK_VA, STACK_PA, nx=True)
+    handler = KCODE_VA + 0x100
+    # 64-bit interrupt gate (SDM Figure 6-8): offset 15:0, selector 8,
+    # type 0xE, P=1, DPL 0, offset 31:16, offset 63:32.
+    gate = struct.pack("<HHBBHI I", handler & 0xFFFF, 8, 0, 0x8E, (handler >> 16) & 0xFFFF,
+                       handler >> 32, 0)
+    m.memory.write(IDT_PA + 14 * 16, gate)
+    uc.reg_write(X.UC_X86_REG_IDTR, (0, IDT_VA, 0xFFF, 0))
+    uc.reg_write(X.UC_X86_REG_RSP, STACK_VA + 0xF00)
+    att.run(KCODE_VA, KCODE_VA + len(WRITE_PROT))
+    assert att.stats["delivered"] == 1
+    assert att.cr2 == PROT_VA + 0x18 and uc.reg_read(X.UC_X86_REG_CR2) == PROT_VA + 0x18
+    assert m.memory.read_u64(PROT_PA + 0x18) & 0xFFFFFFFF == 0xDEADBEEF     # the retry wrote
+    assert cpu.pkrs == 0                                                    # the handler's WRMSR
+    # The frame the CPU pushed: error code P|W|PK, then RIP of the faulting write.
+    frame = struct.unpack("<2Q", m.memory.read(STACK_PA + 0xF00 - 48, 16))
+    assert frame == (PF_P | PF_W | PF_PK, KCODE_VA + 10)
+    assert uc.reg_read(X.UC_X86_REG_RSP) == STACK_VA + 0xF00
+
+
+def test_without_a_handler_the_fault_is_raised():
+    m, cpu, uc, att = setup(kernel=WRITE_PROT, deliver_faults=True)
+    uc.reg_write(X.UC_X86_REG_IDTR, (0, 0, 0, 0))          # empty IDT
+    with pytest.raises(pks_emu.PageFault) as e:
+        att.run(KCODE_VA, KCODE_VA + len(WRITE_PROT))
+    assert e.value.error_code == PF_P | PF_W | PF_PK and att.stats["delivered"] == 0
+
+
+def test_a_handler_that_fixes_nothing_does_not_hang():
+    # The handler returns straight to the faulting write: the same #PF again.
+    #   +0  48 83 C4 08  add rsp, 8 ; +4 59 pop rcx ; +5 48 83 C4 08 add rsp, 8
+    #   +9  9D popfq ; +10 5C pop rsp ; +11 FF E1 jmp rcx
+    noop = b"\x48\x83\xc4\x08\x59\x48\x83\xc4\x08\x9d\x5c\xff\xe1"
+    kernel = WRITE_PROT + b"\x90" * (0x100 - len(WRITE_PROT)) + noop
+    m, cpu, uc, att = setup(kernel=kernel, deliver_faults=True)
+    a = pks_emu.AddressSpace(m, cr3=cpu.cr3)
+    a.map(IDT_VA, IDT_PA, nx=True)
+    a.map(STACK_VA, STACK_PA, nx=True)
+    handler = KCODE_VA + 0x100
+    m.memory.write(IDT_PA + 14 * 16, struct.pack("<HHBBHI I", handler & 0xFFFF, 8, 0, 0x8E,
+                                                  (handler >> 16) & 0xFFFF, handler >> 32, 0))
+    uc.reg_write(X.UC_X86_REG_IDTR, (0, IDT_VA, 0xFFF, 0))
+    uc.reg_write(X.UC_X86_REG_RSP, STACK_VA + 0xF00)
+    with pytest.raises(pks_emu.PageFault):
+        att.run(KCODE_VA, KCODE_VA + len(WRITE_PROT))
+    assert att.stats["delivered"] == pkuc.MAX_REDELIVERIES

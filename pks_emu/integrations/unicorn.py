@@ -38,6 +38,8 @@ clear error if it is missing.
 """
 from __future__ import annotations
 
+import struct
+
 from typing import Any, Callable
 
 from .. import _capi
@@ -72,11 +74,16 @@ def _unicorn():
     return unicorn, unicorn_const, x86_const
 
 
+#: identical #PFs in a row delivered to the guest before ``run`` raises instead
+MAX_REDELIVERIES = 16
+
+
 class UnicornAttachment:
     """A pks_emu CPU acting as the MMU of one Unicorn engine (see ``attach``)."""
 
     def __init__(self, uc: Any, cpu: Any, *, cpl: int | str = "guest",
-                 on_fault: Callable[[CPUException], Any] | None = None) -> None:
+                 on_fault: Callable[[CPUException], Any] | None = None,
+                 deliver_faults: bool = False) -> None:
         unicorn, uconst, x86 = _unicorn()
         self._uc_mod, self._K, self._X = unicorn, uconst, x86
         if not isinstance(uc, unicorn.Uc):
@@ -93,6 +100,9 @@ class UnicornAttachment:
         self.machine = cpu.machine
         self.memory = cpu.memory
         self.on_fault = on_fault
+        self.deliver_faults = deliver_faults
+        #: CR2 of the last #PF delivered to the guest
+        self.cr2 = 0
         self._follow_cpl = cpl == "guest"
         if not self._follow_cpl:
             cpu.cpl = cpl
@@ -111,7 +121,7 @@ class UnicornAttachment:
         # when replaying a faulting instruction to learn its exact address.
         self._scratch = self.machine.alloc_frames(1)
         self.stats = {"tlb_fills": 0, "faults": 0, "emulated": 0, "tlb_flushes": 0,
-                      "frames_mapped": 0}
+                      "frames_mapped": 0, "delivered": 0}
 
         uc.ctl_set_tlb_mode(uconst.UC_TLB_VIRTUAL)
         # Translation blocks made before attach carry no instruction hooks.
@@ -134,14 +144,26 @@ class UnicornAttachment:
         callback sees the exception first; if it returns ``RETRY`` the guest
         resumes at the faulting instruction.
         """
+        last, repeats = None, 0
         while True:
             try:
                 self._run_once(begin, until, timeout, count)
                 return
             except CPUException as exc:
-                if self.on_fault is None or self.on_fault(exc) != RETRY:
-                    raise
-                begin = getattr(exc, "rip")
+                if self.on_fault is not None and self.on_fault(exc) == RETRY:
+                    begin = getattr(exc, "rip")
+                    continue
+                if self.deliver_faults and isinstance(exc, PageFault) and self.cpu.cpl == 0:
+                    # A handler that returns without fixing anything would
+                    # fault again forever (so would hardware); stop after
+                    # MAX_REDELIVERIES identical faults in a row instead.
+                    key = (exc.rip, exc.address, exc.error_code)
+                    repeats = repeats + 1 if key == last else 0
+                    last = key
+                    if repeats < MAX_REDELIVERIES:
+                        begin = self._deliver_page_fault(exc)
+                        continue
+                raise
 
     def flush_tlb(self) -> None:
         """Drop Unicorn's TLB (not pks_emu's): needed after PKRS, PKRU, CR or
@@ -213,6 +235,49 @@ class UnicornAttachment:
                 self.cpu.cpl = cpl
         if self.cpu.cr4 & CR4_SMAP:
             self.cpu.rflags = self.uc.reg_read(self._X.UC_X86_REG_EFLAGS)
+
+    # --- exception delivery -------------------------------------------------
+    def _implicit(self, va: int, kind: str, size: int) -> int:
+        """Physical address of an implicit supervisor access (IDT read, stack
+        push of event delivery, SDM §4.6.1), through pks_emu; a fault here
+        would be a double fault, which is reported as the fault itself."""
+        t = self.cpu.translate(va, kind, size, implicit=True)
+        if not t.ok:
+            raise t.exception()
+        return t.pa
+
+    def _deliver_page_fault(self, pf: PageFault) -> int:
+        """Deliver ``pf`` to the guest's #PF handler as IA-32e event delivery
+        does at CPL 0 (SDM §6.14): read gate 14 of the IDT, align RSP to 16,
+        push SS, RSP, RFLAGS, CS, RIP and the error code, load CR2, clear
+        IF for an interrupt gate, continue at the handler. Only faults at CPL 0
+        are delivered (no stack switch through the TSS); returns the new RIP."""
+        X = self._X
+        _sel, idt_base, idt_limit, _flags = self.uc.reg_read(X.UC_X86_REG_IDTR)
+        if 14 * 16 + 15 > idt_limit:
+            raise pf
+        gate = self.memory.read(self._implicit(idt_base + 14 * 16, "read", 16), 16)
+        lo, hi = struct.unpack("<QQ", gate)
+        gate_type = (lo >> 40) & 0xF
+        if not (lo >> 47) & 1 or gate_type not in (0xE, 0xF):
+            raise pf        # not-present or non-gate descriptor: #NP/#GP, then #DF
+        handler = (lo & 0xFFFF) | ((lo >> 32) & 0xFFFF0000) | ((hi & 0xFFFFFFFF) << 32)
+        rsp = self.uc.reg_read(X.UC_X86_REG_RSP) & ~0xF
+        rflags = self.uc.reg_read(X.UC_X86_REG_EFLAGS)
+        frame = [pf.error_code, pf.rip, self.uc.reg_read(X.UC_X86_REG_CS), rflags, rsp,
+                 self.uc.reg_read(X.UC_X86_REG_SS)]
+        rsp -= 8 * len(frame)
+        data = struct.pack("<6Q", *frame)
+        for i in range(0, len(data), 8):
+            self.memory.write(self._implicit(rsp + i, "write", 8), data[i:i + 8])
+        self.cr2 = pf.address
+        self.uc.reg_write(X.UC_X86_REG_CR2, pf.address)
+        self.uc.reg_write(X.UC_X86_REG_RSP, rsp)
+        if gate_type == 0xE:
+            rflags &= ~(1 << 9)                         # interrupt gate: IF = 0
+        self.uc.reg_write(X.UC_X86_REG_EFLAGS, rflags & ~((1 << 8) | (1 << 16)))  # TF, RF
+        self.stats["delivered"] += 1
+        return handler
 
     # --- the MMU -----------------------------------------------------------
     def _on_tlb_fill(self, uc: Any, vaddr: int, access: int, entry: Any, user_data: Any) -> bool:
@@ -390,7 +455,8 @@ class UnicornAttachment:
 
 
 def attach(uc: Any, target: Any, *, cpu: int = 0, cpl: int | str = "guest",
-           on_fault: Callable[[CPUException], Any] | None = None) -> UnicornAttachment:
+           on_fault: Callable[[CPUException], Any] | None = None,
+           deliver_faults: bool = False) -> UnicornAttachment:
     """Make pks_emu the MMU of the Unicorn engine ``uc``.
 
     ``target`` is a ``pks_emu.Machine`` (its CPU ``cpu`` is used) or a
@@ -398,10 +464,13 @@ def attach(uc: Any, target: Any, *, cpu: int = 0, cpl: int | str = "guest",
     access; set them up (and the page tables, with ``AddressSpace``) before
     running. ``cpl="guest"`` takes the CPL from the guest's CS at each TLB
     fill; an int pins it. Run the guest with ``attachment.run(begin, until)``.
+    ``deliver_faults=True`` delivers a #PF taken at CPL 0 to the guest's own
+    handler (IDT vector 14, frame on the stack, CR2) instead of raising it.
     """
     from ..machine import Machine
     the_cpu = target.cpus[cpu] if isinstance(target, Machine) else target
-    return UnicornAttachment(uc, the_cpu, cpl=cpl, on_fault=on_fault)
+    return UnicornAttachment(uc, the_cpu, cpl=cpl, on_fault=on_fault,
+                             deliver_faults=deliver_faults)
 
 
 __all__ = ["RETRY", "UnicornAttachment", "attach"]
