@@ -21,7 +21,7 @@ SEED = 20240401
 
 def _make_trace() -> bytes:
     rng = np.random.default_rng(SEED)
-    # Kind mix of /work/shared/data/gzip-services.lackey (2,065,294 I, 445,364 L,
+    # Kind mix of examples/gzip-services.lackey.xz (2,065,294 I, 445,364 L,
     # 266,938 S, 9,252 M).
     kinds = rng.choice(4, size=N_LINES, p=[0.7411, 0.1598, 0.0958, 0.0033])
     code = 0x04000000 + rng.integers(0, 1 << 20, N_LINES)
