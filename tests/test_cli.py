@@ -111,7 +111,7 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, capsys):
     code, _, err = run(capsys, "replay", garbage)
     assert code == 2 and "garbage.txt:3" in err and "hello world" in err
     code, _, err = run(capsys, "info", garbage)
-    assert code == 2 and "not a native pks_emu trace" in err
+    assert code == 2 and "garbage.txt:3" in err and "hello world" in err
     code, _, err = run(capsys, "replay", garbage, "--faults", tmp_path / "x.bin", "--skip-bad")
     assert code == 2 and "unknown format '.bin'" in err
 
@@ -235,3 +235,13 @@ def test_stale_check_reports_a_pte_write_without_invlpg(tmp_path, capsys):
     assert "stale TLB" not in out                              # off by default
     code, out, _ = run(capsys, "replay", path, "--stale-check")
     assert "stale TLB   1 hits" in out and "cached 0x100000" in out and "now 0x200000" in out
+
+
+def test_info_of_a_lackey_trace(capsys):
+    code, out, _ = run(capsys, "info", LACKEY, "--json")
+    d = json.loads(out)
+    assert code == 0 and d["format"] == "lackey" and d["compression"] == "xz"
+    assert d["lines"] == 2_786_873 and d["records"] == 2_796_100
+    assert d["access_kinds"]["fetch"] == 2_065_294 and d["pages"] >= 190
+    code, out, _ = run(capsys, "info", LACKEY)
+    assert "Valgrind lackey" in out and "2,796,100" in out

@@ -13,7 +13,7 @@ from .format import RECORD, RecordType, is_native_trace, read_header, validate_r
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("trace", help="native trace")
+    p.add_argument("trace", help="native trace, or a Valgrind lackey trace (plain, .gz, .xz)")
     p.add_argument("--json", action="store_true", help="print as JSON")
 
 
@@ -64,7 +64,49 @@ def describe(path: str, chunk_records: int = 1 << 20) -> dict:
     }
 
 
+def describe_lackey(path: str) -> dict:
+    """Statistics of a Valgrind lackey trace (plain, .gz, .xz): lines, records
+    by kind, address range, pages touched."""
+    from ..lackey import iter_lackey
+    kinds = np.zeros(3, dtype=np.int64)
+    lo = hi = None
+    pages = np.empty(0, dtype=np.uint64)
+    lines = skipped = records = 0
+    compression = "none"
+    for chunk in iter_lackey(path):
+        compression = chunk.compression
+        lines += chunk.lines
+        skipped += chunk.skipped_lines
+        records += len(chunk)
+        kinds += np.bincount(chunk.kind, minlength=3)[:3]
+        if len(chunk):
+            a, b = int(chunk.va.min()), int(chunk.va.max())
+            lo = a if lo is None else min(lo, a)
+            hi = b if hi is None else max(hi, b)
+            pages = np.union1d(pages, np.unique(chunk.va >> np.uint64(12)))
+    return {"trace": path, "format": "lackey", "compression": compression, "lines": lines,
+            "skipped_lines": skipped, "records": records,
+            "access_kinds": {"read": int(kinds[0]), "write": int(kinds[1]), "fetch": int(kinds[2])},
+            "address_range": None if lo is None else [f"{lo:#x}", f"{hi:#x}"],
+            "pages": int(len(pages))}
+
+
 def run(args: argparse.Namespace) -> int:
+    if not is_native_trace(args.trace):
+        d = describe_lackey(args.trace)
+        if args.json:
+            json.dump(d, sys.stdout, indent=1)
+            sys.stdout.write("\n")
+            return 0
+        k = d["access_kinds"]
+        print(f"pks-emu info: {d['trace']} (Valgrind lackey, compression {d['compression']})")
+        print(f"  lines        {d['lines']:,} ({d['skipped_lines']:,} valgrind lines skipped)")
+        print(f"  records      {d['records']:,}: read {k['read']:,}, write {k['write']:,}, fetch {k['fetch']:,}"
+              " (an M line is a read and a write)")
+        if d["address_range"]:
+            print(f"  addresses    {d['address_range'][0]} .. {d['address_range'][1]}, {d['pages']:,} pages")
+        print("  replay it with a policy: pks-emu replay TRACE --policy FILE (docs/trace-format.md)")
+        return 0
     d = describe(args.trace)
     if args.json:
         json.dump(d, sys.stdout, indent=1)
