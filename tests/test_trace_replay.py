@@ -167,18 +167,23 @@ def test_stop_on_fault_and_max_faults(tmp_path):
     assert len(r.faults) == 10 and not r.stopped_early and r.records_replayed == 20
 
 
-def test_chunking_does_not_change_the_result(tmp_path):
+def random_trace(path, accesses, seed, *, switch_every=0, wrmsr_every=23):
+    """Random accesses on two CPUs with PKRS writes (and context switches)."""
     m, _ = small_machine(2)
-    path = tmp_path / "t.pkt"
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(seed)
     with TraceWriter(path, m, max_tasks=3) as w:
-        for i in range(300):
+        for i in range(accesses):
             cpu = int(rng.integers(2))
             w.access(cpu, BASE + int(rng.integers(8)) * 4096, int(rng.integers(3)))
-            if i % 17 == 0:
+            if switch_every and i % switch_every == 0:
                 w.context_switch(cpu, int(rng.integers(3)))
-            if i % 23 == 0:
+            if i % wrmsr_every == 0:
                 w.wrmsr(cpu, MSR_IA32_PKRS, int(rng.integers(1 << 32)))
+
+
+def test_chunking_does_not_change_the_result(tmp_path):
+    path = tmp_path / "t.pkt"
+    random_trace(path, 300, 5, switch_every=17)
     whole = replay(path)
     for chunk in (1, 7, 64):
         part = replay(path, chunk_records=chunk)
@@ -359,15 +364,8 @@ def test_cpu_access_batch_method_matches_translate():
 
 def test_replay_records_in_memory_matches_the_file_and_keeps_state(tmp_path):
     from pks_emu.trace.replay import replay_records
-    m, a = small_machine(2)
     path = tmp_path / "t.pkt"
-    rng = np.random.default_rng(11)
-    with TraceWriter(path, m, max_tasks=4) as w:
-        for i in range(400):
-            cpu = int(rng.integers(2))
-            w.access(cpu, BASE + int(rng.integers(8)) * 4096, int(rng.integers(3)))
-            if i % 13 == 0:
-                w.wrmsr(cpu, MSR_IA32_PKRS, int(rng.integers(1 << 32)))
+    random_trace(path, 400, 11, wrmsr_every=13)
     from_file = replay(path)
     h = read_header(path)
     recs = np.fromfile(path, dtype=RECORD, count=h.record_count, offset=h.records_offset)
