@@ -244,7 +244,7 @@ cdef class ReplayEngine:
         cdef pks_cpu_t *c
         cdef int32_t res
         cdef int cpu
-        cdef uint32_t eax = 0, cpl_before
+        cdef uint32_t cpl_before
         cdef pks_aux_t saved
         for i in range(n):
             r = &recs[i]

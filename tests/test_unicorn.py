@@ -345,11 +345,10 @@ IDT_VA, IDT_PA = 0xFFFF_FE00_0000_0000, 0x14_0000
 STACK_VA, STACK_PA = 0xFFFF_C900_0000_0000, 0x15_0000
 
 
-def test_page_fault_is_delivered_to_the_guest_handler_which_retries():
-    """deliver_faults=True: the key violation becomes a #PF in the guest
-    (IDT vector 14, frame on the stack, CR2); the guest's handler opens the
-    key with WRMSR and returns; the retried write succeeds."""
-    kernel = WRITE_PROT + b"\x90" * (0x100 - len(WRITE_PROT)) + PF_HANDLER
+def setup_with_pf_handler(handler_code):
+    """WRITE_PROT at KCODE_VA, ``handler_code`` at KCODE_VA + 0x100 installed
+    as the #PF handler (IDT gate 14), a kernel stack, deliver_faults=True."""
+    kernel = WRITE_PROT + b"\x90" * (0x100 - len(WRITE_PROT)) + handler_code
     m, cpu, uc, att = setup(kernel=kernel, deliver_faults=True)
     a = pks_emu.AddressSpace(m, cr3=cpu.cr3)
     a.map(IDT_VA, IDT_PA, nx=True)
@@ -362,6 +361,14 @@ def test_page_fault_is_delivered_to_the_guest_handler_which_retries():
     m.memory.write(IDT_PA + 14 * 16, gate)
     uc.reg_write(X.UC_X86_REG_IDTR, (0, IDT_VA, 0xFFF, 0))
     uc.reg_write(X.UC_X86_REG_RSP, STACK_VA + 0xF00)
+    return m, cpu, uc, att
+
+
+def test_page_fault_is_delivered_to_the_guest_handler_which_retries():
+    """deliver_faults=True: the key violation becomes a #PF in the guest
+    (IDT vector 14, frame on the stack, CR2); the guest's handler opens the
+    key with WRMSR and returns; the retried write succeeds."""
+    m, cpu, uc, att = setup_with_pf_handler(PF_HANDLER)
     att.run(KCODE_VA, KCODE_VA + len(WRITE_PROT))
     assert att.stats["delivered"] == 1
     assert att.cr2 == PROT_VA + 0x18 and uc.reg_read(X.UC_X86_REG_CR2) == PROT_VA + 0x18
@@ -386,16 +393,7 @@ def test_a_handler_that_fixes_nothing_does_not_hang():
     #   +0  48 83 C4 08  add rsp, 8 ; +4 59 pop rcx ; +5 48 83 C4 08 add rsp, 8
     #   +9  9D popfq ; +10 5C pop rsp ; +11 FF E1 jmp rcx
     noop = b"\x48\x83\xc4\x08\x59\x48\x83\xc4\x08\x9d\x5c\xff\xe1"
-    kernel = WRITE_PROT + b"\x90" * (0x100 - len(WRITE_PROT)) + noop
-    m, cpu, uc, att = setup(kernel=kernel, deliver_faults=True)
-    a = pks_emu.AddressSpace(m, cr3=cpu.cr3)
-    a.map(IDT_VA, IDT_PA, nx=True)
-    a.map(STACK_VA, STACK_PA, nx=True)
-    handler = KCODE_VA + 0x100
-    m.memory.write(IDT_PA + 14 * 16, struct.pack("<HHBBHI I", handler & 0xFFFF, 8, 0, 0x8E,
-                                                  (handler >> 16) & 0xFFFF, handler >> 32, 0))
-    uc.reg_write(X.UC_X86_REG_IDTR, (0, IDT_VA, 0xFFF, 0))
-    uc.reg_write(X.UC_X86_REG_RSP, STACK_VA + 0xF00)
+    m, cpu, uc, att = setup_with_pf_handler(noop)
     with pytest.raises(pks_emu.PageFault):
         att.run(KCODE_VA, KCODE_VA + len(WRITE_PROT))
     assert att.stats["delivered"] == pkuc.MAX_REDELIVERIES
