@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from ..errors import TraceFormatError
-from .format import RECORD, RecordType, is_native_trace, read_header, validate_records
+from ..trace.format import RECORD, RecordType, is_native_trace, read_header, validate_records
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -15,8 +15,8 @@ import numpy as np
 
 from ..constants import pf_error_code_str
 from ..errors import PksEmuError, TraceFormatError
-from .format import is_native_trace
-from .replay import KIND_NAMES, VECTOR_NAMES, ReplayResult, fault_to_dict, replay
+from ..trace.format import is_native_trace
+from ..trace.replay import KIND_NAMES, VECTOR_NAMES, ReplayResult, fault_to_dict, replay
 
 EXIT_FAULTS_FOUND = 3
 
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     tmp = None
     if not is_native_trace(path):
         # Not a native trace: read it as a lackey trace through the policy.
-        from .convert import convert_lackey
+        from ..trace.convert import convert_lackey
         fd, tmp = tempfile.mkstemp(suffix=".pkt", prefix="pks-emu-")
         os.close(fd)
         try:
