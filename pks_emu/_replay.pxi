@@ -1,16 +1,15 @@
 # The compiled trace-replay loop (included by _core.pyx).
 #
-# Records are the 24-byte records of docs/trace-format.md, validated by
-# pks_emu.trace.format.validate_records before they reach this loop, which
-# then trusts record types, CPU indices, kinds, sizes, CR numbers and task
-# ids. Everything the loop meets that the emulated machine would report —
-# #PF, #GP, #UD — is appended to the fault log; nothing is dropped.
+# Records are the 24-byte records of docs/trace-format.md. Each record is
+# checked by record_problem() (the one validity table, which
+# pks_emu.trace.format turns into messages) in the same pass that executes
+# it; the first bad record stops the replay with its index. Everything the
+# loop meets that the emulated machine would report — #PF, #GP, #UD — is
+# appended to the fault log; nothing is dropped.
 #
-# Context switches and exception entry/exit follow the V10 kernel
-# (pks-spec.md §3.6-3.8): every task has a saved PKRS (thread.pkrs), a
-# context switch loads the incoming task's value through the per-CPU
-# pkrs_cache (WRMSR only when it differs), exception entry saves thread.pkrs
-# in an auxiliary slot and loads the default, exit restores it.
+# The kernel's side — context switches, exception entry/exit, fork/exec and
+# the consumer's PKRS writes — is the KernelState of _kstate.pxi, the same
+# code the Python kernel model runs, under the trace's series version.
 
 cdef extern from *:
     """
@@ -27,7 +26,6 @@ cdef extern from *:
         int8_t pkey;
         uint8_t kind;      /* access kind, or 255 for a non-access record */
     } pks_fault_t;
-    typedef struct { uint64_t pkrs; uint32_t cpl; uint32_t pad; } pks_aux_t;
     """
     ctypedef struct pks_record_t:
         uint8_t type, cpu, op, flags
@@ -40,9 +38,6 @@ cdef extern from *:
         uint8_t cpu, vector
         signed char pkey
         uint8_t kind
-    ctypedef struct pks_aux_t:
-        uint64_t pkrs
-        uint32_t cpl
 
 from libc.stdlib cimport realloc
 
@@ -58,7 +53,29 @@ cdef enum:
     REC_EXCEPTION_ENTRY = 8
     REC_EXCEPTION_EXIT = 9
     REC_SET_RFLAGS = 10
-    REC_COUNT = 11
+    REC_TASK_FORK = 11
+    REC_TASK_EXEC = 12
+    REC_PKS_UPDATE = 13
+    REC_PKS_ABANDON = 14
+    REC_COUNT = 15
+
+# Why a record is invalid: record_problem() returns one of these; the
+# messages (with the record's fields filled in) are RECORD_PROBLEMS in
+# pks_emu.trace.format, in the same order.
+cdef enum:
+    BAD_NONE = 0
+    BAD_TYPE = 1
+    BAD_CPU = 2
+    BAD_KIND = 3
+    BAD_SIZE = 4
+    BAD_CPL = 5
+    BAD_CR = 6
+    BAD_TASK = 7
+    BAD_PTE_ADDR = 8
+    BAD_MSR = 9
+    BAD_PKEY = 10
+    BAD_PROT = 11
+    BAD_ABANDON_API = 12
 
 # Status of a run() call.
 cdef enum:
@@ -76,87 +93,134 @@ FAULT_DTYPE_FIELDS = [("record", "<u8"), ("address", "<u8"), ("error_code", "<i4
                       ("cpu", "u1"), ("vector", "u1"), ("pkey", "i1"), ("kind", "u1")]
 
 
+cdef inline int record_problem(const pks_record_t *r, int ncpus, uint64_t max_tasks,
+                               int api) noexcept nogil:
+    """The record-validity table: BAD_NONE, or why the record must not run.
+    Access records come first: they are nearly all of a trace."""
+    if r.type == REC_ACCESS:
+        if r.cpu >= ncpus:
+            return BAD_CPU
+        if r.op > 2:
+            return BAD_KIND
+        if <uint32_t>r.size - 1 > 4095:
+            return BAD_SIZE
+        if r.cpl > 3 and r.cpl != 0xFF:
+            return BAD_CPL
+        return BAD_NONE
+    if r.type >= REC_COUNT:
+        return BAD_TYPE
+    if r.cpu >= ncpus:
+        return BAD_CPU
+    if r.type == REC_WRMSR or r.type == REC_RDMSR:
+        if r.addr >> 32:
+            return BAD_MSR
+    elif r.type == REC_MOV_CR:
+        if r.op != 0 and r.op != 3 and r.op != 4:
+            return BAD_CR
+    elif r.type == REC_PTE_WRITE:
+        if (r.addr & 7) or r.addr >= (<uint64_t>1 << 52):
+            return BAD_PTE_ADDR
+    elif r.type == REC_CONTEXT_SWITCH or r.type == REC_TASK_FORK or r.type == REC_TASK_EXEC:
+        if r.value >= max_tasks:
+            return BAD_TASK
+    elif r.type == REC_PKS_UPDATE:
+        if r.value > 15:
+            return BAD_PKEY
+        if r.op > 3:
+            return BAD_PROT
+    elif r.type == REC_PKS_ABANDON:
+        if r.value > 15:
+            return BAD_PKEY
+        if api != KAPI_V7:
+            return BAD_ABANDON_API
+    return BAD_NONE
+
+
 cdef class ReplayEngine:
-    """Replays validated record chunks on a machine's CPUs (see pks_emu.trace.replay)."""
+    """Replays record chunks on a machine's CPUs (see pks_emu.trace.replay),
+    with the kernel's PKS state in a KernelState under series version ``api``.
+
+    Task ids 0..max_tasks-1 are the trace's; each CPU starts out running a
+    boot task of its own (slot max_tasks + cpu) whose value is the CPU's
+    initial IA32_PKRS, and the per-CPU cache starts at that value too.
+    """
     cdef pks_cpu_t **cpus
     cdef list _cpu_objs
     cdef PhysicalMemory _memory
     cdef int ncpus
+    cdef readonly KernelState kernel
+    cdef int api
     cdef uint64_t max_tasks
-    cdef uint64_t *task_pkrs
-    cdef int64_t *current_task
-    cdef uint64_t *pkrs_cache
-    cdef pks_aux_t **aux
-    cdef uint32_t *aux_depth
-    cdef uint32_t *aux_cap
     cdef pks_fault_t *faults
     cdef uint64_t n_faults, cap_faults
     cdef readonly uint64_t max_faults
     cdef uint32_t pkrs_init
     cdef uint64_t rec_counts[REC_COUNT]
-    cdef readonly uint64_t context_switches, pkrs_writes, pkrs_writes_avoided
-    cdef readonly uint64_t exceptions, max_exception_depth, records_done
+    cdef readonly uint64_t max_exception_depth, records_done
     cdef readonly uint64_t error_record
+    cdef readonly int error_problem
 
     def __cinit__(self):
         self.cpus = NULL
-        self.task_pkrs = NULL
-        self.current_task = NULL
-        self.pkrs_cache = NULL
-        self.aux = NULL
-        self.aux_depth = NULL
-        self.aux_cap = NULL
         self.faults = NULL
 
-    def __init__(self, machine, uint64_t max_tasks=65536, uint32_t pkrs_init=0x55555554,
-                 uint64_t max_faults=0):
+    def __init__(self, machine, uint64_t max_tasks=65536, uint32_t pkrs_init=PKS_INIT_VALUE,
+                 uint64_t max_faults=0, str api="v10"):
         cdef int i
         cdef CPU cpu
         cpus = list(machine.cpus)
         self.ncpus = len(cpus)
         self._cpu_objs = cpus
         self._memory = machine.memory
+        if max_tasks < 1:
+            raise ValueError(f"max_tasks {max_tasks}: expected at least 1")
         self.max_tasks = max_tasks
         self.pkrs_init = pkrs_init
         self.max_faults = max_faults
+        pks = bool((<CPU>cpus[0]).st.features & PKS_FEAT_PKS)
+        # A task the trace never set up starts with the init task's value
+        # (INIT_THREAD .pkrs = PKS_INIT_VALUE; fork copies it).
+        self.kernel = KernelState(machine, api, init_value=pkrs_init, pks_active=pks,
+                                  ntasks=max_tasks + self.ncpus, task_value=pkrs_init,
+                                  force_cpl0=True)
+        self.api = self.kernel.kapi
         self.cpus = <pks_cpu_t **>calloc(self.ncpus, sizeof(pks_cpu_t *))
-        self.task_pkrs = <uint64_t *>malloc(max(max_tasks, 1) * sizeof(uint64_t))
-        self.current_task = <int64_t *>malloc(self.ncpus * sizeof(int64_t))
-        self.pkrs_cache = <uint64_t *>calloc(self.ncpus, sizeof(uint64_t))
-        self.aux = <pks_aux_t **>calloc(self.ncpus, sizeof(pks_aux_t *))
-        self.aux_depth = <uint32_t *>calloc(self.ncpus, sizeof(uint32_t))
-        self.aux_cap = <uint32_t *>calloc(self.ncpus, sizeof(uint32_t))
         self.cap_faults = 1024
         self.faults = <pks_fault_t *>malloc(self.cap_faults * sizeof(pks_fault_t))
-        if (self.cpus == NULL or self.task_pkrs == NULL or self.current_task == NULL
-                or self.pkrs_cache == NULL or self.aux == NULL or self.aux_depth == NULL
-                or self.aux_cap == NULL or self.faults == NULL):
+        if self.cpus == NULL or self.faults == NULL:
             raise MemoryError("cannot allocate the replay state")
         for i in range(self.ncpus):
             cpu = cpus[i]
             self.cpus[i] = &cpu.st
-            self.current_task[i] = -1
-            # The cache starts as the MSR value the trace's initial state holds.
-            self.pkrs_cache[i] = cpu.st.pkrs
-        for i in range(max_tasks):
-            # A task the trace never set up starts with the init task's value
-            # (INIT_THREAD .pkrs = PKS_INIT_VALUE; fork copies it).
-            self.task_pkrs[i] = pkrs_init
+            self.kernel.task_pkrs[max_tasks + i] = cpu.st.pkrs
+            self.kernel.current[i] = <int64_t>(max_tasks + i)
+            self.kernel.cache[i] = cpu.st.pkrs
         memset(self.rec_counts, 0, sizeof(self.rec_counts))
+        self.error_problem = BAD_NONE
 
     def __dealloc__(self):
-        cdef int i
-        if self.aux != NULL:
-            for i in range(self.ncpus):
-                free(self.aux[i])
-        free(self.aux)
-        free(self.aux_depth)
-        free(self.aux_cap)
         free(self.cpus)
-        free(self.task_pkrs)
-        free(self.current_task)
-        free(self.pkrs_cache)
         free(self.faults)
+
+    @property
+    def api(self):
+        return self.kernel.api
+
+    @property
+    def context_switches(self):
+        return self.kernel.total("context_switches")
+
+    @property
+    def pkrs_writes(self):
+        return self.kernel.total("pkrs_writes")
+
+    @property
+    def pkrs_writes_avoided(self):
+        return self.kernel.total("pkrs_writes_avoided")
+
+    @property
+    def exceptions(self):
+        return self.kernel.total("exceptions")
 
     cdef inline int _log_fault(self, uint64_t index, int cpu, uint8_t vector, int32_t code,
                                uint64_t address, int pkey, uint8_t kind) noexcept nogil:
@@ -178,50 +242,20 @@ cdef class ReplayEngine:
         return 0
 
     cdef inline int _insn_fault(self, uint64_t index, int cpu, int32_t r, uint64_t addr) noexcept nogil:
+        if r == PKS_OK:
+            return 0
         return self._log_fault(index, cpu, 6 if r == PKS_UD else 13, 0, addr, -1, 255)
 
-    cdef inline void _write_pkrs_cached(self, int cpu, uint64_t value) noexcept nogil:
-        # pks_write_pkrs (V8-V10): WRMSR only when the per-CPU cache differs.
-        # The kernel runs at CPL 0 here whatever the interrupted CPL was.
-        cdef pks_cpu_t *c = self.cpus[cpu]
-        cdef uint32_t cpl
-        if not (c.features & PKS_FEAT_PKS):
-            return                      # cpu_feature_enabled(X86_FEATURE_PKS) is false
-        if self.pkrs_cache[cpu] == value:
-            self.pkrs_writes_avoided += 1
-            return
-        self.pkrs_cache[cpu] = value
-        cpl = c.cpl
-        c.cpl = 0
-        pks_wrmsr(c, PKS_MSR_IA32_PKRS, value)
-        c.cpl = cpl
-        self.pkrs_writes += 1
-
-    cdef inline int _invalid(self, uint64_t index) noexcept nogil:
+    cdef inline int _invalid(self, uint64_t index, int why) noexcept nogil:
         self.error_record = index
+        self.error_problem = why
         self.records_done = index
         return REPLAY_INVALID
 
-    cdef int _push_aux(self, int cpu, uint64_t pkrs, uint32_t cpl) noexcept nogil:
-        cdef pks_aux_t *grown
-        cdef uint32_t cap
-        if self.aux_depth[cpu] == self.aux_cap[cpu]:
-            cap = self.aux_cap[cpu] * 2 if self.aux_cap[cpu] else 16
-            grown = <pks_aux_t *>realloc(self.aux[cpu], cap * sizeof(pks_aux_t))
-            if grown == NULL:
-                return -1
-            self.aux[cpu] = grown
-            self.aux_cap[cpu] = cap
-        self.aux[cpu][self.aux_depth[cpu]].pkrs = pkrs
-        self.aux[cpu][self.aux_depth[cpu]].cpl = cpl
-        self.aux_depth[cpu] += 1
-        if self.aux_depth[cpu] > self.max_exception_depth:
-            self.max_exception_depth = self.aux_depth[cpu]
-        return 0
-
     def run(self, const uint8_t[::1] data, uint64_t first_index):
-        """Replay the records in ``data`` (a multiple of 24 bytes, already
-        validated). Returns a status code (REPLAY_*)."""
+        """Replay the records in ``data`` (a multiple of 24 bytes). Returns a
+        status code (REPLAY_*); an invalid record stops the run, with its
+        index in ``error_record`` and the reason in ``error_problem``."""
         if data.shape[0] % sizeof(pks_record_t):
             raise ValueError(f"record buffer of {data.shape[0]} bytes is not a multiple of 24")
         cdef uint64_t n = data.shape[0] // sizeof(pks_record_t)
@@ -239,24 +273,20 @@ cdef class ReplayEngine:
         return status
 
     cdef int _run(self, const pks_record_t *recs, uint64_t n, uint64_t first) noexcept nogil:
-        cdef uint64_t i, pa = 0, v = 0, task
+        cdef uint64_t i, pa = 0, v = 0
         cdef const pks_record_t *r
         cdef pks_cpu_t *c
         cdef int32_t res
-        cdef int cpu
-        cdef uint32_t cpl_before
-        cdef pks_aux_t saved
+        cdef int cpu, why
+        cdef uint32_t cpl_before, depth
         for i in range(n):
             r = &recs[i]
             cpu = r.cpu
-            # Each record is checked before it is used, in the same pass that
-            # executes it (a separate validation pass cost a fifth of the
-            # time); the first bad record stops the replay with its index.
+            why = record_problem(r, self.ncpus, self.max_tasks, self.api)
+            if why != BAD_NONE:
+                return self._invalid(first + i, why)
+            c = self.cpus[cpu]
             if r.type == REC_ACCESS:
-                if ((cpu >= self.ncpus) | (r.op > 2) | (<uint32_t>r.size - 1 > 4095)
-                        | ((r.cpl > 3) & (r.cpl != 0xFF))):
-                    return self._invalid(first + i)
-                c = self.cpus[cpu]
                 if r.cpl != 0xFF:
                     c.cpl = r.cpl
                 res = _access(c, r.addr, r.op, r.size, (r.flags & 1) != 0, &pa)
@@ -271,27 +301,19 @@ cdef class ReplayEngine:
                     self.records_done = first + i + 1
                     return REPLAY_STOPPED
                 continue
-            if r.type >= REC_COUNT or cpu >= self.ncpus:
-                return self._invalid(first + i)
-            c = self.cpus[cpu]
             self.rec_counts[r.type] += 1
+            res = PKS_OK
             if r.type == REC_WRMSR:
-                if r.addr >> 32:
-                    return self._invalid(first + i)
                 res = pks_wrmsr(c, <uint32_t>r.addr, r.value)
                 if res == PKS_OK:
                     if r.addr == PKS_MSR_IA32_PKRS:
-                        # A PKRS write is the consumer API's pks_write_pkrs: the
-                        # running task's thread.pkrs and the cache follow it.
-                        self.pkrs_cache[cpu] = r.value
-                        if self.current_task[cpu] >= 0:
-                            self.task_pkrs[self.current_task[cpu]] = r.value
+                        # A PKRS write is the consumer's pks_write_pkrs: the
+                        # running task's value and the cache follow it.
+                        self.kernel.msr_written(cpu, r.value)
                     continue
                 if self._insn_fault(first + i, cpu, res, r.addr) != 0:
                     return REPLAY_OUT_OF_MEMORY
             elif r.type == REC_RDMSR:
-                if r.addr >> 32:
-                    return self._invalid(first + i)
                 res = pks_rdmsr(c, <uint32_t>r.addr, &v)
                 if res == PKS_OK:
                     continue
@@ -304,8 +326,6 @@ cdef class ReplayEngine:
                 if self._insn_fault(first + i, cpu, res, 0) != 0:
                     return REPLAY_OUT_OF_MEMORY
             elif r.type == REC_MOV_CR:
-                if r.op != 0 and r.op != 3 and r.op != 4:
-                    return self._invalid(first + i)
                 if r.op == 0:
                     res = pks_write_cr0(c, r.value)
                 elif r.op == 3:
@@ -320,56 +340,67 @@ cdef class ReplayEngine:
                 pks_invlpg(c, r.addr)
                 continue
             elif r.type == REC_PTE_WRITE:
-                if (r.addr & 7) or r.addr >= (<uint64_t>1 << 52):
-                    return self._invalid(first + i)
                 if pks_mem_write_u64(c.mem, r.addr, r.value) != 0:
                     self.error_record = first + i
                     return REPLAY_OUT_OF_MEMORY
                 continue
             elif r.type == REC_CONTEXT_SWITCH:
-                if r.value >= self.max_tasks:
-                    return self._invalid(first + i)
-                self.context_switches += 1
                 if r.addr != 0:
                     # __switch_to runs at CPL 0 whatever the outgoing task's CPL.
                     cpl_before = c.cpl
                     c.cpl = 0
                     res = pks_write_cr3(c, r.addr)
                     c.cpl = cpl_before
-                    if res != PKS_OK:
-                        if self._insn_fault(first + i, cpu, res, r.addr) != 0:
-                            return REPLAY_OUT_OF_MEMORY
-                task = r.value
-                self.current_task[cpu] = <int64_t>task
-                # x86_pkrs_load (V10 13/44): load next->thread.pkrs via the cache.
-                self._write_pkrs_cached(cpu, self.task_pkrs[task])
+                    if self._insn_fault(first + i, cpu, res, r.addr) != 0:
+                        return REPLAY_OUT_OF_MEMORY
+                res = self.kernel.switch_to(cpu, <int64_t>r.value)
+                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS) != 0:
+                    return REPLAY_OUT_OF_MEMORY
                 continue
             elif r.type == REC_EXCEPTION_ENTRY:
-                self.exceptions += 1
-                # pks_save_pt_regs (V10 21/44): aux->pkrs = current->thread.pkrs,
-                # then the handler runs with the default value.
-                v = self.task_pkrs[self.current_task[cpu]] if self.current_task[cpu] >= 0 else c.pkrs
-                if self._push_aux(cpu, v, c.cpl) != 0:
+                cpl_before = c.cpl
+                c.cpl = 0
+                if self.kernel.entry(cpu, False, (r.flags & 1) != 0 or cpl_before == 3, cpl_before, &res) != 0:
                     self.error_record = first + i
                     return REPLAY_OUT_OF_MEMORY
-                c.cpl = 0
-                self._write_pkrs_cached(cpu, self.pkrs_init)
+                depth = self.kernel.depth_of(cpu)
+                if depth > self.max_exception_depth:
+                    self.max_exception_depth = depth
+                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS) != 0:
+                    return REPLAY_OUT_OF_MEMORY
                 continue
             elif r.type == REC_EXCEPTION_EXIT:
-                if self.aux_depth[cpu] == 0:
+                if self.kernel.exit(cpu, &cpl_before, &res) != 0:
                     self.error_record = first + i
                     self.records_done = first + i
                     return REPLAY_EXIT_WITHOUT_ENTRY
-                self.aux_depth[cpu] -= 1
-                saved = self.aux[cpu][self.aux_depth[cpu]]
-                # pks_restore_pt_regs: thread.pkrs = aux->pkrs; write it.
-                if self.current_task[cpu] >= 0:
-                    self.task_pkrs[self.current_task[cpu]] = saved.pkrs
-                self._write_pkrs_cached(cpu, saved.pkrs)
-                c.cpl = saved.cpl
+                c.cpl = cpl_before
+                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS) != 0:
+                    return REPLAY_OUT_OF_MEMORY
                 continue
             elif r.type == REC_SET_RFLAGS:
-                c.rflags = (r.value & 0x3F7FD5) | 0x2
+                c.rflags = (r.value & PKS_RFLAGS_KNOWN) | PKS_RFLAGS_FIXED
+                continue
+            elif r.type == REC_TASK_FORK:
+                self.kernel.fork(cpu, <int64_t>r.value, (r.flags & 1) != 0)
+                continue
+            elif r.type == REC_TASK_EXEC:
+                self.kernel.exec_task(<int64_t>r.value)
+                continue
+            elif r.type == REC_PKS_UPDATE:
+                res = self.kernel.update_current(cpu, <int>r.value, r.op)
+                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS) != 0:
+                    return REPLAY_OUT_OF_MEMORY
+                continue
+            elif r.type == REC_PKS_ABANDON:
+                # V7 pks_abandon_protections: the key leaves the allowed mask
+                # for good, and the current task gets read/write on it.
+                self.kernel.mask &= ~(<uint64_t>3 << (2 * r.value)) & <uint64_t>0xFFFFFFFF
+                res = self.kernel.update_current(cpu, <int>r.value, 0)
+                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS) != 0:
+                    return REPLAY_OUT_OF_MEMORY
+                continue
+            if res == PKS_OK:
                 continue
             # Only faulting records reach this point.
             if self.max_faults and self.n_faults >= self.max_faults:
@@ -398,13 +429,21 @@ cdef class ReplayEngine:
         return counts
 
     def exception_depths(self):
-        return [self.aux_depth[i] for i in range(self.ncpus)]
+        return [self.kernel.depth_of(i) for i in range(self.ncpus)]
 
     def current_tasks(self):
-        return [self.current_task[i] for i in range(self.ncpus)]
+        """Task id running on each CPU (-1: still its boot task)."""
+        cur = [self.kernel.current[i] for i in range(self.ncpus)]
+        return [t if t < <int64_t>self.max_tasks else -1 for t in cur]
 
     def pkrs_caches(self):
-        return [self.pkrs_cache[i] for i in range(self.ncpus)]
+        return [self.kernel.cache[i] for i in range(self.ncpus)]
+
+    def task_pkrs(self, uint64_t task):
+        """The saved PKRS of trace task ``task``."""
+        if task >= self.max_tasks:
+            raise ValueError(f"task id {task} out of range (max_tasks {self.max_tasks})")
+        return self.kernel.task_pkrs[task]
 
 
 def load_cpu_state(CPU cpu, uint64_t cr0, uint64_t cr3, uint64_t cr4, uint64_t efer,
@@ -436,7 +475,7 @@ def load_cpu_state(CPU cpu, uint64_t cr0, uint64_t cr3, uint64_t cr4, uint64_t e
     c.cr3 = cr3
     c.cr4 = cr4
     c.efer = efer
-    c.rflags = (rflags & 0x3F7FD5) | 0x2
+    c.rflags = (rflags & PKS_RFLAGS_KNOWN) | PKS_RFLAGS_FIXED
     c.cpl = <uint32_t>cpl
     c.pkru = <uint32_t>pkru
     c.pkrs = pkrs
@@ -444,40 +483,26 @@ def load_cpu_state(CPU cpu, uint64_t cr0, uint64_t cr3, uint64_t cr4, uint64_t e
     return None
 
 
-def first_invalid_record(const uint8_t[::1] data, int ncpus, uint64_t max_tasks):
-    """Index of the first record in ``data`` that the replay loop must not
-    see (unknown type, CPU out of range, bad kind/size/CPL/CR/task/PTE
-    address/MSR number), or -1. pks_emu.trace.format explains the reason."""
+def first_invalid_record(const uint8_t[::1] data, int ncpus, uint64_t max_tasks, str api="v10"):
+    """(index, problem) of the first record in ``data`` that record_problem()
+    refuses, or (-1, 0). pks_emu.trace.format words the problem."""
     if data.shape[0] % sizeof(pks_record_t):
         raise ValueError(f"record buffer of {data.shape[0]} bytes is not a multiple of 24")
+    if api not in KAPI_CODES:
+        raise ValueError(f"api {api!r}: expected one of {sorted(KAPI_CODES)}")
+    cdef int code = KAPI_CODES[api]
     cdef uint64_t n = data.shape[0] // sizeof(pks_record_t)
     cdef uint64_t i
     cdef int64_t bad = -1
+    cdef int why = BAD_NONE
     cdef const pks_record_t *recs
-    cdef const pks_record_t *r
     if n == 0:
-        return -1
+        return -1, BAD_NONE
     recs = <const pks_record_t *>&data[0]
     with nogil:
         for i in range(n):
-            r = &recs[i]
-            if r.type >= REC_COUNT or r.cpu >= ncpus:
+            why = record_problem(&recs[i], ncpus, max_tasks, code)
+            if why != BAD_NONE:
                 bad = i
-            elif r.type == REC_ACCESS:
-                if r.op > 2 or r.size == 0 or r.size > 4096 or (r.cpl > 3 and r.cpl != 0xFF):
-                    bad = i
-            elif r.type == REC_MOV_CR:
-                if r.op != 0 and r.op != 3 and r.op != 4:
-                    bad = i
-            elif r.type == REC_CONTEXT_SWITCH:
-                if r.value >= max_tasks:
-                    bad = i
-            elif r.type == REC_PTE_WRITE:
-                if (r.addr & 7) or r.addr >= (<uint64_t>1 << 52):
-                    bad = i
-            elif r.type == REC_WRMSR or r.type == REC_RDMSR:
-                if r.addr >> 32:
-                    bad = i
-            if bad >= 0:
                 break
-    return bad
+    return bad, why
