@@ -195,9 +195,14 @@ cdef class KernelState:
         return self.init_val
 
     cdef int32_t switch_to(self, int cpu, int64_t task) noexcept nogil:
-        """__switch_to: ``task`` becomes current, its value is loaded."""
+        """__switch_to: ``task`` becomes current, then sched_in."""
         self.current[cpu] = task
         self.counts[cpu * KC_COUNT + KC_CONTEXT_SWITCHES] += 1
+        return self.sched_in(cpu, task)
+
+    cdef int32_t sched_in(self, int cpu, int64_t task) noexcept nogil:
+        """The switch-in hook: the task's value (V7: ANDed with the mask
+        first) through the cached write."""
         if self.kapi == KAPI_V7:
             self.task_pkrs[task] &= self.mask
         return self.write_pkrs(cpu, self.task_pkrs[task])
@@ -229,15 +234,14 @@ cdef class KernelState:
             self.task_pkrs[t] = value
         return PKS_OK
 
-    cdef int entry(self, int cpu, bint nmi, bint user, uint32_t cs_cpl, int32_t *r) noexcept nogil:
-        """Exception entry on ``cpu``: a frame on the current task, saved per
-        version, then the handler's default. 0, or -1 out of memory."""
+    cdef int push_frame(self, int cpu, bint nmi, bint user, uint32_t cs_cpl) noexcept nogil:
+        """Exception entry, first half: a frame on the current task's stack,
+        its slot not filled yet. 0, or -1 (no task, out of memory)."""
         cdef int64_t t = self.current[cpu]
         cdef pks_kstack_t *s
         cdef pks_kframe_t *f
         cdef pks_kframe_t *grown
         cdef uint32_t cap
-        r[0] = PKS_OK
         if t < 0:
             return -1
         s = &self.stacks[t]
@@ -256,16 +260,33 @@ cdef class KernelState:
         f.saved = 0
         f.pkrs = 0
         self.counts[cpu * KC_COUNT + (KC_NMIS if nmi else KC_EXCEPTIONS)] += 1
-        if not (nmi or self.kapi == KAPI_V10 or not user):
-            return 0        # V4-V7 irqentry_enter from user mode returns early
+        return 0
+
+    cdef int32_t save_frame(self, int cpu) noexcept nogil:
+        """Exception entry, second half, on the innermost frame: fill the
+        slot if this version saves on this entry, then run the handler with
+        the default. PKS_OK or the WRMSR's exception."""
+        cdef int64_t t = self.current[cpu]
+        cdef pks_kframe_t *f
+        if t < 0 or self.stacks[t].depth == 0:
+            return PKS_OK
+        f = &self.stacks[t].frames[self.stacks[t].depth - 1]
+        if not (f.nmi or self.kapi == KAPI_V10 or not f.user):
+            return PKS_OK   # V4-V7 irqentry_enter from user mode returns early
         if self.kapi == KAPI_V10 and not self.active:
-            return 0        # pks_save_pt_regs: nothing without PKS
+            return PKS_OK   # pks_save_pt_regs: nothing without PKS
         f.pkrs = self.task_pkrs[t]
         f.saved = 1
         if self.kapi == KAPI_V7:
-            r[0] = self.write_pkrs(cpu, self.init_val & self.mask)   # pkrs_save_irq
-        else:
-            r[0] = self.write_pkrs(cpu, self.init_val)
+            return self.write_pkrs(cpu, self.init_val & self.mask)   # pkrs_save_irq
+        return self.write_pkrs(cpu, self.init_val)
+
+    cdef int entry(self, int cpu, bint nmi, bint user, uint32_t cs_cpl, int32_t *r) noexcept nogil:
+        """Exception entry on ``cpu``: push_frame, then save_frame. 0, or -1."""
+        r[0] = PKS_OK
+        if self.push_frame(cpu, nmi, user, cs_cpl) != 0:
+            return -1
+        r[0] = self.save_frame(cpu)
         return 0
 
     cdef int exit(self, int cpu, uint32_t *cs_cpl, int32_t *r) noexcept nogil:
@@ -399,6 +420,14 @@ cdef class KernelState:
     def py_switch_to(self, int cpu, int64_t task):
         self._raise_msr(cpu, self.switch_to(self._cpu(cpu), self._task(task)))
 
+    def py_set_current(self, int cpu, int64_t task):
+        """The first half of switch_to: ``task`` is current (counted as a switch)."""
+        self.current[self._cpu(cpu)] = self._task(task)
+        self.counts[cpu * KC_COUNT + KC_CONTEXT_SWITCHES] += 1
+
+    def py_sched_in(self, int cpu, int64_t task):
+        self._raise_msr(cpu, self.sched_in(self._cpu(cpu), self._task(task)))
+
     def py_update_current(self, int cpu, int pkey, uint64_t prot):
         if not 0 <= pkey < 16:
             raise ValueError(f"pkey {pkey} out of range: expected 0..15")
@@ -408,15 +437,21 @@ cdef class KernelState:
         self._raise_msr(cpu, self.consumer_write(self._cpu(cpu), value))
 
     def py_entry(self, int cpu, bint nmi, bint user, uint32_t cs_cpl):
-        """Exception entry; returns the new depth of the current task's stack."""
-        cdef int32_t r = PKS_OK
+        """Exception entry (push_frame + save_frame); returns the new depth."""
+        self.py_push_frame(cpu, nmi, user, cs_cpl)
+        self.py_save_frame(cpu)
+        return self.depth_of(cpu)
+
+    def py_push_frame(self, int cpu, bint nmi, bint user, uint32_t cs_cpl):
         self._cpu(cpu)
         if self.current[cpu] < 0:
             raise ValueError(f"CPU {cpu} runs no task")
-        if self.entry(cpu, nmi, user, cs_cpl, &r) != 0:
+        if self.push_frame(cpu, nmi, user, cs_cpl) != 0:
             raise MemoryError("cannot grow the exception stack")
-        self._raise_msr(cpu, r)
         return self.depth_of(cpu)
+
+    def py_save_frame(self, int cpu):
+        self._raise_msr(cpu, self.save_frame(self._cpu(cpu)))
 
     def py_exit(self, int cpu):
         """Exception exit; returns the interrupted CPL."""
@@ -454,9 +489,14 @@ cdef class KernelState:
         cdef pks_kframe_t *f = self._frame(task, index)
         return (f.pkrs if f.saved else None, f.cs_cpl, bool(f.nmi), bool(f.user))
 
-    def set_frame_pkrs(self, int64_t task, uint32_t index, uint64_t value):
+    def set_frame_pkrs(self, int64_t task, uint32_t index, value):
         """Write the aux slot of a frame (pks_update_exception, the V7 fault
-        path's handle_abandoned_pks_value); the slot counts as saved."""
+        path's handle_abandoned_pks_value); the slot counts as saved, or as
+        not filled with ``None``."""
         cdef pks_kframe_t *f = self._frame(task, index)
-        f.pkrs = value
-        f.saved = 1
+        if value is None:
+            f.saved = 0
+            f.pkrs = 0
+        else:
+            f.pkrs = value
+            f.saved = 1
