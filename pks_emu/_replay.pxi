@@ -360,7 +360,9 @@ cdef class ReplayEngine:
             elif r.type == REC_EXCEPTION_ENTRY:
                 cpl_before = c.cpl
                 c.cpl = 0
-                if self.kernel.entry(cpu, False, (r.flags & 1) != 0 or cpl_before == 3, cpl_before, &res) != 0:
+                # Vector 2 is an NMI (irqentry_nmi_enter: saves in every version).
+                if self.kernel.entry(cpu, r.value == 2, (r.flags & 1) != 0 or cpl_before == 3,
+                                     cpl_before, &res) != 0:
                     self.error_record = first + i
                     return REPLAY_OUT_OF_MEMORY
                 depth = self.kernel.depth_of(cpu)
