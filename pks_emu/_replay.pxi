@@ -220,7 +220,12 @@ cdef class ReplayEngine:
 
     @property
     def exceptions(self):
-        return self.kernel.total("exceptions")
+        """Exception entries, NMIs (vector 2) included."""
+        return self.kernel.total("exceptions") + self.kernel.total("nmis")
+
+    @property
+    def nmis(self):
+        return self.kernel.total("nmis")
 
     cdef inline int _log_fault(self, uint64_t index, int cpu, uint8_t vector, int32_t code,
                                uint64_t address, int pkey, uint8_t kind) noexcept nogil:

@@ -16,9 +16,9 @@ def _best(fn: Callable[[], float], repeat: int) -> float:
 
 
 def _kernel_cpu(levels: int = 4):
-    from .trace.generators import PMEM_BASE, PMEM_KEY, kernel_machine
-    m, aspace = kernel_machine(1, levels)
-    m.cpus[0].wrmsr(MSR_IA32_PKRS, pkey_update_pkval(PKS_INIT_VALUE, PMEM_KEY, 0))
+    from .machine import kernel_machine
+    from .trace.generators import PMEM_BASE, PMEM_KEY
+    m, aspace = kernel_machine(1, levels, pkrs=pkey_update_pkval(PKS_INIT_VALUE, PMEM_KEY, 0))
     return m, aspace, PMEM_BASE, PMEM_KEY
 
 

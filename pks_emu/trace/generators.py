@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..constants import (CR0_WP, CR4_PGE, CR4_PKE, CR4_PKS, CR4_SMAP, CR4_SMEP, EFER_NXE,
-                         MSR_IA32_PKRS, PAGE_KERNEL_PKEY, PKS_INIT_VALUE,
-                         pkey_update_pkval)
 from collections.abc import Callable
 
-from ..machine import Machine
+from ..constants import MSR_IA32_PKRS, PAGE_KERNEL_PKEY, PKS_INIT_VALUE, pkey_update_pkval
+from ..machine import kernel_machine
 from ..paging import AddressSpace
 from .format import KEEP_CPL, RECORD, RecordType
 from .writer import TraceWriter
@@ -34,20 +32,6 @@ from .writer import TraceWriter
 KERNEL_DATA = 0xffff888000000000        # direct map: ordinary kernel data, key 0
 PMEM_BASE = 0xffffc90000000000          # vmalloc area: protected mappings
 PMEM_KEY = 1                            # PKS_KEY_PGMAP_PROTECTION with the test key off (V10)
-
-
-def kernel_machine(ncpus: int, paging_levels: int = 4) -> tuple[Machine, AddressSpace]:
-    """A machine set up as the PKS series' boot leaves it: CR4.PKS and PKE
-    set, PKRS = PKS_INIT_VALUE on every CPU (pks_setup, V10 12/44)."""
-    m = Machine(paging_levels=paging_levels, ncpus=ncpus)
-    aspace = m.address_space()
-    for cpu in m.cpus:
-        cpu.efer = cpu.efer | EFER_NXE
-        cpu.cr0 = cpu.cr0 | CR0_WP
-        cpu.cr4 = cpu.cr4 | CR4_PGE | CR4_PKE | CR4_PKS | CR4_SMEP | CR4_SMAP
-        cpu.wrmsr(MSR_IA32_PKRS, PKS_INIT_VALUE)
-    aspace.activate()
-    return m, aspace
 
 
 class _RowBuffer:

@@ -223,6 +223,7 @@ def _result(path: str, engine: ReplayEngine, m: Machine, header, total: int, sta
     counts = dict(zip(RecordType.NAMES, engine.record_counts()))
     kernel = {"context_switches": engine.context_switches, "pkrs_writes": engine.pkrs_writes,
               "pkrs_writes_avoided": engine.pkrs_writes_avoided, "exceptions": engine.exceptions,
+              "nmis": engine.nmis,
               "max_exception_depth": engine.max_exception_depth}
     hdr = {"version": header.version, "api": header.api, "paging_levels": header.paging_levels,
            "ncpus": header.ncpus,
