@@ -30,7 +30,9 @@ static inline int pks_ip_is_kernel(uint64_t ip) { return (int)(ip >> 63); }
 
 /* Counters of one vCPU, alone on its cache line(s): no sharing between vCPU
  * threads under MTTCG. */
-enum { C_KLOAD, C_KSTORE, C_ULOAD, C_USTORE, C_KUSER, C_KFETCH, C_UFETCH, C_NCOUNT };
+enum { C_KLOAD, C_KSTORE, C_ULOAD, C_USTORE, C_KUSER, C_KFETCH, C_UFETCH,
+       C_PANONE,   /* recorded accesses without a physical address */
+       C_NCOUNT };
 typedef struct pks_vcounts {
     uint64_t c[C_NCOUNT];
     uint64_t pad[16 - C_NCOUNT];
@@ -108,7 +110,7 @@ static int pks_parse_start(const char *s)
 }
 
 /* ---- statistics at exit: one JSON object ---------------------------------- */
-static void pks_sum_counts(const pks_vcounts *v, unsigned n, uint64_t tot[C_NCOUNT])
+static __attribute__((unused)) void pks_sum_counts(const pks_vcounts *v, unsigned n, uint64_t tot[C_NCOUNT])
 {
     memset(tot, 0, sizeof(uint64_t) * C_NCOUNT);
     for (unsigned i = 0; i < n; i++)
