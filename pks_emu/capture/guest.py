@@ -64,12 +64,15 @@ mount -t tmpfs tmpfs /tmp
 echo "{start}"
 sh /workload.sh
 echo "{exit}$?"
+{dump}
+poweroff -f
+"""
+
+_DUMP = """\
 if [ -e /dev/ttyS1 ]; then
     stty -F /dev/ttyS1 raw -echo 2>/dev/null
     cat /proc/kallsyms > /dev/ttyS1 && echo "{kallsyms}"
-fi
-poweroff -f
-"""
+fi"""
 
 _S_IFDIR, _S_IFREG, _S_IFLNK, _S_IFCHR = 0o040000, 0o100000, 0o120000, 0o020000
 
@@ -200,14 +203,17 @@ def read_cpio(data: bytes) -> list[dict]:
 
 def build_initramfs(workload_script: str | os.PathLike | None, out_path: str | os.PathLike,
                     modules: Sequence[str | os.PathLike] = (), *,
-                    busybox: str | os.PathLike | None = None) -> Path:
+                    busybox: str | os.PathLike | None = None,
+                    dump_kallsyms: bool = True) -> Path:
     """Write the capture guest's initramfs (gzip'd cpio ``newc``) to ``out_path``.
 
     ``workload_script``: a shell script file run by busybox ``sh`` as the
     workload (None: :data:`DEFAULT_WORKLOAD`). ``modules``: kernel module
     files (``.ko``) put in ``/lib/modules/pks`` and loaded with ``insmod`` in
     the given order before the workload (for the PMEM study: ``libnvdimm``,
-    ``nd_btt``, ``nd_pmem``, ``nd_e820``). Returns the path written.
+    ``nd_btt``, ``nd_pmem``, ``nd_e820``). ``dump_kallsyms``: write
+    ``/proc/kallsyms`` to ``/dev/ttyS1`` after the workload. Returns the path
+    written.
     """
     bb = find_busybox(busybox)
     if workload_script is None:
@@ -229,8 +235,8 @@ def build_initramfs(workload_script: str | os.PathLike | None, out_path: str | o
             raise PksEmuError(f"module {m}: {e.strerror}") from None
     insmods = "\n".join(
         f'insmod /lib/modules/pks/{name} || echo "{MARK_INSMOD_FAILED}{name}"' for name, _ in mods)
-    init = _INIT.format(insmods=insmods, start=MARK_START, exit=MARK_EXIT,
-                        kallsyms=MARK_KALLSYMS)
+    dump = _DUMP.format(kallsyms=MARK_KALLSYMS) if dump_kallsyms else ""
+    init = _INIT.format(insmods=insmods, start=MARK_START, exit=MARK_EXIT, dump=dump)
     out_path = Path(out_path)
     tmp = out_path.with_name(out_path.name + ".tmp")
     with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6,

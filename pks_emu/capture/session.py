@@ -91,7 +91,7 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
             kallsyms_out: str | os.PathLike | None = None, timeout: float | None = None,
             count_only: bool = False, start: str = "boot", limit: int | None = None,
             modules: Sequence[str | os.PathLike] = (), pa: bool = True,
-            writer_thread: bool = True) -> CaptureInfo:
+            writer_thread: bool = True, save_kallsyms: bool = True) -> CaptureInfo:
     """Boot a kernel under QEMU TCG with the capture plugin; return what happened.
 
     ``out``: where the trace-v2 stream goes: a path (written as ``PATH.part``,
@@ -111,6 +111,10 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
     "kernel" from the first access by kernel-half code, "user" from the first
     user-space access after the kernel ran (init starting). ``limit``: stop
     recording after that many records (QEMU runs on; the counts stay complete).
+    ``pa``: look up physical addresses. ``writer_thread``: encode on the
+    plugin's writer thread (else on the vCPU threads). ``save_kallsyms``: the
+    built-in guest dumps ``/proc/kallsyms`` after the workload (in the trace:
+    about as many kernel accesses as the boot itself; off saves that).
 
     Raises :class:`PksEmuError` (one line plus, where useful, the tail of the
     console or of QEMU's output) when a binary is missing, the kernel does
@@ -148,7 +152,8 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
     work = Path(tempfile.mkdtemp(prefix="pks-emu-capture-"))
     try:
         if initrd is None:
-            initrd = _guest.build_initramfs(workload, work / "initrd.cpio.gz", modules)
+            initrd = _guest.build_initramfs(workload, work / "initrd.cpio.gz", modules,
+                                            dump_kallsyms=save_kallsyms)
             own_guest = True
         else:
             own_guest = False
