@@ -118,3 +118,22 @@ def test_failing_workload_is_reported(tmp_path):
     script.write_text("exit 7\n")
     info = capture(None, count_only=True, workload=script, save_kallsyms=False, timeout=300)
     assert info.workload_status == 7 and info.kallsyms is None
+
+
+def test_record_into_a_pipe(tmp_path):
+    # the stream goes through a descriptor (as into 'pks-emu replay -'): no seeking back
+    import os
+    import threading
+    r, w = os.pipe()
+    chunks = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(r, 1 << 16), b"")))
+    reader.start()
+    try:
+        info = capture(w, start="user", limit=300_000, save_kallsyms=False, timeout=300)
+    finally:
+        os.close(w)
+        reader.join()
+        os.close(r)
+    assert info.trace is None and info.counts["records"] == 300_000
+    chunk_records, (total, _, _) = _v2_frames(b"".join(chunks))
+    assert chunk_records == total == 300_000

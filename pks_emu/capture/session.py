@@ -1,6 +1,7 @@
 """One capture: build the plugin and the guest, run QEMU, check what came out."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -137,17 +138,24 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
             raise PksEmuError("a workload or modules need the built-in guest: drop --initrd")
     ram = _qemu.parse_memory(memory)
 
+    plugin = plugin_path("count" if count_only else "record")
     out_fd = out_path = None
     if not count_only:
         if out is None:
             raise PksEmuError("capture needs an output (a path or a file descriptor) "
                               "unless count_only")
         out_fd = _out_fd(out)
-        if out_fd is None:
+        if out_fd is not None:
+            # QEMU's stdin/stdout/stderr are redirected in the child: hand the
+            # plugin a copy of the descriptor numbered 3 or above.
+            try:
+                out_fd = fcntl.fcntl(out_fd, fcntl.F_DUPFD_CLOEXEC, 3)
+            except OSError as e:
+                raise PksEmuError(f"capture output descriptor {out!r}: {e.strerror}") from None
+        else:
             out_path = Path(out)
             if not out_path.parent.is_dir():
                 raise PksEmuError(f"output folder {out_path.parent} does not exist")
-    plugin = plugin_path("count" if count_only else "record")
 
     work = Path(tempfile.mkdtemp(prefix="pks-emu-capture-"))
     try:
@@ -244,4 +252,6 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
                            workload_status=workload_status, kallsyms=kallsyms, trace=trace,
                            trace_bytes=trace_bytes, console_tail=con_tail)
     finally:
+        if out_fd is not None:
+            os.close(out_fd)
         shutil.rmtree(work, ignore_errors=True)
