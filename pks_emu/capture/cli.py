@@ -138,3 +138,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"  warning: the workload script exited with status {info.workload_status}",
               file=report)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pks_emu.capture.cli``: the subcommand on its own."""
+    p = argparse.ArgumentParser(prog="pks-emu capture")
+    add_arguments(p)
+    try:
+        return run(p.parse_args(argv))
+    except PksEmuError as e:
+        print(f"pks-emu capture: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
