@@ -524,14 +524,17 @@ cdef class Codec:
     cdef int ncpus
     cdef bytearray _pa_scratch
 
-    def __cinit__(self, int ncpus):
-        if not 1 <= ncpus <= 255:
-            raise ValueError(f"ncpus {ncpus}: expected 1..255")
-        self.ncpus = ncpus
+    def __cinit__(self):
         self.st = <tv2_state*>malloc(sizeof(tv2_state))
         if self.st == NULL:
             raise MemoryError()
         self._pa_scratch = bytearray()
+        self.ncpus = 1
+
+    def __init__(self, int ncpus):
+        if not 1 <= ncpus <= 255:
+            raise ValueError(f"ncpus {ncpus}: expected 1..255")
+        self.ncpus = ncpus
 
     def __dealloc__(self):
         free(self.st)

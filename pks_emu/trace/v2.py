@@ -438,6 +438,8 @@ class V2Reader:
     def _read_header(self) -> TraceHeaderV2:
         name = self.name
         raw = self._read(HEADER_SIZE)
+        if 0 < len(raw) < 8 and MAGIC.startswith(raw):
+            raise TraceFormatError(f"{name}: truncated header ({len(raw)} of {HEADER_SIZE} bytes)")
         if len(raw) < 8 or raw[:8] != MAGIC:
             if _looks_like_ours(raw):
                 raise TraceFormatError(f"{name}: damaged pks_emu trace: magic {raw[:8]!r}, expected {MAGIC!r}")
@@ -452,6 +454,8 @@ class V2Reader:
         (crc,) = struct.unpack_from("<I", raw, 48)
         if crc != zlib.crc32(raw[:48]):
             raise TraceFormatError(f"{name}: damaged pks_emu trace: header checksum mismatch")
+        if any(raw[52:]):
+            raise TraceFormatError(f"{name}: damaged pks_emu trace: reserved header bytes 52..127 are not zero")
         if header_size != HEADER_SIZE or record_size != RECORD.itemsize:
             raise TraceFormatError(f"{name}: unsupported layout (header {header_size} bytes, "
                                    f"record {record_size} bytes; expected {HEADER_SIZE}, {RECORD.itemsize})")
