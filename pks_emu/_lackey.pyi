@@ -28,3 +28,16 @@ def scan_block(
     n: int,
     stop_on_bad: bool,
 ) -> tuple[int, int, int, int, int, int, int, int, int]: ...
+
+def scan_block_ip(
+    buf: bytes | bytearray | memoryview | Any,
+    pos: int,
+    limit: int,
+    va: npt.NDArray[np.uint64],
+    size: npt.NDArray[np.uint16],
+    kind: npt.NDArray[np.uint8],
+    ip: npt.NDArray[np.uint64],
+    n: int,
+    stop_on_bad: bool,
+    last_ip: int,
+) -> tuple[int, int, int, int, int, int, int, int, int, int]: ...

@@ -91,6 +91,7 @@ cdef struct scan_out:
     Py_ssize_t bad_start
     Py_ssize_t bad_end
     int why
+    uint64_t last_ip
 
 
 cdef inline const uint8_t* _eol(const uint8_t* q) noexcept nogil:
@@ -145,8 +146,8 @@ cdef inline int _record(const uint8_t* q, uint64_t* addr, uint64_t* size,
 
 
 cdef int _scan(const uint8_t* buf, Py_ssize_t pos, Py_ssize_t limit,
-               uint64_t* va, uint16_t* sz, uint8_t* kd, Py_ssize_t n, Py_ssize_t cap,
-               bint stop_on_bad, scan_out* o) noexcept nogil:
+               uint64_t* va, uint16_t* sz, uint8_t* kd, uint64_t* ipo, Py_ssize_t n,
+               Py_ssize_t cap, bint stop_on_bad, scan_out* o) noexcept nogil:
     cdef const uint8_t* p = buf + pos
     cdef const uint8_t* end = buf + limit
     cdef const uint8_t* q
@@ -159,6 +160,8 @@ cdef int _scan(const uint8_t* buf, Py_ssize_t pos, Py_ssize_t limit,
     cdef int64_t lines = 0
     cdef int64_t skipped = 0
     cdef int64_t bad = 0
+    # The instruction pointer: the address of the latest 'I' line.
+    cdef uint64_t cur_ip = o.last_ip
     while p < end:
         c = p[0]
         why = 0
@@ -217,6 +220,12 @@ cdef int _scan(const uint8_t* buf, Py_ssize_t pos, Py_ssize_t limit,
                 if n + (2 if k == K_MODIFY else 1) > cap:
                     status = _ST_FULL
                     break
+                if k == K_FETCH:
+                    cur_ip = addr
+                if ipo != NULL:
+                    ipo[n] = cur_ip
+                    if k == K_MODIFY:
+                        ipo[n + 1] = cur_ip
                 if k == K_MODIFY:
                     # lackey merges a load and a store to the same location
                     # into one M line; the access order is load, then store.
@@ -251,6 +260,7 @@ cdef int _scan(const uint8_t* buf, Py_ssize_t pos, Py_ssize_t limit,
         p = q + 1
 
     o.pos = p - buf
+    o.last_ip = cur_ip
     o.n = n
     o.lines = lines
     o.skipped = skipped
@@ -269,12 +279,32 @@ def scan_block(const uint8_t[::1] buf, Py_ssize_t pos, Py_ssize_t limit,
     line counters of this call; for ``ST_BAD``, ``buf[bad_start:bad_end]`` is
     the malformed line (without its '\\n') and ``why`` the reason code.
     """
+    return _scan_block(buf, pos, limit, va, size, kind, None, n, stop_on_bad, 0)[:9]
+
+
+def scan_block_ip(const uint8_t[::1] buf, Py_ssize_t pos, Py_ssize_t limit,
+                  uint64_t[::1] va, uint16_t[::1] size, uint8_t[::1] kind, uint64_t[::1] ip,
+                  Py_ssize_t n, bint stop_on_bad, uint64_t last_ip):
+    """:func:`scan_block` that also fills ``ip[n:]``: the address of the latest
+    ``I`` line (an ``I`` record's own address; ``last_ip`` before the first
+    ``I`` of this call). Returns the 9 values of :func:`scan_block` and the
+    latest ``I`` address, to pass as ``last_ip`` to the next call.
+    """
+    if ip.shape[0] != va.shape[0]:
+        raise ValueError(f"ip must have the length of va, got {ip.shape[0]} and {va.shape[0]}")
+    return _scan_block(buf, pos, limit, va, size, kind, ip, n, stop_on_bad, last_ip)
+
+
+cdef tuple _scan_block(const uint8_t[::1] buf, Py_ssize_t pos, Py_ssize_t limit,
+                       uint64_t[::1] va, uint16_t[::1] size, uint8_t[::1] kind,
+                       uint64_t[::1] ip, Py_ssize_t n, bint stop_on_bad, uint64_t last_ip):
     cdef Py_ssize_t cap = va.shape[0]
     cdef scan_out o
     cdef int status
     cdef uint64_t* pva = NULL
     cdef uint16_t* psz = NULL
     cdef uint8_t* pkd = NULL
+    cdef uint64_t* pip = NULL
     if size.shape[0] != cap or kind.shape[0] != cap:
         raise ValueError(f"va, size and kind must have one length, got {cap}, "
                          f"{size.shape[0]}, {kind.shape[0]}")
@@ -283,7 +313,7 @@ def scan_block(const uint8_t[::1] buf, Py_ssize_t pos, Py_ssize_t limit,
     if not 0 <= pos <= limit <= buf.shape[0]:
         raise ValueError(f"pos = {pos}, limit = {limit}: expected 0 <= pos <= limit <= {buf.shape[0]}")
     if pos == limit:
-        return (_ST_DONE, pos, n, 0, 0, 0, 0, 0, 0)
+        return (_ST_DONE, pos, n, 0, 0, 0, 0, 0, 0, last_ip)
     # The scanner runs unbounded inside a line; this newline is its guard.
     if buf[limit - 1] != C_NL:
         raise ValueError("the block must end with a newline")
@@ -291,9 +321,12 @@ def scan_block(const uint8_t[::1] buf, Py_ssize_t pos, Py_ssize_t limit,
         pva = &va[0]
         psz = &size[0]
         pkd = &kind[0]
+        if ip is not None:
+            pip = &ip[0]
     o.bad_start = 0
     o.bad_end = 0
     o.why = 0
+    o.last_ip = last_ip
     with nogil:
-        status = _scan(&buf[0], pos, limit, pva, psz, pkd, n, cap, stop_on_bad, &o)
-    return (status, o.pos, o.n, o.lines, o.skipped, o.bad, o.bad_start, o.bad_end, o.why)
+        status = _scan(&buf[0], pos, limit, pva, psz, pkd, pip, n, cap, stop_on_bad, &o)
+    return (status, o.pos, o.n, o.lines, o.skipped, o.bad, o.bad_start, o.bad_end, o.why, o.last_ip)

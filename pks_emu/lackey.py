@@ -33,7 +33,7 @@ The kinds are those of :class:`pks_emu.AccessKind`. Rules of this reader:
 The per-line work is the compiled, GIL-free scanner in ``_lackey.pyx``; this
 module reads the file in 16 MiB blocks and carries the partial last line of
 each block over to the next. :func:`iter_lackey` therefore holds one block,
-one chunk's arrays (11 bytes a record) and the decompressor's own state (an
+one chunk's arrays (19 bytes a record) and the decompressor's own state (an
 ``xz -9`` stream needs its 64 MiB dictionary), whatever the file's size.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ._lackey import ST_BAD, ST_DONE, ST_FULL, scan_block
+from ._lackey import ST_BAD, ST_DONE, ST_FULL, scan_block_ip
 from .errors import TraceFormatError
 
 __all__ = ["LackeyTrace", "iter_lackey", "parse_lackey", "MAX_BAD_EXAMPLES"]
@@ -84,8 +84,10 @@ _COMPRESSION = ("gzip", "xz", "bzip2")
 class LackeyTrace:
     """Accesses read from a lackey trace, as numpy arrays in trace order.
 
-    ``va`` (uint64), ``size`` (uint16) and ``kind`` (uint8: 0 read, 1 write,
-    2 fetch) have one entry per record; an ``M`` line is two records. The
+    ``va`` (uint64), ``size`` (uint16), ``kind`` (uint8: 0 read, 1 write,
+    2 fetch) and ``ip`` (uint64: the address of the latest ``I`` line, an
+    ``I`` record's own address, 0 before the first) have one entry per
+    record; an ``M`` line is two records. The
     counters cover the lines this object was read from: ``lines`` in all,
     ``skipped_lines`` (valgrind messages, ``SB`` and empty lines) and
     ``bad_lines`` (malformed, counted with ``skip_bad=True``);
@@ -95,14 +97,17 @@ class LackeyTrace:
     before it, and the counters are the chunk's own, so that they add up.
     """
 
-    __slots__ = ("va", "size", "kind", "lines", "skipped_lines", "bad_lines", "bad_examples",
+    __slots__ = ("va", "size", "kind", "ip", "lines", "skipped_lines", "bad_lines", "bad_examples",
                  "path", "compression", "start", "first_line")
 
     def __init__(self, va: np.ndarray, size: np.ndarray, kind: np.ndarray, *, lines: int = 0,
                  skipped_lines: int = 0, bad_lines: int = 0,
                  bad_examples: list[tuple[int, str]] | None = None, path: str = "",
-                 compression: str = "none", start: int = 0, first_line: int = 0) -> None:
+                 compression: str = "none", start: int = 0, first_line: int = 0,
+                 ip: np.ndarray | None = None) -> None:
         self.va = va
+        #: instruction pointer of each record (zeros when not given)
+        self.ip = np.zeros(len(va), dtype=np.uint64) if ip is None else ip
         self.size = size
         self.kind = kind
         self.lines = lines
@@ -231,6 +236,8 @@ def _read(path: str | os.PathLike[str], *, chunk_records: int | None, skip_bad: 
         va = np.empty(cap, dtype=np.uint64)
         size = np.empty(cap, dtype=np.uint16)
         kind = np.empty(cap, dtype=np.uint8)
+        ip = np.empty(cap, dtype=np.uint64)
+        last_ip = 0        # address of the latest I line, carried across blocks
         n = 0
         start = 0          # records of the chunks already yielded
         first_line = 0     # lines of the chunks already yielded
@@ -261,11 +268,11 @@ def _read(path: str | os.PathLike[str], *, chunk_records: int | None, skip_bad: 
                 n_examples += 1
 
         def chunk() -> LackeyTrace:
-            for a in (va, size, kind):
+            for a in (va, size, kind, ip):
                 a.resize(n, refcheck=False)
             return LackeyTrace(va, size, kind, lines=lines, skipped_lines=skipped, bad_lines=bad,
                                bad_examples=examples, path=fspath, compression=compression,
-                               start=start, first_line=first_line)
+                               start=start, first_line=first_line, ip=ip)
 
         while True:
             while not eof and have < target:
@@ -296,8 +303,9 @@ def _read(path: str | os.PathLike[str], *, chunk_records: int | None, skip_bad: 
                 limit = buf.rfind(b"\n", 0, have) + 1
             pos = 0
             while True:
-                status, pos, n, dl, ds, db, bs, be, why = scan_block(
-                    buf, pos, limit, va, size, kind, n, not skip_bad or n_examples < MAX_BAD_EXAMPLES)
+                status, pos, n, dl, ds, db, bs, be, why, last_ip = scan_block_ip(
+                    buf, pos, limit, va, size, kind, ip, n,
+                    not skip_bad or n_examples < MAX_BAD_EXAMPLES, last_ip)
                 lines += dl
                 skipped += ds
                 bad += db
@@ -309,7 +317,7 @@ def _read(path: str | os.PathLike[str], *, chunk_records: int | None, skip_bad: 
                 elif status == ST_FULL:
                     if grow:
                         cap = max(2 * cap, 1024)
-                        for a in (va, size, kind):
+                        for a in (va, size, kind, ip):
                             a.resize(cap, refcheck=False)
                     else:
                         assert chunk_records is not None
@@ -319,6 +327,7 @@ def _read(path: str | os.PathLike[str], *, chunk_records: int | None, skip_bad: 
                         va = np.empty(chunk_records, dtype=np.uint64)
                         size = np.empty(chunk_records, dtype=np.uint16)
                         kind = np.empty(chunk_records, dtype=np.uint8)
+                        ip = np.empty(chunk_records, dtype=np.uint64)
                         n = 0
                         lines = skipped = bad = 0
                         examples = []
