@@ -7,7 +7,7 @@ from the compiled signatures.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Final, Literal, TypedDict
+from typing import Any, Final, Literal, TypedDict, final
 
 from typing_extensions import Buffer, disjoint_base
 
@@ -23,6 +23,11 @@ DEBUG_BUILD: Final[bool]
 STALE_LOG_CAPACITY: Final[int]
 REPLAY_STATUS: Final[dict[str, int]]
 FAULT_DTYPE_FIELDS: Final[list[tuple[str, str]]]
+SITE_SAMPLES: Final[int]
+TIMELINE_KEYS: Final[int]
+TIMELINE_OTHER: Final[int]
+SITE_DTYPE_FIELDS: Final[list[tuple[str, str] | tuple[str, str, tuple[int]]]]
+PAGE_DTYPE_FIELDS: Final[list[tuple[str, str]]]
 
 class _StaleUse(TypedDict):
     # Only a type: ``CPU.stale_uses`` returns plain dicts of this shape.
@@ -162,6 +167,38 @@ def access_batch(
     *,
     out: tuple[npt.NDArray[np.uint64], npt.NDArray[np.int32]] | None = None,
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int32]]: ...
+
+@final
+class FaultSites:
+    def __init__(self, max_buckets: int = 1024, bucket_records: int = 1,
+                 max_pages: int = 1 << 20) -> None: ...
+    @property
+    def max_buckets(self) -> int: ...
+    @property
+    def bucket_records0(self) -> int: ...
+    @property
+    def max_pages(self) -> int: ...
+    @property
+    def pages_dropped(self) -> int: ...
+    @property
+    def faults(self) -> int: ...
+    @property
+    def sites_total(self) -> int: ...
+    @property
+    def pages_total(self) -> int: ...
+    @property
+    def bucket_records(self) -> int: ...
+    def add_many(self, records: npt.ArrayLike, cpu: npt.ArrayLike, ip: npt.ArrayLike,
+                 address: npt.ArrayLike, pkey: npt.ArrayLike, error_code: npt.ArrayLike,
+                 vector: npt.ArrayLike, kind: npt.ArrayLike) -> None: ...
+    def add_faults(self, faults: npt.NDArray[np.void], ip: npt.ArrayLike | None = None) -> None: ...
+    def sites(self, limit: int | None = None) -> npt.NDArray[np.void]: ...
+    def timeline_array(self, records: int = 0) -> tuple[int, npt.NDArray[np.uint64]]: ...
+    def timeline(self, records: int = 0) -> dict[str, Any]: ...
+    def pages(self, limit: int | None = None) -> npt.NDArray[np.void]: ...
+    def merge(self, other: FaultSites) -> None: ...
+    def to_dict(self, symbolizer: Any = None, *, records: int = 0, max_sites: int = 1000,
+                max_pages: int = 4096) -> dict[str, Any]: ...
 
 @disjoint_base
 class ReplayEngine:

@@ -118,7 +118,7 @@ cdef class FaultSites:
         self.pkeys = NULL
         self.pcounts = NULL
 
-    def __init__(self, *, uint64_t max_buckets=1024, uint64_t bucket_records=1,
+    def __init__(self, uint64_t max_buckets=1024, uint64_t bucket_records=1,
                  uint64_t max_pages=1 << 20):
         _pow2("max_buckets", max_buckets)
         _pow2("bucket_records", bucket_records)
@@ -218,7 +218,7 @@ cdef class FaultSites:
         cdef uint64_t r, i, nb = self.max_buckets
         cdef uint64_t *row
         while (record >> self.shift) >= nb or self.shift < min_shift:
-            for r in range(_TL_ROWS):
+            for r in range(<uint64_t>_TL_ROWS):
                 row = &self.tl[r * nb]
                 for i in range(nb // 2):
                     row[i] = row[2 * i] + row[2 * i + 1]
