@@ -28,6 +28,7 @@ TIMELINE_KEYS: Final[int]
 TIMELINE_OTHER: Final[int]
 SITE_DTYPE_FIELDS: Final[list[tuple[str, str] | tuple[str, str, tuple[int]]]]
 PAGE_DTYPE_FIELDS: Final[list[tuple[str, str]]]
+FAULT_TABLE_SLOT: Final[int]
 
 class _StaleUse(TypedDict):
     # Only a type: ``CPU.stale_uses`` returns plain dicts of this shape.
@@ -199,6 +200,9 @@ class FaultSites:
     def merge(self, other: FaultSites) -> None: ...
     def to_dict(self, symbolizer: Any = None, *, records: int = 0, max_sites: int = 1000,
                 max_pages: int = 4096) -> dict[str, Any]: ...
+
+def format_fault_block(faults: Buffer, ip: Buffer, json: bool, vectors: Buffer, kinds: Buffer,
+                       bits: Buffer) -> bytes: ...
 
 @disjoint_base
 class ReplayEngine:
