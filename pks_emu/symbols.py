@@ -135,8 +135,30 @@ class Symbolizer:
         self._tables: list[_Table] = []
         self._built: tuple[np.ndarray, np.ndarray, np.ndarray, list[str], list[int]] | None = None
         self.files: list[str] = []
+        self._open: list = []          # files that lazy DWARF reading still needs
         for spec in specs:
             self.add(spec)
+
+    def close(self) -> None:
+        """Close the ELF files kept open for their line tables (lookups after
+        this give no ``file:line``)."""
+        for f in self._open:
+            f.close()
+        self._open.clear()
+        for t in self._tables:
+            t.lines = None
+
+    def __enter__(self) -> "Symbolizer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:   # pragma: no cover - interpreter shutdown
+            pass
 
     # --- loading ----------------------------------------------------------
 
@@ -163,9 +185,24 @@ class Symbolizer:
         path = os.fspath(path)
         try:
             f = open(path, "rb")
+        except OSError as e:
+            raise PksEmuError(f"--symbols {path}: cannot read: {e.strerror or e}") from None
+        opened = [f]
+        try:
             elf = ELFFile(f)
-        except (OSError, ELFError) as e:
+            keep = self._load_elf(elf, path, base, debug_dirs, opened)
+        except ELFError as e:
+            keep = False
             raise PksEmuError(f"--symbols {path}: not a readable ELF file: {e}") from None
+        finally:
+            if not keep:
+                for o in opened:
+                    o.close()
+        if keep:
+            self._open.extend(opened)
+
+    def _load_elf(self, elf, path: str, base: int | None, debug_dirs: tuple[str, ...], opened: list) -> bool:
+        # True when the table reads DWARF lazily (the files stay open).
         loads = [s for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
         link_base = min((s["p_vaddr"] for s in loads), default=0) & ~0xFFF
         if base is not None and elf["e_type"] == "ET_EXEC" and base != link_base:
@@ -174,7 +211,7 @@ class Symbolizer:
         bias = 0 if base is None else base - link_base
         symelf, dbg = elf, None
         if not self._has_functions(elf, ".symtab"):
-            dbg = self._debug_file(elf, path, debug_dirs)
+            dbg = self._debug_file(elf, path, debug_dirs, opened)
             if dbg is not None:
                 symelf = dbg
         syms = self._functions(symelf, ".symtab") or self._functions(elf, ".dynsym")
@@ -189,6 +226,7 @@ class Symbolizer:
             except Exception:   # pragma: no cover - DWARF pyelftools cannot read
                 lines = None
         self._add_table(path, syms, bias, lines, infer_sizes=True)
+        return lines is not None
 
     @staticmethod
     def _has_functions(elf, name: str) -> bool:
@@ -251,7 +289,7 @@ class Symbolizer:
         return out
 
     @staticmethod
-    def _debug_file(elf, path: str, debug_dirs: tuple[str, ...]):
+    def _debug_file(elf, path: str, debug_dirs: tuple[str, ...], opened: list):
         """The installed detached debug file of a stripped ELF, or None."""
         from elftools.elf.elffile import ELFFile
         candidates = []
@@ -270,8 +308,10 @@ class Symbolizer:
             candidates += [os.path.join(d, here.lstrip("/"), name) for d in debug_dirs]
         for c in candidates:
             if os.path.isfile(c) and os.path.abspath(c) != os.path.abspath(path):
+                fd = open(c, "rb")
+                opened.append(fd)
                 try:
-                    return ELFFile(open(c, "rb"))
+                    return ELFFile(fd)
                 except Exception:   # pragma: no cover - not an ELF file after all
                     continue
         return None
@@ -303,7 +343,7 @@ class Symbolizer:
                     bounds.setdefault(mod, []).append(addr + base)
                     if typ not in _KALLSYMS_TEXT:
                         continue
-                    shown = f"{name} [{mod}]" if mod else name
+                    shown = f"{name}\0{mod}" if mod else name     # NUL: the module follows
                     rank = (0 if typ in "Tt" else 1, len(name) - len(name.lstrip("_")), name)
                     by_module.setdefault(mod, []).append((addr + base, 0, shown, rank))
         except OSError as e:
@@ -397,7 +437,8 @@ class Symbolizer:
         for k in np.flatnonzero(idx >= 0):
             i = int(idx[k])
             ip = int(uniq[k])
-            usyms[k] = f"{names[i]}+{ip - int(starts[i]):#x}"
+            name, _, mod = names[i].partition("\0")
+            usyms[k] = f"{name}+{ip - int(starts[i]):#x}" + (f" [{mod}]" if mod else "")
             tab = self._tables[int(table_of[i])]
             if tab.lines is not None:
                 try:
@@ -409,14 +450,17 @@ class Symbolizer:
 
     def write_kallsyms(self, path: str | os.PathLike, module: str | None = None) -> int:
         """Write the symbols loaded so far as kallsyms-format text (run-time
-        addresses; ``module`` tags every line). Returns the line count."""
+        addresses; ``module`` tags every symbol that has no module of its
+        own). Returns the line count."""
         starts, ends, _, names, _ = self._build()
         tmp = os.fspath(path) + ".tmp"
         n = 0
-        tag = f"\t[{module}]" if module else ""
         with open(tmp, "w") as f:
             rows = list(zip(starts.tolist(), ends.tolist(), names))
-            for i, (s, e, name) in enumerate(rows):
+            for i, (s, e, full) in enumerate(rows):
+                name, _, mod = full.partition("\0")
+                mod = mod or module
+                tag = f"\t[{mod}]" if mod else ""
                 f.write(f"{s:016x} t {name}{tag}\n")
                 n += 1
                 if i + 1 == len(rows) or rows[i + 1][0] > e:
