@@ -192,3 +192,88 @@ def test_empty_and_bad_parameters():
         fs.merge(FaultSites(max_buckets=8))
     with pytest.raises(ValueError, match="itself"):
         fs.merge(fs)
+
+
+# --- the per-fault log writer (pks_emu/trace/faultlog.py) ------------------
+
+def random_faults(n, seed=11):
+    rng = np.random.default_rng(seed)
+    f = np.zeros(n, dtype=np.dtype(FAULT_DTYPE_FIELDS))
+    f["record"] = rng.integers(0, 1 << 63, n, dtype=np.uint64)
+    f["record"][:3] = [0, 1, (1 << 64) - 1]
+    f["address"] = rng.integers(0, 1 << 63, n, dtype=np.uint64) * 2
+    f["address"][:2] = [0, (1 << 64) - 1]
+    f["error_code"] = rng.choice([0x27, 0x25, 0x7, 0, 0x8021, -5, -(1 << 31), (1 << 31) - 1], n)
+    f["vector"] = rng.choice([14, 14, 13, 6, 0, 255], n)
+    f["pkey"] = rng.integers(-128, 128, n)
+    f["kind"] = rng.choice([0, 1, 2, 255, 7], n)
+    f["cpu"] = rng.integers(0, 256, n)
+    ips = rng.integers(0, 1 << 64, n, dtype=np.uint64)
+    ips[::4] = 0
+    return f, ips
+
+
+def test_fault_log_csv_equals_the_old_writer(tmp_path):
+    from pks_emu.trace.cli_replay import write_faults
+    from pks_emu.trace.faultlog import write_faults_fast
+    f, ips = random_faults(3000)
+    old, new = tmp_path / "old.csv", tmp_path / "new.csv"
+    write_faults(str(old), f)
+    assert write_faults_fast(new, f, ips) == len(f)
+    old_lines = old.read_text().splitlines()
+    new_lines = new.read_text().splitlines()
+    assert new_lines[0] == old_lines[0] + ",ip"
+    for o, n, ip in zip(old_lines[1:], new_lines[1:], ips.tolist()):
+        assert n == o + "," + (f"{ip:#x}" if ip else "")
+    assert len(new_lines) == len(old_lines)
+    write_faults_fast(new, f)          # no IPs: the column stays, empty
+    assert all(line.endswith(",") for line in new.read_text().splitlines()[1:])
+
+
+def test_fault_log_jsonl_and_npy(tmp_path):
+    import json
+
+    from pks_emu.trace.faultlog import FAULT_IP_DTYPE, write_faults_fast
+    from pks_emu.trace.replay import fault_to_dict
+    f, ips = random_faults(2000, seed=12)
+    p = tmp_path / "f.jsonl"
+    write_faults_fast(p, f, ips)
+    rows = [json.loads(line) for line in p.read_text().splitlines()]
+    assert len(rows) == len(f)
+    for row, x, ip in zip(rows, f, ips.tolist()):
+        want = fault_to_dict(x)
+        want["ip"] = f"{ip:#x}" if ip else None
+        assert row == want
+    q = tmp_path / "f.npy"
+    write_faults_fast(q, f, ips)
+    back = np.load(q)
+    assert back.dtype == FAULT_IP_DTYPE
+    for name in f.dtype.names:
+        np.testing.assert_array_equal(back[name], f[name])
+    np.testing.assert_array_equal(back["ip"], ips)
+    write_faults_fast(tmp_path / "e.csv", f[:0])
+    assert (tmp_path / "e.csv").read_text() == "record,cpu,vector,kind,address,error_code,error_code_bits,pkey,ip\n"
+
+
+def test_fault_log_is_atomic(tmp_path, monkeypatch):
+    from pks_emu.errors import PksEmuError
+    from pks_emu.trace import faultlog
+    f, ips = random_faults(faultlog.BLOCK * 2 + 10)
+    target = tmp_path / "faults.csv"
+    target.write_text("previous\n")
+    calls = []
+
+    def failing(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return b"x\n"
+    monkeypatch.setattr(faultlog, "format_fault_block", failing)
+    with pytest.raises(PksEmuError, match="No space left"):
+        faultlog.write_faults_fast(target, f, ips)
+    assert target.read_text() == "previous\n"            # untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["faults.csv"]   # no temporary left
+    with pytest.raises(PksEmuError, match="unknown format"):
+        faultlog.write_faults_fast(tmp_path / "f.txt", f)
+    with pytest.raises(PksEmuError, match="cannot write"):
+        faultlog.write_faults_fast(tmp_path / "missing-dir" / "f.csv", f)
