@@ -13,7 +13,9 @@ Two kinds of symbol files:
   (from the GOT slot each stub jumps through). DWARF line tables give
   ``file:line``, read lazily one compilation unit at a time.
 * ``/proc/kallsyms``-format text (``ADDRESS TYPE NAME [MODULE]``, as also
-  printed by ``nm``), for kernel traces: text symbols only, each one
+  printed by ``nm``; ``#`` starts a comment line; plain, or compressed with
+  gzip, xz or bzip2), for kernel traces: text
+  symbols only, each one
   reaching up to the next symbol's address (kallsyms has no sizes); a module
   symbol is named ``function+offset [module]``.
 
@@ -37,6 +39,22 @@ DEBUG_DIRS = ("/usr/lib/debug",)
 _KALLSYMS_TEXT = set("TtWw")
 _KALLSYMS_LINE = re.compile(r"^([0-9a-fA-F]+)\s+(\S)\s+(\S+)(?:\s+\[(\S+)\])?\s*$")
 _BIND_RANK = {"STB_GLOBAL": 0, "STB_WEAK": 1, "STB_GNU_UNIQUE": 1, "STB_LOCAL": 2}
+
+
+def _open_text(path: str):
+    """A text file, plain or gzip/xz/bzip2-compressed (by its first bytes)."""
+    import bz2
+    import gzip
+    import lzma
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.open(path, "rt", encoding="utf-8", errors="replace")
+    if head.startswith(b"BZh"):
+        return bz2.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
 
 
 def parse_spec(spec: str) -> tuple[str, int | None]:
@@ -215,7 +233,7 @@ class Symbolizer:
             if dbg is not None:
                 symelf = dbg
         syms = self._functions(symelf, ".symtab") or self._functions(elf, ".dynsym")
-        syms.extend(self._plt(elf))
+        syms.extend(self._plt(elf, {a: n for a, _, n, _ in syms}))
         lines = None
         dwelf = dbg if dbg is not None and dbg.has_dwarf_info() else elf
         if dwelf.has_dwarf_info():
@@ -254,9 +272,11 @@ class Symbolizer:
         return out
 
     @staticmethod
-    def _plt(elf) -> list[tuple[int, int, str, tuple]]:
+    def _plt(elf, functions: dict[int, str]) -> list[tuple[int, int, str, tuple]]:
         """``name@plt`` for each PLT stub: the GOT slot its ``jmp *disp(%rip)``
-        reads, matched with the relocation that fills that slot."""
+        reads, matched with the relocation that fills that slot (for an
+        IRELATIVE one, the name of the IFUNC resolver it calls, else
+        ``*ABS*+0x...`` as objdump prints it)."""
         slots: dict[int, str] = {}
         dynsym = elf.get_section_by_name(".dynsym")
         for relname in (".rela.plt", ".rela.dyn"):
@@ -268,6 +288,8 @@ class Symbolizer:
                     sym = dynsym.get_symbol(r["r_info_sym"])
                     if sym is not None and sym.name:
                         slots[r["r_offset"]] = sym.name
+                elif r["r_info_type"] == 37 and r.is_RELA():      # R_X86_64_IRELATIVE
+                    slots[r["r_offset"]] = functions.get(r["r_addend"], f"*ABS*+{r['r_addend']:#x}")
         out: list[tuple[int, int, str, tuple]] = []
         if not slots:
             return out
@@ -325,9 +347,9 @@ class Symbolizer:
         bounds: dict[str | None, list[int]] = {}     # every symbol's address bounds the one before
         n_lines = zero = 0
         try:
-            with open(path, encoding="utf-8", errors="replace") as f:
+            with _open_text(path) as f:
                 for lineno, line in enumerate(f, 1):
-                    if not line.strip():
+                    if not line.strip() or line.startswith("#"):
                         continue
                     m = _KALLSYMS_LINE.match(line)
                     if m is None:
