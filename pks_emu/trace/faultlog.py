@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -100,10 +101,25 @@ def write_faults_fast(path: str | os.PathLike, faults: np.ndarray, ips: np.ndarr
                 raw = faults.view(np.uint8).reshape(-1)
                 none = np.empty(0, np.uint64)
                 size = FAULT_DTYPE.itemsize
-                for lo in range(0, n, BLOCK):
+
+                def block(lo: int) -> bytes:
                     hi = min(n, lo + BLOCK)
-                    f.write(format_fault_block(raw[lo * size:hi * size],
-                                               none if ips is None else ips[lo:hi], json, vec, kind, bits))
+                    return format_fault_block(raw[lo * size:hi * size],
+                                              none if ips is None else ips[lo:hi], json, vec, kind, bits)
+                # The formatter runs without the GIL: format the next block in
+                # a thread while this one is written.
+                starts = range(0, n, BLOCK)
+                if len(starts) <= 1:
+                    for lo in starts:
+                        f.write(block(lo))
+                else:
+                    with ThreadPoolExecutor(max_workers=1) as pool:
+                        pending = pool.submit(block, starts[0])
+                        for nxt in starts[1:]:
+                            text = pending.result()
+                            pending = pool.submit(block, nxt)
+                            f.write(text)
+                        f.write(pending.result())
         os.replace(tmp, path)
     except OSError as e:
         _unlink(tmp)
