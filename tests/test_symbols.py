@@ -237,3 +237,40 @@ def test_lookup_many_scales():
         else:
             i = min((ip - 0x400000) // 64, 999)
             assert name == f"f{i}+{ip - 0x400000 - 64 * i:#x}"
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def test_bundled_gzip_trace_symbols():
+    # examples/gzip-services.syms.xz names the faulting sites of the bundled
+    # trace under examples/protect-heap.toml (see examples/README.md).
+    sym = Symbolizer([os.path.join(EXAMPLES, "gzip-services.syms.xz")])
+    names, srcs = sym.lookup_many([0x400ddcc, 0x4011418, 0x4021960, 0x48cb9b6, 0x10b030, 0x10c000, 0x4838000])
+    assert names == ["_dl_relocate_object+0x1ac [ld-linux-x86-64.so.2]",
+                     "_dl_allocate_tls_storage+0x78 [ld-linux-x86-64.so.2]",
+                     "memset+0x60 [ld-linux-x86-64.so.2]",
+                     "_IO_flush_all_lockp+0x106 [libc.so.6]",
+                     "getenv@plt+0x0 [gzip]",
+                     None,          # gzip's own code: Debian strips it
+                     None]          # valgrind's preload library
+    assert srcs == [None] * 7
+
+
+LDSO = "/lib64/ld-linux-x86-64.so.2"
+LDSO_BUILD_ID = "93ac61ec5a8eb1396f9fbd350e3169a558528a40"    # libc6 2.36-9+deb12u14
+
+
+@pytest.mark.skipif(not os.path.isfile(f"/usr/lib/debug/.build-id/{LDSO_BUILD_ID[:2]}/{LDSO_BUILD_ID[2:]}.debug"),
+                    reason="needs Debian 12's libc6-dbg 2.36-9+deb12u14 (the ld.so of the bundled trace)")
+def test_bundled_symbols_equal_the_debian_elf_files():
+    # The shipped file is what the ELF files (with libc6-dbg) say, and the
+    # ELF path adds file:line from the detached DWARF.
+    with Symbolizer([f"{LDSO}@0x4000000"]) as elf:
+        got, src = elf.lookup(0x400ddcc)
+        assert got == "_dl_relocate_object+0x1ac" and src == "dl-reloc.c:301"
+        shipped = Symbolizer([os.path.join(EXAMPLES, "gzip-services.syms.xz")])
+        ips = np.arange(0x4000000, 0x4030000, 3, dtype=np.uint64)
+        a = elf.lookup_many(ips)[0]
+        b = [None if n is None else n.rsplit(" [", 1)[0] for n in shipped.lookup_many(ips)[0]]
+        assert a == b
