@@ -213,8 +213,22 @@ def random_faults(n, seed=11):
     return f, ips
 
 
+def write_faults(path: str, faults) -> None:
+    """The per-row CSV writer the fast one replaced, kept as its reference."""
+    from pks_emu.constants import pf_error_code_str
+    from pks_emu.trace.replay import KIND_NAMES, VECTOR_NAMES
+    with open(path, "w") as f:
+        f.write("record,cpu,vector,kind,address,error_code,error_code_bits,pkey\n")
+        for x in faults:
+            vec = int(x["vector"])
+            code = int(x["error_code"])
+            f.write(f"{int(x['record'])},{int(x['cpu'])},{VECTOR_NAMES.get(vec, vec)},"
+                    f"{KIND_NAMES.get(int(x['kind']), int(x['kind']))},{int(x['address']):#x},"
+                    f"{code:#x},{pf_error_code_str(code) if vec == 14 else ''},"
+                    f"{int(x['pkey']) if int(x['pkey']) >= 0 else ''}\n")
+
+
 def test_fault_log_csv_equals_the_old_writer(tmp_path):
-    from pks_emu.trace.cli_replay import write_faults
     from pks_emu.trace.faultlog import write_faults_fast
     f, ips = random_faults(3000)
     old, new = tmp_path / "old.csv", tmp_path / "new.csv"

@@ -92,6 +92,18 @@ class RecordType:
 COMPAT_CODES = {"sdm": 0, "qemu": 1}
 #: header api byte <-> series version (0: written before the field, read as V10)
 API_CODES = {"v6": 6, "v7": 7, "v10": 10}
+
+
+def api_name(api: str | int) -> str:
+    """"v6", "v7" or "v10" for a version name or a header api code (0 = v10)."""
+    if isinstance(api, str) and api in API_CODES:
+        return api
+    if api == 0:
+        return "v10"
+    for name, code in API_CODES.items():
+        if api == code:
+            return name
+    raise ValueError(f"api {api!r}: expected 'v6', 'v7', 'v10' or a header code 0, 6, 7, 10")
 FEATURE_CODES = {"pku": 1, "pks": 2, "smep": 4, "smap": 8, "nx": 16, "1g": 32, "la57": 64}
 
 
@@ -234,7 +246,7 @@ RECORD_PROBLEMS: tuple[Callable[[Any, TraceHeader], str], ...] = (
     lambda r, h: f"MSR number {int(r['addr']):#x} does not fit in 32 bits",
     lambda r, h: f"pkey {int(r['value'])}: expected 0..15",
     lambda r, h: f"protection bits {r['op']}: expected 0 (read/write), 1 (AD), 2 (WD) or 3",
-    lambda r, h: f"pks_abandon_protections exists only in the V7 API (this replay runs {h.api})",
+    lambda r, h: f"pks_abandon_protections exists only in the V7 API (this replay runs {api_name(h.api)})",
 )
 
 
@@ -242,7 +254,7 @@ def record_problem_message(recs: np.ndarray, index: int, header: TraceHeader) ->
     """Why record ``index`` of ``recs`` must not be replayed, or None."""
     one = np.ascontiguousarray(recs[index:index + 1])
     bad, why = first_invalid_record(one.view(np.uint8).reshape(-1).data, header.ncpus,
-                                    header.max_tasks, header.api)
+                                    header.max_tasks, api_name(header.api))
     return None if bad < 0 else RECORD_PROBLEMS[why](one[0], header)
 
 
@@ -254,7 +266,7 @@ def validate_records(path: str, recs: np.ndarray, first_index: int, header: Trac
         return
     recs = np.ascontiguousarray(recs)
     bad, why = first_invalid_record(recs.view(np.uint8).reshape(-1).data, header.ncpus,
-                                    header.max_tasks, header.api)
+                                    header.max_tasks, api_name(header.api))
     if bad >= 0:
         raise TraceFormatError(
             f"{path}: record {first_index + bad}: {RECORD_PROBLEMS[why](recs[bad], header)}")
