@@ -1,7 +1,6 @@
 # The kernel side of the PKS series that both the Python kernel model
 # (pks_emu.kernel) and the compiled replay loop use: one copy of the state
-# and of the version rules (docs/rules.md, "Kernel: PKRS across context
-# switches and exceptions").
+# and of the version rules (docs/rules.md §2.6, §2.7, §2.8, §2.10).
 #
 # State: a per-CPU cached MSR value (pkrs_cache), the running task of each
 # CPU, every task's saved PKRS (thread.saved_pkrs in V4-V7, thread.pkrs in

@@ -1,5 +1,5 @@
 """A plain-Python replay of a native trace through the public CPU API, with
-the V10 context-switch and exception rules (pks-spec.md §3.6-3.8) written
+the V10 context-switch and exception rules (docs/rules.md §2.6, §2.7, §2.8) written
 out, to check the compiled replay loop against."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The constants the compiled core uses (``PKS_*`` in pks_emu/_core.pxd) agree
 with pks_emu/constants.py, and both have the architectural values (SDM Vol. 3A,
-Linux PKS series; docs/pks-spec.md §2)."""
+Linux PKS series; docs/rules.md §1)."""
 from __future__ import annotations
 
 import re

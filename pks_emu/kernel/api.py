@@ -1,4 +1,4 @@
-"""The consumer API, per version (spec §3.2).
+"""The consumer API, per version (docs/rules.md §2.2).
 
 =============  ==========================================================
 V4-V6          ``pks_key_alloc(name)``, ``pks_key_free(key)``,

@@ -26,7 +26,7 @@ class Kernel(ApiMixin, SchedMixin, EntryMixin, FaultMixin, MmMixin, DebugfsMixin
     """A Linux kernel with the PKS series, as plain Python over ``machine``.
 
     ``api``: ``"v6"`` (default; V4-V6 dynamic allocator), ``"v7"`` or ``"v10"``.
-    Config (the Kconfig options of spec §3.11):
+    Config (the Kconfig options of docs/rules.md §2.11):
 
     * ``pks_test`` — ``CONFIG_PKS_TEST``: load the ported ``lib/pks/pks_test.c``
       (``kernel.pks_test``) and its debugfs file; in V7/V10 it owns a key;

@@ -1,5 +1,5 @@
 """Exception entry and exit: save the interrupted PKRS, run with the default,
-restore (spec §3.8).
+restore (docs/rules.md §2.8).
 
 "The current thread value must be saved, the CPU MSR value set to the default
 value during the exception, and the saved thread value restored upon
@@ -15,7 +15,7 @@ Which entries save:
   entry/exit always.
 * V8-V10: every ``irqentry_enter`` path, user mode included, and NMI.
 
-What the handler runs with (V10 code, spec §3.8 notes 1-2): the MSR holds the
+What the handler runs with (V10 code, docs/rules.md §2.8, notes 1-2): the MSR holds the
 default, but ``current->thread.pkrs`` still holds the *interrupted* value, so
 a ``pks_set_*`` inside the handler recomputes from it; on exit both are
 overwritten from the aux slot (examples/kernel_v10_handler_recompute.py).

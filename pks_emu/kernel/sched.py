@@ -1,10 +1,10 @@
 """Tasks, the per-CPU ``pkrs_cache`` and the context switch.
 
 * ``thread_struct`` holds the task's PKRS: ``saved_pkrs`` in V4-V7, ``pkrs`` in
-  V9/V10 (spec §3.7). Both names work on ``Thread``; ``Thread.field`` says
+  V9/V10 (docs/rules.md §2.7). Both names work on ``Thread``; ``Thread.field`` says
   which one the selected version uses.
 * ``write_pkrs`` (V4-V7) / ``pks_write_pkrs`` (V8-V10) skip the WRMSR when the
-  per-CPU cache already holds the value (spec §3.6): "PKRS is only temporarily
+  per-CPU cache already holds the value (docs/rules.md §2.6): "PKRS is only temporarily
   changed during specific code paths" (V5 comment), so most switches are free.
 * ``__switch_to`` loads the next task's value: V4-V6 ``pks_sched_in``, V7
   ``pkrs_write_current`` (ANDs the allowed mask), V10 ``x86_pkrs_load``.
@@ -69,7 +69,7 @@ class Task:
 
     ``frames`` are the pt_regs (with their aux slot) on the task's kernel
     stack, innermost last: they belong to the task, not to the CPU, so they
-    survive a reschedule inside a handler (spec §3.8 note 4) or a migration.
+    survive a reschedule inside a handler (docs/rules.md §2.8, note 4) or a migration.
     """
 
     _pids = itertools.count(0)
@@ -376,7 +376,7 @@ class SchedMixin(KernelPart):
     @contextmanager
     def syscall(self, task: Task):
         """A system call by ``task``: CPL 0 on its CPU for the duration, with
-        no exception entry (spec §3.8 note 5: syscalls run with ``thread.pkrs``)."""
+        no exception entry (docs/rules.md §2.8, note 5: syscalls run with ``thread.pkrs``)."""
         self._check_current(task)
         cpu = self.percpu[task.cpu].cpu
         old_cpl = cpu.cpl

@@ -3,10 +3,10 @@ emulated kernel, through ``/sys/kernel/debug/x86/run_pks``.
 
 * ``--api v10`` (default list: check_defaults single context_switch
   exception exception_update run_all; ``create_fault`` only when named) is
-  ``tools/testing/selftests/x86/test_pks.c`` of V9/V10 (spec §4.6): each test
+  ``tools/testing/selftests/x86/test_pks.c`` of V9/V10 (docs/rules.md §2.13): each test
   opens the file, writes its number, reads ``PASS``/``FAIL``; a missing file
   or ``-ENOENT`` is ``[SKIP] Test not supported``.
-* ``--api v6``/``v7`` run the V4-V7 commands (spec §4.1-4.3) under names:
+* ``--api v6``/``v7`` run the V4-V7 commands (docs/rules.md §2.13) under names:
   run ("0"), context_switch (the V4-V6 ``test_pks.c`` fork flow), run_all
   ("3"; the kernel only logs its result, so it is read from the log),
   abandon ("6", V7), and crash ("9" twice) only when named.
@@ -118,7 +118,7 @@ class Runner:
         self.finish(parent)
         return {"P": 0, "S": -errno.ENOENT, "F": -errno.EFAULT}[res]
 
-    # --- V4-V6 context switch (test_pks.c, §4.2) ------------------------------------------
+    # --- V4-V6 context switch (test_pks.c, docs/rules.md §2.13) --------------------------------
     def context_switch_v6(self) -> int:
         k = self.k
         parent = self.spawn()
@@ -142,7 +142,7 @@ class Runner:
         k.schedule(self.cpu, parent)
         self.finish(parent)
         # (The C program's strncmp on a non-terminated buffer never matches,
-        # so its exit code ignores the result, §4.2; the result is used here.)
+        # so its exit code ignores the result, docs/rules.md §2.13; the result is used here.)
         return 0 if result[:4] == b"PASS" else -errno.EFAULT
 
     def run_all_v6(self) -> int:
@@ -150,7 +150,7 @@ class Runner:
         r = self.do_simple_test("3")
         if r == -errno.ENOENT:
             return r
-        # The result of run_all is only logged by the kernel (§4.1).
+        # The result of run_all is only logged by the kernel (docs/rules.md §2.13).
         for _lvl, msg in self.k.dmesg[start:]:
             if msg.startswith("pks_test: run_all:"):
                 return 0 if msg.endswith("PASS") else -errno.EFAULT

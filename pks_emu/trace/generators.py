@@ -2,7 +2,7 @@
 
 Every generator takes a seed and produces the same file for the same
 arguments. The workloads follow the uses the PKS series was written for
-(pks-spec.md §3, §6):
+(docs/rules.md §2.6, §2.7, §2.8, §2.12):
 
 * ``pmem-stray``: the PMEM consumer. Accesses to persistent memory happen in
   windows opened and closed with WRMSR (``pks_set_readwrite``/``noaccess``);
