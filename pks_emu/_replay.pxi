@@ -152,8 +152,13 @@ cdef class ReplayEngine:
     cdef int api
     cdef uint64_t max_tasks
     cdef pks_fault_t *faults
+    cdef uint64_t *fault_ips
     cdef uint64_t n_faults, cap_faults
     cdef readonly uint64_t max_faults
+    cdef readonly uint64_t total_faults
+    cdef readonly uint64_t log_limit
+    cdef readonly FaultSites sites
+    cdef readonly KernelMapper mapper
     cdef uint32_t pkrs_init
     cdef uint64_t rec_counts[REC_COUNT]
     cdef readonly uint64_t max_exception_depth, records_done
@@ -163,9 +168,11 @@ cdef class ReplayEngine:
     def __cinit__(self):
         self.cpus = NULL
         self.faults = NULL
+        self.fault_ips = NULL
 
     def __init__(self, machine, uint64_t max_tasks=65536, uint32_t pkrs_init=PKS_INIT_VALUE,
-                 uint64_t max_faults=0, str api="v10"):
+                 uint64_t max_faults=0, str api="v10", *, uint64_t log_limit=0,
+                 FaultSites sites=None, KernelMapper mapper=None):
         cdef int i
         cdef CPU cpu
         cpus = list(machine.cpus)
@@ -177,6 +184,13 @@ cdef class ReplayEngine:
         self.max_tasks = max_tasks
         self.pkrs_init = pkrs_init
         self.max_faults = max_faults
+        # Every fault is counted by site; the per-fault log keeps the first
+        # ``log_limit`` (0: all) until take_faults() hands them out.
+        self.log_limit = log_limit
+        self.sites = sites if sites is not None else FaultSites()
+        if mapper is not None and mapper.ncpus != self.ncpus:
+            raise ValueError(f"the kernel mapper has {mapper.ncpus} CPUs, the machine {self.ncpus}")
+        self.mapper = mapper
         pks = bool((<CPU>cpus[0]).st.features & PKS_FEAT_PKS)
         # A task the trace never set up starts with the init task's value
         # (INIT_THREAD .pkrs = PKS_INIT_VALUE; fork copies it).
@@ -187,7 +201,8 @@ cdef class ReplayEngine:
         self.cpus = <pks_cpu_t **>calloc(self.ncpus, sizeof(pks_cpu_t *))
         self.cap_faults = 1024
         self.faults = <pks_fault_t *>malloc(self.cap_faults * sizeof(pks_fault_t))
-        if self.cpus == NULL or self.faults == NULL:
+        self.fault_ips = <uint64_t *>malloc(self.cap_faults * sizeof(uint64_t))
+        if self.cpus == NULL or self.faults == NULL or self.fault_ips == NULL:
             raise MemoryError("cannot allocate the replay state")
         for i in range(self.ncpus):
             cpu = cpus[i]
@@ -201,6 +216,7 @@ cdef class ReplayEngine:
     def __dealloc__(self):
         free(self.cpus)
         free(self.faults)
+        free(self.fault_ips)
 
     @property
     def api(self):
@@ -228,14 +244,26 @@ cdef class ReplayEngine:
         return self.kernel.total("nmis")
 
     cdef inline int _log_fault(self, uint64_t index, int cpu, uint8_t vector, int32_t code,
-                               uint64_t address, int pkey, uint8_t kind) noexcept nogil:
+                               uint64_t address, int pkey, uint8_t kind,
+                               uint64_t ip=0) noexcept nogil:
         cdef pks_fault_t *grown
+        cdef uint64_t *grown_ips
+        if self.sites.add(index, <uint8_t>cpu, ip, address, pkey, code, vector, kind) != 0:
+            return -1
+        self.total_faults += 1
+        if self.log_limit and self.n_faults >= self.log_limit:
+            return 0
         if self.n_faults == self.cap_faults:
             grown = <pks_fault_t *>realloc(self.faults, 2 * self.cap_faults * sizeof(pks_fault_t))
             if grown == NULL:
                 return -1
             self.faults = grown
+            grown_ips = <uint64_t *>realloc(self.fault_ips, 2 * self.cap_faults * sizeof(uint64_t))
+            if grown_ips == NULL:
+                return -1
+            self.fault_ips = grown_ips
             self.cap_faults *= 2
+        self.fault_ips[self.n_faults] = ip
         self.faults[self.n_faults].record = index
         self.faults[self.n_faults].address = address
         self.faults[self.n_faults].error_code = code
@@ -246,10 +274,11 @@ cdef class ReplayEngine:
         self.n_faults += 1
         return 0
 
-    cdef inline int _insn_fault(self, uint64_t index, int cpu, int32_t r, uint64_t addr) noexcept nogil:
+    cdef inline int _insn_fault(self, uint64_t index, int cpu, int32_t r, uint64_t addr,
+                                uint64_t ip=0) noexcept nogil:
         if r == PKS_OK:
             return 0
-        return self._log_fault(index, cpu, 6 if r == PKS_UD else 13, 0, addr, -1, 255)
+        return self._log_fault(index, cpu, 6 if r == PKS_UD else 13, 0, addr, -1, 255, ip)
 
     cdef inline int _invalid(self, uint64_t index, int why) noexcept nogil:
         self.error_record = index
@@ -257,28 +286,65 @@ cdef class ReplayEngine:
         self.records_done = index
         return REPLAY_INVALID
 
-    def run(self, const uint8_t[::1] data, uint64_t first_index):
-        """Replay the records in ``data`` (a multiple of 24 bytes). Returns a
-        status code (REPLAY_*); an invalid record stops the run, with its
-        index in ``error_record`` and the reason in ``error_problem``."""
+    def run(self, const uint8_t[::1] data not None, uint64_t first_index,
+            const uint64_t[::1] ip=None, const uint64_t[::1] pa=None):
+        """Replay the records in ``data`` (a multiple of 24 bytes), with the
+        instruction pointer (``ip``) and physical address (``pa``) of each
+        record when the trace has them. Returns a status code (REPLAY_*); an
+        invalid record stops the run, with its index in ``error_record`` and
+        the reason in ``error_problem``."""
         if data.shape[0] % sizeof(pks_record_t):
             raise ValueError(f"record buffer of {data.shape[0]} bytes is not a multiple of 24")
         cdef uint64_t n = data.shape[0] // sizeof(pks_record_t)
+        if ip is not None and <uint64_t>ip.shape[0] != n:
+            raise ValueError(f"ip has {ip.shape[0]} entries for {n} records")
+        if pa is not None and <uint64_t>pa.shape[0] != n:
+            raise ValueError(f"pa has {pa.shape[0]} entries for {n} records")
         if n == 0:
             return REPLAY_DONE
         cdef const pks_record_t *recs = <const pks_record_t *>&data[0]
+        cdef const uint64_t *ipp = &ip[0] if ip is not None else NULL
+        cdef const uint64_t *pap = &pa[0] if pa is not None else NULL
         cdef int status = REPLAY_DONE
         _check_writable(&self._memory.m)     # one GIL-free loop per machine at a time
         self._memory.m.busy += 1
         try:
             with nogil:
-                status = self._run(recs, n, first_index)
+                status = self._run(recs, n, first_index, ipp, pap)
         finally:
             self._memory.m.busy -= 1
         return status
 
-    cdef int _run(self, const pks_record_t *recs, uint64_t n, uint64_t first) noexcept nogil:
-        cdef uint64_t i, pa = 0, v = 0
+    cdef int32_t _demand(self, pks_cpu_t *c, const pks_record_t *r, int32_t res, uint64_t got,
+                         uint64_t want) noexcept nogil:
+        """A captured kernel's access: map what is not mapped yet, follow
+        the guest's remappings, then the access again. Returns its result,
+        or PKS_UD when the mapper ran out of page-table frames."""
+        cdef int tries
+        cdef uint64_t fva, fpa
+        for tries in range(3):
+            if res == PKS_OK:
+                if want == _PA_UNKNOWN or ((got ^ want) >> 12) == 0:
+                    return res
+                if self.mapper.refresh(c, r.addr, want) != 0:
+                    return PKS_UD
+            elif res >= 0 and not (res & (PKS_PF_P | PKS_PF_RSVD)):
+                fva = c.last_fault_va
+                fpa = _PA_UNKNOWN
+                if want != _PA_UNKNOWN:
+                    fpa = want + (fva & ~<uint64_t>0xFFF) - (r.addr & ~<uint64_t>0xFFF)
+                if self.mapper.map_page(c, fva, fpa) != 0:
+                    return PKS_UD
+            else:
+                return res
+            res = _access(c, r.addr, r.op, r.size, (r.flags & 1) != 0, &got)
+        return res
+
+    cdef int _run(self, const pks_record_t *recs, uint64_t n, uint64_t first,
+                  const uint64_t *ipp, const uint64_t *pap) noexcept nogil:
+        cdef uint64_t i, pa = 0, v = 0, ipv = 0, rfl = 0
+        cdef int32_t w
+        cdef bint windows = self.mapper is not None and self.mapper.n_windows > 0
         cdef const pks_record_t *r
         cdef pks_cpu_t *c
         cdef int32_t res
@@ -294,18 +360,39 @@ cdef class ReplayEngine:
             if r.type == REC_ACCESS:
                 if r.cpl != 0xFF:
                     c.cpl = r.cpl
+                if ipp != NULL:
+                    ipv = ipp[i]
+                    if windows and ipv != 0:
+                        w = self.mapper.window_at(cpu, ipv)
+                        if w != self.mapper.open_w[cpu]:
+                            res = self.mapper.switch_window(self.kernel, cpu, w)
+                            if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
+                                return REPLAY_OUT_OF_MEMORY
+                if r.flags & 2:
+                    # Kernel code between stac and clac (a capture's FLAG_AC).
+                    rfl = c.rflags
+                    c.rflags = rfl | PKS_RFLAGS_AC
                 res = _access(c, r.addr, r.op, r.size, (r.flags & 1) != 0, &pa)
+                if self.mapper is not None:
+                    res = self._demand(c, r, res, pa, pap[i] if pap != NULL else _PA_UNKNOWN)
+                    if res == PKS_UD:
+                        self.error_record = first + i
+                        return REPLAY_OUT_OF_MEMORY
+                if r.flags & 2:
+                    c.rflags = rfl
                 if res == PKS_OK:
                     continue
                 if res == PKS_GP:
-                    if self._log_fault(first + i, cpu, 13, 0, r.addr, -1, r.op) != 0:
+                    if self._log_fault(first + i, cpu, 13, 0, r.addr, -1, r.op, ipv) != 0:
                         return REPLAY_OUT_OF_MEMORY
-                elif self._log_fault(first + i, cpu, 14, res, c.last_fault_va, c.last_pkey, r.op) != 0:
+                elif self._log_fault(first + i, cpu, 14, res, c.last_fault_va, c.last_pkey, r.op,
+                                     ipv) != 0:
                     return REPLAY_OUT_OF_MEMORY
-                if self.max_faults and self.n_faults >= self.max_faults:
+                if self.max_faults and self.total_faults >= self.max_faults:
                     self.records_done = first + i + 1
                     return REPLAY_STOPPED
                 continue
+            ipv = ipp[i] if ipp != NULL else 0
             self.rec_counts[r.type] += 1
             res = PKS_OK
             if r.type == REC_WRMSR:
@@ -316,19 +403,19 @@ cdef class ReplayEngine:
                         # running task's value and the cache follow it.
                         self.kernel.msr_written(cpu, r.value)
                     continue
-                if self._insn_fault(first + i, cpu, res, r.addr) != 0:
+                if self._insn_fault(first + i, cpu, res, r.addr, ipv) != 0:
                     return REPLAY_OUT_OF_MEMORY
             elif r.type == REC_RDMSR:
                 res = pks_rdmsr(c, <uint32_t>r.addr, &v)
                 if res == PKS_OK:
                     continue
-                if self._insn_fault(first + i, cpu, res, r.addr) != 0:
+                if self._insn_fault(first + i, cpu, res, r.addr, ipv) != 0:
                     return REPLAY_OUT_OF_MEMORY
             elif r.type == REC_WRPKRU:
                 res = pks_wrpkru(c, <uint32_t>r.value, <uint32_t>r.addr, <uint32_t>(r.addr >> 32))
                 if res == PKS_OK:
                     continue
-                if self._insn_fault(first + i, cpu, res, 0) != 0:
+                if self._insn_fault(first + i, cpu, res, 0, ipv) != 0:
                     return REPLAY_OUT_OF_MEMORY
             elif r.type == REC_MOV_CR:
                 if r.op == 0:
@@ -339,7 +426,7 @@ cdef class ReplayEngine:
                     res = pks_write_cr4(c, r.value)
                 if res == PKS_OK:
                     continue
-                if self._insn_fault(first + i, cpu, res, r.value) != 0:
+                if self._insn_fault(first + i, cpu, res, r.value, ipv) != 0:
                     return REPLAY_OUT_OF_MEMORY
             elif r.type == REC_INVLPG:
                 pks_invlpg(c, r.addr)
@@ -356,10 +443,10 @@ cdef class ReplayEngine:
                     c.cpl = 0
                     res = pks_write_cr3(c, r.addr)
                     c.cpl = cpl_before
-                    if self._insn_fault(first + i, cpu, res, r.addr) != 0:
+                    if self._insn_fault(first + i, cpu, res, r.addr, ipv) != 0:
                         return REPLAY_OUT_OF_MEMORY
                 res = self.kernel.switch_to(cpu, <int64_t>r.value)
-                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS) != 0:
+                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
                     return REPLAY_OUT_OF_MEMORY
                 continue
             elif r.type == REC_EXCEPTION_ENTRY:
@@ -373,7 +460,7 @@ cdef class ReplayEngine:
                 depth = self.kernel.depth_of(cpu)
                 if depth > self.max_exception_depth:
                     self.max_exception_depth = depth
-                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS) != 0:
+                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
                     return REPLAY_OUT_OF_MEMORY
                 continue
             elif r.type == REC_EXCEPTION_EXIT:
@@ -382,7 +469,7 @@ cdef class ReplayEngine:
                     self.records_done = first + i
                     return REPLAY_EXIT_WITHOUT_ENTRY
                 c.cpl = cpl_before
-                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS) != 0:
+                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
                     return REPLAY_OUT_OF_MEMORY
                 continue
             elif r.type == REC_SET_RFLAGS:
@@ -396,7 +483,7 @@ cdef class ReplayEngine:
                 continue
             elif r.type == REC_PKS_UPDATE:
                 res = self.kernel.update_current(cpu, <int>r.value, r.op)
-                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS) != 0:
+                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
                     return REPLAY_OUT_OF_MEMORY
                 continue
             elif r.type == REC_PKS_ABANDON:
@@ -404,13 +491,13 @@ cdef class ReplayEngine:
                 # for good, and the current task gets read/write on it.
                 self.kernel.mask &= ~(<uint64_t>3 << (2 * r.value)) & <uint64_t>0xFFFFFFFF
                 res = self.kernel.update_current(cpu, <int>r.value, 0)
-                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS) != 0:
+                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
                     return REPLAY_OUT_OF_MEMORY
                 continue
             if res == PKS_OK:
                 continue
             # Only faulting records reach this point.
-            if self.max_faults and self.n_faults >= self.max_faults:
+            if self.max_faults and self.total_faults >= self.max_faults:
                 self.records_done = first + i + 1
                 return REPLAY_STOPPED
         self.records_done = first + n
@@ -424,8 +511,25 @@ cdef class ReplayEngine:
             memcpy(&view[0], self.faults, self.n_faults * sizeof(pks_fault_t))
         return out
 
+    def fault_ips_array(self):
+        """The instruction pointer of each logged fault (0: unknown)."""
+        out = np.empty(self.n_faults, dtype=np.uint64)
+        cdef uint64_t[::1] view = out
+        if self.n_faults:
+            memcpy(&view[0], self.fault_ips, self.n_faults * sizeof(uint64_t))
+        return out
+
+    def take_faults(self):
+        """(faults, ips) logged so far, emptying the log (a caller that
+        streams the log to a file takes it after each chunk). The log
+        limit then counts again from zero."""
+        out = (self.faults_array(), self.fault_ips_array())
+        self.n_faults = 0
+        return out
+
     @property
     def fault_count(self):
+        """Faults logged and not yet taken."""
         return self.n_faults
 
     def record_counts(self):
