@@ -105,8 +105,7 @@ cdef class FaultSites:
     cdef uint32_t shift0                 # bucket_records0 = 1 << shift0
     cdef uint32_t shift                  # bucket width = 1 << shift
     cdef uint64_t max_record
-    cdef uint64_t *pkeys                 # (page << 5 | pkey + 1), _PAGE_FREE when free
-    cdef uint64_t *pcounts
+    cdef uint64_t *pt                    # pairs: key (page << 5 | pkey + 1, _PAGE_FREE when free), count
     cdef uint64_t pcap, n_pages, last_page_slot
     cdef readonly uint64_t max_pages
     cdef readonly uint64_t pages_dropped
@@ -115,11 +114,11 @@ cdef class FaultSites:
     def __cinit__(self):
         self.table = NULL
         self.tl = NULL
-        self.pkeys = NULL
-        self.pcounts = NULL
+        self.pt = NULL
 
     def __init__(self, uint64_t max_buckets=1024, uint64_t bucket_records=1,
                  uint64_t max_pages=1 << 20):
+        cdef uint64_t i
         _pow2("max_buckets", max_buckets)
         _pow2("bucket_records", bucket_records)
         if max_buckets < 2 or max_buckets > (1 << 20):
@@ -128,8 +127,7 @@ cdef class FaultSites:
             raise ValueError(f"max_pages {max_pages}: expected at most {1 << 30}")
         free(self.table)
         free(self.tl)
-        free(self.pkeys)
-        free(self.pcounts)
+        free(self.pt)
         self.cap = 256
         self.table = <pks_site_t *>calloc(self.cap, sizeof(pks_site_t))
         self.max_buckets = max_buckets
@@ -138,11 +136,12 @@ cdef class FaultSites:
         self.tl = <uint64_t *>calloc(_TL_ROWS * max_buckets, sizeof(uint64_t))
         self.max_pages = max_pages
         self.pcap = 1024
-        self.pkeys = <uint64_t *>malloc(self.pcap * sizeof(uint64_t))
-        self.pcounts = <uint64_t *>calloc(self.pcap, sizeof(uint64_t))
-        if self.table == NULL or self.tl == NULL or self.pkeys == NULL or self.pcounts == NULL:
+        self.pt = <uint64_t *>malloc(2 * self.pcap * sizeof(uint64_t))
+        if self.table == NULL or self.tl == NULL or self.pt == NULL:
             raise MemoryError("cannot allocate the fault-site tables")
-        memset(self.pkeys, 0xFF, self.pcap * sizeof(uint64_t))
+        for i in range(self.pcap):
+            self.pt[2 * i] = _PAGE_FREE
+            self.pt[2 * i + 1] = 0
         self.n_sites = 0
         self.last_slot = 0
         self.shift = self.shift0
@@ -155,8 +154,7 @@ cdef class FaultSites:
     def __dealloc__(self):
         free(self.table)
         free(self.tl)
-        free(self.pkeys)
-        free(self.pcounts)
+        free(self.pt)
 
     # --- the hot path -----------------------------------------------------
 
@@ -236,24 +234,21 @@ cdef class FaultSites:
 
     cdef int _grow_pages(self) noexcept nogil:
         cdef uint64_t ncap = self.pcap * 2, i, j, mask = ncap - 1
-        cdef uint64_t *nk = <uint64_t *>malloc(ncap * sizeof(uint64_t))
-        cdef uint64_t *nc = <uint64_t *>calloc(ncap, sizeof(uint64_t))
-        if nk == NULL or nc == NULL:
-            free(nk)
-            free(nc)
+        cdef uint64_t *nt = <uint64_t *>malloc(2 * ncap * sizeof(uint64_t))
+        if nt == NULL:
             return -1
-        memset(nk, 0xFF, ncap * sizeof(uint64_t))
+        for i in range(ncap):
+            nt[2 * i] = _PAGE_FREE
+            nt[2 * i + 1] = 0
         for i in range(self.pcap):
-            if self.pkeys[i] != _PAGE_FREE:
-                j = _mix64(self.pkeys[i]) & mask
-                while nk[j] != _PAGE_FREE:
+            if self.pt[2 * i] != _PAGE_FREE:
+                j = _mix64(self.pt[2 * i]) & mask
+                while nt[2 * j] != _PAGE_FREE:
                     j = (j + 1) & mask
-                nk[j] = self.pkeys[i]
-                nc[j] = self.pcounts[i]
-        free(self.pkeys)
-        free(self.pcounts)
-        self.pkeys = nk
-        self.pcounts = nc
+                nt[2 * j] = self.pt[2 * i]
+                nt[2 * j + 1] = self.pt[2 * i + 1]
+        free(self.pt)
+        self.pt = nt
         self.pcap = ncap
         self.last_page_slot = 0
         return 0
@@ -272,23 +267,23 @@ cdef class FaultSites:
     cdef void _page(self, uint64_t key, uint64_t n) noexcept nogil:
         # _reserve() made room for one more entry.
         cdef uint64_t mask, j
-        if self.pkeys[self.last_page_slot] == key:
-            self.pcounts[self.last_page_slot] += n
+        if self.pt[2 * self.last_page_slot] == key:
+            self.pt[2 * self.last_page_slot + 1] += n
             return
         mask = self.pcap - 1
         j = _mix64(key) & mask
         while True:
-            if self.pkeys[j] == key:
+            if self.pt[2 * j] == key:
                 break
-            if self.pkeys[j] == _PAGE_FREE:
+            if self.pt[2 * j] == _PAGE_FREE:
                 if self.n_pages >= self.max_pages:
                     self.pages_dropped += n
                     return
-                self.pkeys[j] = key
+                self.pt[2 * j] = key
                 self.n_pages += 1
                 break
             j = (j + 1) & mask
-        self.pcounts[j] += n
+        self.pt[2 * j + 1] += n
         self.last_page_slot = j
 
     cdef int add(self, uint64_t record, uint8_t cpu, uint64_t ip, uint64_t address, int pkey,
@@ -430,12 +425,11 @@ cdef class FaultSites:
         """(page address, pkey, count) as a numpy array of
         ``PAGE_DTYPE_FIELDS``, ranked by count descending, then page, key."""
         out = np.zeros(self.n_pages, dtype=np.dtype(PAGE_DTYPE_FIELDS))
-        keys = np.empty(self.pcap, dtype=np.uint64)
-        counts = np.empty(self.pcap, dtype=np.uint64)
-        cdef uint64_t[::1] kv = keys
-        cdef uint64_t[::1] cv = counts
-        memcpy(&kv[0], self.pkeys, self.pcap * sizeof(uint64_t))
-        memcpy(&cv[0], self.pcounts, self.pcap * sizeof(uint64_t))
+        both = np.empty(2 * self.pcap, dtype=np.uint64)
+        cdef uint64_t[::1] bv = both
+        memcpy(&bv[0], self.pt, 2 * self.pcap * sizeof(uint64_t))
+        keys = both[0::2]
+        counts = both[1::2]
         used = keys != _PAGE_FREE
         keys = keys[used]
         out["page"] = (keys >> np.uint64(5)) << np.uint64(12)
@@ -474,11 +468,11 @@ cdef class FaultSites:
                     self._sample(s, o.samples[k])
             if rc == 0:
                 for i in range(other.pcap):
-                    if other.pkeys[i] != _PAGE_FREE:
+                    if other.pt[2 * i] != _PAGE_FREE:
                         if self._reserve() != 0:
                             rc = -1
                             break
-                        self._page(other.pkeys[i], other.pcounts[i])
+                        self._page(other.pt[2 * i], other.pt[2 * i + 1])
         if rc != 0:
             raise MemoryError("out of memory in the fault-site tables")
         self.pages_dropped += other.pages_dropped

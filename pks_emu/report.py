@@ -126,11 +126,12 @@ def _cmap(name: str):
 
 def page_matrix(pages: list[dict], top: int = TOP_PAGES):
     """(page labels, key labels, counts[page][key]) of the ``top`` pages
-    with the most faults (all keys)."""
+    with the most faults (all keys), in address order."""
     totals: dict[str, int] = {}
     for p in pages:
         totals[p["page"]] = totals.get(p["page"], 0) + p["count"]
     rows = sorted(totals, key=lambda pg: (-totals[pg], int(pg, 16)))[:top]
+    rows.sort(key=lambda pg: int(pg, 16))       # shown in address order
     keys = sorted({p["pkey"] for p in pages if p["page"] in totals},
                   key=lambda k: -1 if k is None else k)
     ri = {pg: i for i, pg in enumerate(rows)}

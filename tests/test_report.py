@@ -147,8 +147,8 @@ def test_heat_map_matrix():
     pages = [{"page": "0x1000", "pkey": 3, "count": 5}, {"page": "0x1000", "pkey": None, "count": 2},
              {"page": "0x2000", "pkey": 3, "count": 9}, {"page": "0x3000", "pkey": 1, "count": 1}]
     rows, keys, m = page_matrix(pages, top=2)
-    assert rows == ["0x2000", "0x1000"] and keys == ["none", "1", "3"]
-    assert m == [[0, 0, 9], [2, 0, 5]]
+    assert rows == ["0x1000", "0x2000"] and keys == ["none", "1", "3"]
+    assert m == [[2, 0, 5], [0, 0, 9]]
 
 
 def test_schema1_and_empty_results(tmp_path):
