@@ -129,11 +129,28 @@ def test_record_into_a_pipe(tmp_path):
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(r, 1 << 16), b"")))
     reader.start()
     try:
-        info = capture(w, start="user", limit=300_000, save_kallsyms=False, timeout=300)
+        info = capture(w, start="user", limit=300_000, fetches=True, save_kallsyms=False,
+                       timeout=300)
     finally:
         os.close(w)
         reader.join()
         os.close(r)
     assert info.trace is None and info.counts["records"] == 300_000
-    chunk_records, (total, _, _) = _v2_frames(b"".join(chunks))
+    data = b"".join(chunks)
+    chunk_records, (total, _, _) = _v2_frames(data)
     assert chunk_records == total == 300_000
+    assert info.counts["kernel_fetches"] > 0 and info.counts["user_fetches"] > 0
+
+    v2 = pytest.importorskip("pks_emu.trace.v2", reason="the trace v2 reader is not built in")
+    import io
+    import numpy as np
+    kinds = set()
+    with v2.open_trace_v2(io.BytesIO(data)) as r:
+        for _, recs, ip, pa in r.chunks():
+            kinds.update(np.unique(recs["op"]).tolist())
+            fetch = recs["op"] == 2
+            # a fetch is at its own instruction address, 1..15 bytes, with no pa
+            assert (recs["addr"][fetch] == ip[fetch]).all()
+            assert ((recs["size"][fetch] >= 1) & (recs["size"][fetch] <= 15)).all()
+            assert (pa[fetch] == np.uint64(PA_NONE)).all()
+    assert kinds == {0, 1, 2}
