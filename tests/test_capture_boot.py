@@ -154,3 +154,14 @@ def test_record_into_a_pipe(tmp_path):
             assert ((recs["size"][fetch] >= 1) & (recs["size"][fetch] <= 15)).all()
             assert (pa[fetch] == np.uint64(PA_NONE)).all()
     assert kinds == {0, 1, 2}
+
+
+def test_reader_gone(tmp_path):
+    import os
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        with pytest.raises(PksEmuError, match="writing the trace failed: Broken pipe"):
+            capture(w, start="user", save_kallsyms=False, timeout=300)
+    finally:
+        os.close(w)

@@ -5,6 +5,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -206,6 +207,13 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
         if timed_out:
             raise fail(f"QEMU did not finish within {timeout:g} s and was stopped",
                        qemu_output=True)
+        if rc < 0:
+            try:
+                name = signal.Signals(-rc).name
+            except ValueError:
+                name = f"signal {-rc}"
+            hint = " (the trace's reader went away)" if -rc == signal.SIGPIPE else ""
+            raise fail(f"QEMU was killed by {name}{hint}", qemu_output=True)
         if rc != 0:
             raise fail(f"QEMU exited with status {rc}", qemu_output=True)
         try:
