@@ -33,7 +33,7 @@
  *                       trace header fields (defaults 5, 40, 0x7f, 0,
  *                       0x55555554, 0, the machine's vCPU count)
  *   chunk=N             records per chunk (writer default when absent)
- *   bufsize=N           records per vCPU buffer (default 65536)
+ *   bufsize=N           records per vCPU buffer (default 8192)
  *   thread=on|off       encode on a writer thread (default on)
  */
 #include <pthread.h>
@@ -56,7 +56,7 @@ typedef struct vstate {
 
 static vstate *vs;
 static unsigned nvcpus;
-static size_t bufcap = 65536;
+static size_t bufcap = 8192;   /* 320 KiB: stays in cache between the two threads */
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t queued_cv = PTHREAD_COND_INITIALIZER;  /* queue non-empty or done */
@@ -388,7 +388,7 @@ PKS_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t
         return -1;
     memset(vs, 0, sizeof(vstate) * nvcpus);
     /* one buffer per vCPU in use, plus a pool for the queue */
-    unsigned nbufs = nvcpus + (use_thread ? nvcpus + 2 : 0);
+    unsigned nbufs = nvcpus + (use_thread ? 3 * nvcpus + 4 : 0);
     for (unsigned i = 0; i < nbufs; i++) {
         buf *b = calloc(1, sizeof(buf));
         if (!b || !(b->recs = malloc(sizeof(pks_tw_rec) * bufcap))) {
