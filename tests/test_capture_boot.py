@@ -121,22 +121,14 @@ def test_failing_workload_is_reported(tmp_path):
 
 
 def test_record_into_a_pipe(tmp_path):
-    # the stream goes through a descriptor (as into 'pks-emu replay -'): no seeking back
-    import os
-    import threading
-    r, w = os.pipe()
-    chunks = []
-    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(r, 1 << 16), b"")))
-    reader.start()
-    try:
-        info = capture(w, start="user", limit=300_000, fetches=True, save_kallsyms=False,
-                       timeout=300)
-    finally:
-        os.close(w)
-        reader.join()
-        os.close(r)
+    # the stream goes through a pipe (as into 'pks-emu replay -'): no seeking back
+    from pks_emu.capture import capture_pipe
+    reader, job = capture_pipe(start="user", limit=300_000, fetches=True, save_kallsyms=False,
+                               timeout=300)
+    with reader:
+        data = reader.read()
+    info = job.wait()
     assert info.trace is None and info.counts["records"] == 300_000
-    data = b"".join(chunks)
     chunk_records, (total, _, _) = _v2_frames(data)
     assert chunk_records == total == 300_000
     assert info.counts["kernel_fetches"] > 0 and info.counts["user_fetches"] > 0

@@ -7,9 +7,11 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import PksEmuError
 from . import guest as _guest
@@ -263,3 +265,55 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
         if out_fd is not None:
             os.close(out_fd)
         shutil.rmtree(work, ignore_errors=True)
+
+
+class CaptureJob:
+    """A capture running on a background thread (see :func:`capture_pipe`)."""
+
+    def __init__(self, fn, close_fd: int | None = None) -> None:
+        self._result: CaptureInfo | None = None
+        self._error: BaseException | None = None
+
+        def target() -> None:
+            try:
+                self._result = fn()
+            except BaseException as e:  # handed to wait()
+                self._error = e
+            finally:
+                if close_fd is not None:
+                    os.close(close_fd)  # the reader sees the end of the stream
+
+        self._thread = threading.Thread(target=target, name="pks-emu-capture", daemon=True)
+        self._thread.start()
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> CaptureInfo:
+        """The capture's :class:`CaptureInfo`; raises what :func:`capture` raised."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise PksEmuError(f"the capture is still running after {timeout:g} s")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+
+def capture_pipe(**kwargs) -> tuple[BinaryIO, CaptureJob]:
+    """Start a capture whose trace comes through a pipe: ``(reader, job)``.
+
+    ``reader`` is a binary file object with the trace-v2 stream (for
+    ``open_trace_v2``), ending when QEMU exits; ``job.wait()`` then gives the
+    :class:`CaptureInfo` (or raises the capture's error). Keyword arguments are
+    those of :func:`capture`. Read steadily: QEMU waits while the pipe is full.
+    Closing the reader early makes the capture fail ("Broken pipe").
+    """
+    r, w = os.pipe()
+    try:
+        job = CaptureJob(lambda: capture(w, **kwargs), close_fd=w)
+    except BaseException:
+        os.close(r)
+        os.close(w)
+        raise
+    return os.fdopen(r, "rb", buffering=1 << 20), job
