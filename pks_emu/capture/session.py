@@ -95,7 +95,8 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
             kallsyms_out: str | os.PathLike | None = None, timeout: float | None = None,
             count_only: bool = False, start: str = "boot", limit: int | None = None,
             modules: Sequence[str | os.PathLike] = (), pa: bool = True,
-            writer_thread: bool = True, save_kallsyms: bool = True) -> CaptureInfo:
+            writer_thread: bool = True, save_kallsyms: bool = True,
+            coalesce: bool = False) -> CaptureInfo:
     """Boot a kernel under QEMU TCG with the capture plugin; return what happened.
 
     ``out``: where the trace-v2 stream goes: a path (written as ``PATH.part``,
@@ -115,7 +116,10 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
     "kernel" from the first access by kernel-half code, "user" from the first
     user-space access after the kernel ran (init starting). ``limit``: stop
     recording after that many records (QEMU runs on; the counts stay complete).
-    ``pa``: look up physical addresses. ``writer_thread``: encode on the
+    ``coalesce``: merge an access that continues the previous one of the same
+    kind by the same instruction (next bytes, same page) into its record, as
+    ``rep movs``/``rep stos`` make; counts stay per access. ``pa``: look up
+    physical addresses. ``writer_thread``: encode on the
     plugin's writer thread (else on the vCPU threads). ``save_kallsyms``: the
     built-in guest dumps ``/proc/kallsyms`` after the workload (in the trace:
     about as many kernel accesses as the boot itself; off saves that).
@@ -186,6 +190,8 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
                 args["pa"] = "off"
             if not writer_thread:
                 args["thread"] = "off"
+            if coalesce:
+                args["coalesce"] = "on"
             if limit is not None:
                 args["limit"] = limit
         console, serial2, log = work / "console.log", work / "ttyS1.raw", work / "qemu.log"
