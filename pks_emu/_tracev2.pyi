@@ -20,7 +20,7 @@ class Codec:
         records: bytes | bytearray | memoryview | npt.NDArray[np.uint8] | Any,
         ip: npt.NDArray[np.uint64],
         pa: npt.NDArray[np.uint64] | None = None,
-    ) -> tuple[bytearray | bytes, int]: ...
+    ) -> tuple[bytes, int]: ...
     def decode(
         self,
         payload: bytes | bytearray | memoryview | Any,

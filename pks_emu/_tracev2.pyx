@@ -20,6 +20,7 @@ little-endian host (x86, like the traces it models).
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport malloc, free
+from cpython.bytes cimport PyBytes_FromStringAndSize
 
 PA_NONE = 0xFFFF_FFFF_FFFF_FFFF
 #: decoded ``ip``/``pa`` arrays and encoded chunks are bounded by this many records
@@ -368,6 +369,37 @@ cdef int _decode_pa(const uint8_t* src, size_t n, uint32_t nrec, const uint8_t* 
     return TV2_OK
 
 
+cdef inline void _enc_pa(uint8_t** qq, uint8_t** gg, uint32_t i, uint64_t addr, uint64_t x,
+                         tv2_cpu* c, tv2_state* st) noexcept nogil:
+    """One record's entry in the pa stream (a mode byte opens every group of 4)."""
+    cdef uint8_t* q = qq[0]
+    cdef unsigned pm, h
+    cdef uint64_t d
+    if (i & 3) == 0:
+        gg[0] = q
+        q[0] = 0
+        q += 1
+    if x == PA_NONE_C:
+        pm = 0
+    else:
+        h = _pa_hash(addr)
+        d = x - addr
+        if d == c.last_d:
+            pm = 1
+        elif d == st.pa_cache[h]:
+            pm = 2
+        else:
+            pm = 3
+            if (x & 0xFFF) == (addr & 0xFFF):
+                q = _wr(q, (x >> 12) << 1)
+            else:
+                q = _wr(q, x << 1 | 1)
+        c.last_d = d
+        st.pa_cache[h] = d
+    gg[0][0] |= <uint8_t>(pm << (2 * (i & 3)))
+    qq[0] = q
+
+
 cdef int tv2_encode(const uint8_t* recs, const uint64_t* ip, const uint64_t* pa, uint32_t n,
                     int ncpus, uint8_t* main_out, size_t* main_len, uint8_t* pa_out,
                     size_t* pa_len, tv2_state* st, tv2_err* err) noexcept nogil:
@@ -379,7 +411,7 @@ cdef int tv2_encode(const uint8_t* recs, const uint64_t* ip, const uint64_t* pa,
     cdef const uint64_t* w
     cdef uint32_t i
     cdef unsigned cur = 0, cpu, typ, kind, flags, cpl, code, mode, size, h, pm, cls
-    cdef uint64_t addr, value, base0, v1, v2, pred, x, d
+    cdef uint64_t addr, value, base0, v1, v2, pred, x, d, w0
     cdef bint fetch
     cdef tv2_cpu* c
     err.record = 0
@@ -388,16 +420,35 @@ cdef int tv2_encode(const uint8_t* recs, const uint64_t* ip, const uint64_t* pa,
         err.code = TV2_E_ARG
         return TV2_E_ARG
     _reset(st, ncpus, pa != NULL)
+    c = &st.cpu[0]
     for i in range(n):
         r = recs + 24 * <size_t>i
         w = <const uint64_t*>r
+        w0 = w[0]
+        addr = w[1]
+        # Fast path: a fetch of 1..7 bytes on the current CPU right after the
+        # previous fetch, IP = address, CPL and flags unchanged: one byte.
+        x = w0 ^ (c.word | <uint64_t>2 << 16)
+        if ((x & <uint64_t>0xFFFFFFFF) == 0 and (x >> 32) - 1 < 7 and w[2] == 0
+                and addr == c.h0[1] + c.adv[1] and ip[i] == addr
+                and (pa == NULL or pa[i] >> 63 == 0 or pa[i] == PA_NONE_C)):
+            size = <unsigned>(x >> 32)
+            p[0] = <uint8_t>(2 | (size - 1) << 2)
+            p += 1
+            if (addr >> 28) != (c.h0[1] >> 28):
+                c.h1[1] = c.h0[1]
+            c.h0[1] = addr
+            c.adv[1] = size
+            c.ip = addr
+            if pa != NULL:
+                _enc_pa(&q, &group, i, addr, pa[i], c, st)
+            continue
         typ = r[0]
         cpu = r[1]
         kind = r[2]
         flags = r[3]
         size = (<const uint16_t*>(r + 4))[0]
         cpl = r[6]
-        addr = w[1]
         value = w[2]
         if cpu >= <unsigned>ncpus:
             err.record = i
@@ -431,30 +482,20 @@ cdef int tv2_encode(const uint8_t* recs, const uint64_t* ip, const uint64_t* pa,
                 p[1] = <uint8_t>cpl
                 p += 2
                 c.cpl = <uint8_t>cpl
+                c.word = <uint64_t>cpu << 8 | <uint64_t>c.flags << 24 | <uint64_t>c.cpl << 48
             if flags != c.flags:
                 p[0] = 3 | (OP_SET_FLAGS << 2)
                 p[1] = <uint8_t>flags
                 p += 2
                 c.flags = <uint8_t>flags
+                c.word = <uint64_t>cpu << 8 | <uint64_t>c.flags << 24 | <uint64_t>c.cpl << 48
             tag = p
             p += 1
             fetch = kind == 2
             if fetch:
                 code = size - 1 if size <= 7 else 7
-            elif size == 1:
-                code = 0
-            elif size == 2:
-                code = 1
-            elif size == 4:
-                code = 2
-            elif size == 8:
-                code = 3
-            elif size == 16:
-                code = 4
-            elif size == 32:
-                code = 5
-            elif size == 64:
-                code = 6
+            elif (size & (size - 1)) == 0 and size <= 64:
+                code = <unsigned>_ctz64(size)
             else:
                 code = 7
             if code == 7:
@@ -484,29 +525,7 @@ cdef int tv2_encode(const uint8_t* recs, const uint64_t* ip, const uint64_t* pa,
             c.adv[cls] = size if fetch else 0
             c.ip = ip[i]
         if pa != NULL:
-            if (i & 3) == 0:
-                group = q
-                q[0] = 0
-                q += 1
-            x = pa[i]
-            if x == PA_NONE_C:
-                pm = 0
-            else:
-                h = _pa_hash(addr)
-                d = x - addr
-                if d == c.last_d:
-                    pm = 1
-                elif d == st.pa_cache[h]:
-                    pm = 2
-                else:
-                    pm = 3
-                    if (x & 0xFFF) == (addr & 0xFFF):
-                        q = _wr(q, (x >> 12) << 1)
-                    else:
-                        q = _wr(q, x << 1 | 1)
-                c.last_d = d
-                st.pa_cache[h] = d
-            group[0] |= <uint8_t>(pm << (2 * (i & 3)))
+            _enc_pa(&q, &group, i, addr, pa[i], c, st)
     main_len[0] = <size_t>(p - main_out)
     pa_len[0] = <size_t>(q - pa_out)
     return TV2_OK
@@ -523,12 +542,14 @@ cdef class Codec:
     cdef tv2_state* st
     cdef int ncpus
     cdef bytearray _pa_scratch
+    cdef bytearray _main_scratch
 
     def __cinit__(self):
         self.st = <tv2_state*>malloc(sizeof(tv2_state))
         if self.st == NULL:
             raise MemoryError()
         self._pa_scratch = bytearray()
+        self._main_scratch = bytearray()
         self.ncpus = 1
 
     def __init__(self, int ncpus):
@@ -542,9 +563,9 @@ cdef class Codec:
     def encode(self, const uint8_t[::1] records, const uint64_t[::1] ip, pa=None):
         """Encode records (the RECORD bytes, 24 per record) -> ``(payload, main_len)``.
 
-        ``payload`` is the main stream followed by the pa stream (when ``pa``
-        is given). Raises ``ValueError(message, record_index)`` for a record
-        that cannot be coded (CPU out of range, pa >= 2**63).
+        ``payload`` (bytes) is the main stream followed by the pa stream (when
+        ``pa`` is given). Raises ``ValueError(message, record_index)`` for a
+        record that cannot be coded (CPU out of range, pa >= 2**63).
         """
         cdef Py_ssize_t nb = records.shape[0]
         cdef Py_ssize_t n = nb // 24
@@ -553,7 +574,6 @@ cdef class Codec:
         cdef size_t main_len = 0, pa_len = 0
         cdef tv2_err err
         cdef int rc
-        cdef bytearray out
         cdef uint8_t* po
         cdef uint8_t* pq
         if nb % 24:
@@ -568,12 +588,15 @@ cdef class Codec:
                 raise ValueError(f"pa has {pav.shape[0]} entries for {n} records")
             if n:
                 ppa = &pav[0]
-            if len(self._pa_scratch) < tv2_pa_bound(n):
-                self._pa_scratch = bytearray(tv2_pa_bound(n))
-        out = bytearray(tv2_main_bound(n) + (tv2_pa_bound(n) if pa is not None else 0))
         if n == 0:
             return b"", 0
-        po = <uint8_t*><char*>out
+        # Scratch buffers, kept between calls: the bound is ~48 bytes a record,
+        # the output ~2.
+        if <size_t>len(self._main_scratch) < tv2_main_bound(n) + tv2_pa_bound(n):
+            self._main_scratch = bytearray(tv2_main_bound(n) + tv2_pa_bound(n))
+        if pa is not None and <size_t>len(self._pa_scratch) < tv2_pa_bound(n):
+            self._pa_scratch = bytearray(tv2_pa_bound(n))
+        po = <uint8_t*><char*>self._main_scratch
         pq = <uint8_t*><char*>self._pa_scratch if pa is not None else NULL
         with nogil:
             rc = tv2_encode(&records[0], &ip[0], ppa, <uint32_t>n, self.ncpus, po, &main_len,
@@ -582,8 +605,7 @@ cdef class Codec:
                 memcpy(po + main_len, pq, pa_len)
         if rc != TV2_OK:
             raise ValueError(ERRORS.get(rc, "error"), err.record)
-        del out[main_len + pa_len:]
-        return out, main_len
+        return PyBytes_FromStringAndSize(<char*>po, main_len + pa_len), main_len
 
     def decode(self, const uint8_t[::1] payload, Py_ssize_t main_len, Py_ssize_t nrec,
                bint has_pa, uint8_t[::1] records_out, uint64_t[::1] ip_out, pa_out=None):
