@@ -465,3 +465,28 @@ def test_lackey_ip_is_the_preceding_instruction(tmp_path):
 
 def test_cpu_state_block_packs_like_v1():
     assert len(CPU_STATE.pack(*STATE)) == 64
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_prefetch_gives_the_same_chunks_and_errors(tmp_path, depth):
+    rng = np.random.default_rng(7)
+    recs, ip, pa = random_records(rng, 20_000, 2)
+    path = tmp_path / "p.pkt2"
+    write(path, recs, ip, pa, chunk_records=3000)
+    with v2.open_trace_v2(path) as r:
+        got = [(f, x.copy(), i.copy(), p.copy()) for f, x, i, p in r.chunks(prefetch=depth)]
+    assert np.concatenate([g[1] for g in got]).tobytes() == recs.tobytes()
+    assert (np.concatenate([g[2] for g in got]) == ip).all()
+    assert (np.concatenate([g[3] for g in got]) == pa).all()
+    data = path.read_bytes()[:-30]
+    seen = []
+    with pytest.raises(TraceFormatError, match="end marker"):
+        with v2.open_trace_v2(io.BytesIO(data)) as r:
+            for f, x, i, p in r.chunks(prefetch=depth):
+                seen.append(len(x))
+    assert sum(seen) == 20_000
+    # stopping early ends the thread
+    with v2.open_trace_v2(path) as r:
+        it = r.chunks(prefetch=depth)
+        next(it)
+        it.close()

@@ -627,36 +627,113 @@ class V2Reader:
             self.records += nrec
             yield k, first, nrec, flags, main_len, raw
 
-    def chunks(self, *, reuse: bool = False, validate: bool = True
+    def chunks(self, *, reuse: bool = False, validate: bool = True, prefetch: int = 0
                ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]]:
         """Yield ``(first_index, records, ip, pa_or_None)`` per chunk.
 
         ``reuse=True`` decodes every chunk into the same arrays (valid until
         the next chunk). ``validate`` checks the records' fields as v1 does.
+        ``prefetch=N`` (N >= 1) reads, checks and decodes up to N chunks ahead
+        on a background thread (reading, CRC, decompression and decoding all
+        run without the GIL), so that a consumer whose own loop releases the
+        GIL (the replay) overlaps with decoding on a second core; the arrays
+        of a chunk are then valid until the next iteration, whatever ``reuse``.
         After the last chunk the end marker is checked; a stream without one
         raises :class:`TraceFormatError` after its complete chunks.
         """
+        if prefetch:
+            return self._chunks_prefetch(int(prefetch), validate)
+        return self._chunks(reuse, validate)
+
+    def _decode_into(self, codec: Codec, k: int, first: int, nrec: int, main_len: int, raw,
+                     bufs, validate: bool):
+        has_pa = bufs[2] is not None
+        recs, ip = bufs[0][:nrec], bufs[1][:nrec]
+        pa = bufs[2][:nrec] if has_pa else None
+        bad = codec.decode(raw, main_len, nrec, has_pa, recs.view(np.uint8), ip, pa)
+        if bad is not None:
+            code, rec, msg = bad
+            raise TraceFormatError(f"{self.name}: chunk {k} (records {first}..{first + nrec - 1}): "
+                                   f"record {first + rec}: {msg} (damaged pks_emu trace)")
+        if validate:
+            validate_records(self.name, recs, first, self.header)
+        return first, recs, ip, pa
+
+    def _new_bufs(self, nrec: int):
         has_pa = bool(self.header.trace_flags & TF_HAS_PA)
-        bufs: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
+        return (np.empty(nrec, RECORD), np.empty(nrec, np.uint64),
+                np.empty(nrec, np.uint64) if has_pa else None)
+
+    def _chunks(self, reuse: bool, validate: bool):
+        bufs = None
         for k, first, nrec, flags, main_len, raw in self.raw_chunks():
-            if reuse:
-                if bufs is None or len(bufs[0]) < nrec:
-                    cap = max(nrec, DEFAULT_CHUNK_RECORDS)
-                    bufs = (np.empty(cap, RECORD), np.empty(cap, np.uint64),
-                            np.empty(cap, np.uint64) if has_pa else None)
-                recs, ip, pa = bufs[0][:nrec], bufs[1][:nrec], (bufs[2][:nrec] if has_pa else None)
+            if not reuse:
+                b = self._new_bufs(nrec)
             else:
-                recs = np.empty(nrec, RECORD)
-                ip = np.empty(nrec, np.uint64)
-                pa = np.empty(nrec, np.uint64) if has_pa else None
-            bad = self._codec.decode(raw, main_len, nrec, has_pa, recs.view(np.uint8), ip, pa)
-            if bad is not None:
-                code, rec, msg = bad
-                raise TraceFormatError(f"{self.name}: chunk {k} (records {first}..{first + nrec - 1}): "
-                                       f"record {first + rec}: {msg} (damaged pks_emu trace)")
-            if validate:
-                validate_records(self.name, recs, first, self.header)
-            yield first, recs, ip, pa
+                if bufs is None or len(bufs[0]) < nrec:
+                    bufs = self._new_bufs(max(nrec, DEFAULT_CHUNK_RECORDS))
+                b = bufs
+            yield self._decode_into(self._codec, k, first, nrec, main_len, raw, b, validate)
+
+    def _chunks_prefetch(self, depth: int, validate: bool):
+        import queue
+        import threading
+        free: queue.Queue = queue.Queue()
+        done: queue.Queue = queue.Queue(maxsize=depth)
+        for _ in range(depth + 2):
+            free.put(None)            # a slot; arrays are made on first use
+        stop = threading.Event()
+        codec = Codec(self.header.ncpus)
+        end = object()
+
+        def work() -> None:
+            try:
+                for k, first, nrec, flags, main_len, raw in self.raw_chunks():
+                    while True:
+                        try:
+                            b = free.get(timeout=0.1)
+                            break
+                        except queue.Empty:
+                            if stop.is_set():
+                                return
+                    if b is None or len(b[0]) < nrec:
+                        b = self._new_bufs(max(nrec, DEFAULT_CHUNK_RECORDS))
+                    item = (self._decode_into(codec, k, first, nrec, main_len, raw, b, validate), b)
+                    while not stop.is_set():
+                        try:
+                            done.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            pass
+                    if stop.is_set():
+                        return
+                done.put((end, None))
+            except BaseException as e:    # handed to the consumer, raised in order
+                while not stop.is_set():
+                    try:
+                        done.put((e, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+
+        t = threading.Thread(target=work, name="pks-emu-v2-prefetch", daemon=True)
+        t.start()
+        prev = None
+        try:
+            while True:
+                item, b = done.get()
+                if prev is not None:
+                    free.put(prev)
+                    prev = None
+                if item is end:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                prev = b
+                yield item
+        finally:
+            stop.set()
+            t.join()
 
     def close(self) -> None:
         if self._own:
