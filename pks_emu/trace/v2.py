@@ -71,7 +71,7 @@ DEFAULT_CHUNK_RECORDS = 32768
 #: codec id by name; readers accept all of them
 CODECS = {"none": 0, "zstd": 1, "lz4": 2}
 _CODEC_NAMES = {v: k for k, v in CODECS.items()}
-DEFAULT_CODEC = "none"
+DEFAULT_CODEC = "lz4"
 
 
 @dataclass
