@@ -8,6 +8,8 @@ Data, written once per run by ``setup_cache`` into asv's working folder:
   (``gzip -c /etc/services`` under ``valgrind --tool=lackey --trace-mem=yes``,
   2.80 M records; cut to 64 Ki records in quick mode), through the default
   policy, as ``lackey_to_v2`` makes them;
+* ``replay``: the same trace through examples/protect-heap.toml as a v1 file
+  (``convert_lackey``) and a v2 file (``lackey_to_v2``), replayed whole;
 * ``synthetic``: the replay benchmarks' hit scan (one CPU, 512 pages, reads
   and writes, one WRMSR of IA32_PKRS per 100 records) with a fixed IP per
   site, like the generators' traces.
@@ -24,11 +26,15 @@ import time
 
 import numpy as np
 
+from pks_emu._core import REPLAY_STATUS, ReplayEngine, load_cpu_state
 from pks_emu._tracev2 import Codec
 from pks_emu.constants import MSR_IA32_PKRS
+from pks_emu.machine import Machine
 from pks_emu.lackey import iter_lackey
 from pks_emu.trace import v2
+from pks_emu.trace.convert import convert_lackey
 from pks_emu.trace.format import KEEP_CPL, RECORD, RecordType
+from pks_emu.trace.replay import replay
 
 from .common import EXAMPLES, HIT_PAGES, PKRS_OPEN, QUICK, REPEATS, REPLAY_RECORDS, SEED, scan_addresses
 
@@ -204,3 +210,82 @@ class TraceV2Files:
         return LACKEY_TEXT_BYTES / os.path.getsize(cache[0][codec])
 
     track_text_ratio.unit = "x"
+
+
+def replay_v2(path: str, *, prefetch: int = 0, validate: bool = False) -> tuple[int, int, float]:
+    """Replay a v2 file with the compiled engine, chunk by chunk (what the lead's
+    integration does): (records, faults, seconds of the record loop)."""
+    with v2.open_trace_v2(path) as r:
+        h = r.header
+        m = Machine(paging_levels=h.paging_levels, ncpus=h.ncpus, features=h.features,
+                    compat=h.compat, maxphyaddr=h.maxphyaddr, tlb_entries=h.tlb_entries)
+        for i, state in enumerate(r.cpu_states):
+            load_cpu_state(m.cpus[i], *state)
+        for pa, frame in r.memory():
+            m.memory.write(pa, bytes(frame))
+        engine = ReplayEngine(m, max_tasks=h.max_tasks, pkrs_init=h.pkrs_init, max_faults=0)
+        n = 0
+        start = time.perf_counter()
+        # The engine checks every record itself, as it does for v1 files.
+        for first, recs, ip, pa in r.chunks(reuse=True, prefetch=prefetch, validate=validate):
+            status = engine.run(recs.view(np.uint8).data, first)
+            if status != REPLAY_STATUS["done"]:
+                raise RuntimeError(f"{path}: replay status {status} at chunk {first}")
+            n += len(recs)
+        elapsed = time.perf_counter() - start
+    return n, len(engine.faults_array()), elapsed
+
+
+class TraceV2Replay:
+    """Replaying the bundled lackey trace (protect-heap policy) from v1 and from
+    v2: v2 must reach >= 80 % of v1's speed (issue 10). Wall time of the whole
+    replay call, best of several; ``prefetch`` decodes on a second thread."""
+
+    timeout = 600
+
+    def setup_cache(self):
+        policy = os.path.join(EXAMPLES, "protect-heap.toml")
+        p1, p2 = os.path.abspath("tracev2-replay.pkt"), os.path.abspath("tracev2-replay.pkt2")
+        convert_lackey(LACKEY, p1, policy=policy)
+        v2.lackey_to_v2(LACKEY, p2, policy=policy)
+        return p1, p2
+
+    @staticmethod
+    def _best(fn) -> float:
+        best = float("inf")
+        for _ in range(REPEATS):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    def time_replay_v1(self, paths):
+        replay(paths[0])
+
+    def time_replay_v2(self, paths):
+        replay_v2(paths[1])
+
+    def time_replay_v2_prefetch(self, paths):
+        replay_v2(paths[1], prefetch=2)
+
+    def track_v2_over_v1_speed(self, paths):
+        t1 = self._best(lambda: replay(paths[0]))
+        t2 = self._best(lambda: replay_v2(paths[1]))
+        return t1 / t2
+
+    track_v2_over_v1_speed.unit = "v1 time / v2 time"
+
+    def track_v2_prefetch_over_v1_speed(self, paths):
+        t1 = self._best(lambda: replay(paths[0]))
+        t2 = self._best(lambda: replay_v2(paths[1], prefetch=2))
+        return t1 / t2
+
+    track_v2_prefetch_over_v1_speed.unit = "v1 time / v2 time"
+
+    def track_faults_equal(self, paths):
+        # Pins the answer: both formats give the same faults (1 = equal).
+        f1 = len(replay(paths[0]).faults)
+        f2 = replay_v2(paths[1])[1]
+        return float(f1 == f2)
+
+    track_faults_equal.unit = "bool"
