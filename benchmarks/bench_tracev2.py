@@ -289,3 +289,92 @@ class TraceV2Replay:
         return float(f1 == f2)
 
     track_faults_equal.unit = "bool"
+
+
+# --- figures outside asv ------------------------------------------------------------------
+# python -m benchmarks.bench_tracev2 LACKEY_FILE...          sizes, rates, replay ratio
+# python -m benchmarks.bench_tracev2 --once decode|encode FILE.pkt2
+#     (for valgrind --tool=callgrind --toggle-collect='*tv2_decode*' / '*tv2_encode*')
+
+def _figures(path: str) -> None:
+    import tempfile
+    from pks_emu.lackey import iter_lackey as _iter
+    text = 0
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic.startswith((b"\x1f\x8b", b"\xfd7zXZ", b"BZh")):
+        import lzma
+        with lzma.open(path) if magic.startswith(b"\xfd7zXZ") else open(path, "rb") as f:
+            while True:
+                b = f.read(1 << 24)
+                if not b:
+                    break
+                text += len(b)
+    else:
+        text = os.path.getsize(path)
+    with tempfile.TemporaryDirectory() as d:
+        files = {}
+        for codec in CODECS:
+            files[codec] = os.path.join(d, f"t-{codec}.pkt2")
+            t = time.perf_counter()
+            s = v2.lackey_to_v2(path, files[codec], codec=codec)
+            n = s["records_written"]
+            size = os.path.getsize(files[codec])
+            print(f"{os.path.basename(path)} [{codec}]: {n} records, {size} bytes: {size / n:.3f} bytes/access, "
+                  f"lackey text / v2 = {text / size:.1f} (lackey_to_v2 {time.perf_counter() - t:.1f} s)")
+        with v2.open_trace_v2(files["none"]) as r:
+            parts = [(x, i) for _, x, i, _ in r.chunks()][:256]
+        recs = np.concatenate([x for x, _ in parts])
+        ips = np.concatenate([i for _, i in parts])
+        codec = Codec(1)
+        best = float("inf")
+        for _ in range(5):
+            t = time.thread_time()
+            chunks = _encode_chunks(codec, recs, ips)
+            best = min(best, time.thread_time() - t)
+        print(f"  encode (Codec.encode, {len(recs)} records): {len(recs) / best / 1e6:.0f} M records/s (thread CPU time)")
+        out, out_ip = np.empty(CHUNK, RECORD), np.empty(CHUNK, np.uint64)
+        best = float("inf")
+        for _ in range(5):
+            t = time.thread_time()
+            for raw, ml, k in chunks:
+                codec.decode(raw, ml, k, False, out.view(np.uint8), out_ip)
+            best = min(best, time.thread_time() - t)
+        print(f"  decode (Codec.decode): {best / len(recs) * 1e9:.2f} ns/record (thread CPU time)")
+        for c, p in files.items():
+            best = float("inf")
+            for _ in range(3):
+                t = time.thread_time()
+                with v2.open_trace_v2(p) as r:
+                    k = sum(len(x[1]) for x in r.chunks(reuse=True, validate=False))
+                best = min(best, time.thread_time() - t)
+            print(f"  read the whole file [{c}]: {best / k * 1e9:.2f} ns/record (thread CPU time)")
+        p1 = os.path.join(d, "t.pkt")
+        convert_lackey(path, p1)
+        t1 = TraceV2Replay._best(lambda: replay(p1))
+        for pf in (0, 2):
+            t2 = TraceV2Replay._best(lambda: replay_v2(files[v2.DEFAULT_CODEC], prefetch=pf))
+            print(f"  replay v1 {t1:.3f} s, v2 [{v2.DEFAULT_CODEC}, prefetch={pf}] {t2:.3f} s: v2 speed = "
+                  f"{t1 / t2:.2f} x v1 (wall)")
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:2] == ["--once"]:
+        what, p = sys.argv[2], sys.argv[3]
+        with v2.open_trace_v2(p) as r:
+            raws = [(bytes(raw), ml, nrec) for _, _, nrec, _, ml, raw in r.raw_chunks()]
+        c = Codec(1)
+        total = sum(k for _, _, k in raws)
+        if what == "decode":
+            o, oi = np.empty(max(k for *_, k in raws), RECORD), np.empty(max(k for *_, k in raws), np.uint64)
+            for raw, ml, k in raws:
+                c.decode(raw, ml, k, False, o.view(np.uint8), oi)
+        else:
+            with v2.open_trace_v2(p) as r:
+                for _, x, i, _ in r.chunks():
+                    c.encode(x.view(np.uint8), i)
+        print(f"{what}: {total} records")
+    else:
+        for p in sys.argv[1:]:
+            _figures(p)
