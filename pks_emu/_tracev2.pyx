@@ -147,6 +147,16 @@ cdef inline void _reset(tv2_state* st, int ncpus, bint pa) noexcept nogil:
         memset(st.pa_cache, 0, sizeof(st.pa_cache))
 
 
+cdef inline void _save(tv2_cpu* c, uint64_t f0, uint64_t f1, uint64_t fadv, uint64_t d0,
+                       uint64_t d1, uint64_t cip) noexcept nogil:
+    c.h0[1] = f0
+    c.h1[1] = f1
+    c.adv[1] = fadv
+    c.h0[0] = d0
+    c.h1[0] = d1
+    c.ip = cip
+
+
 cdef int tv2_decode(const uint8_t* main, size_t main_len, const uint8_t* pa_stream,
                     size_t pa_len, uint32_t nrec, int ncpus, uint8_t* out, uint64_t* ip,
                     uint64_t* pa, tv2_state* st, tv2_err* err) noexcept nogil:
@@ -154,7 +164,6 @@ cdef int tv2_decode(const uint8_t* main, size_t main_len, const uint8_t* pa_stre
     cdef const uint8_t* p = main
     cdef const uint8_t* end = main + main_len
     cdef const uint8_t* fast_end
-    cdef const uint8_t* q
     cdef bint in_tail = False
     cdef bint bad = False
     cdef uint32_t i = 0
@@ -162,9 +171,14 @@ cdef int tv2_decode(const uint8_t* main, size_t main_len, const uint8_t* pa_stre
     cdef unsigned t, kind, cls, code, mode
     cdef uint64_t v, a, size, base, ipv
     cdef uint64_t* o
-    cdef tv2_cpu cs       # the current CPU's predictors, in a local: no aliasing with out/ip
     cdef size_t rem
     cdef int e = TV2_OK
+    # The current CPU's predictors live in locals (registers) and go back to
+    # st.cpu[cur] when the CPU changes: a loop-carried chain through memory
+    # would cost a store-to-load forwarding per record.
+    cdef uint64_t f0 = 0, f1 = 0, fadv = 0, d0 = 0, d1 = 0, cip = 0
+    cdef uint64_t word
+    cdef tv2_cpu* c
     err.record = 0
     err.code = TV2_OK
     if ncpus < 1 or ncpus > 255:
@@ -172,7 +186,7 @@ cdef int tv2_decode(const uint8_t* main, size_t main_len, const uint8_t* pa_stre
         return TV2_E_ARG
     _reset(st, ncpus, pa_stream != NULL)
     fast_end = end - FAST_MAIN if main_len >= FAST_MAIN else main
-    cs = st.cpu[0]
+    word = st.cpu[0].word
     while i < nrec:
         if p >= fast_end and not in_tail:
             # Finish from a zero-padded copy: every read below stays in bounds.
@@ -188,44 +202,50 @@ cdef int tv2_decode(const uint8_t* main, size_t main_len, const uint8_t* pa_stre
         if (t & 0xE3) == 0x02 and (t & 0x1C) != 0x1C:
             # The common case: a fetch right after the previous one, IP = address.
             size = ((t >> 2) & 7) + 1
-            a = cs.h0[1] + cs.adv[1]
+            a = f0 + fadv
             o = <uint64_t*>(out + 24 * <size_t>i)
-            o[0] = cs.word | <uint64_t>2 << 16 | size << 32
+            o[0] = word | <uint64_t>2 << 16 | size << 32
             o[1] = a
             o[2] = 0
             ip[i] = a
-            cs.ip = a
-            if (a >> 28) != (cs.h0[1] >> 28):
-                cs.h1[1] = cs.h0[1]
-            cs.h0[1] = a
-            cs.adv[1] = size
+            cip = a
+            if (a >> 28) != (f0 >> 28):
+                f1 = f0
+            f0 = a
+            fadv = size
             i += 1
-            if p > end:
-                e = TV2_E_TRUNCATED
-                i -= 1
-                break
             continue
         kind = t & 3
         if kind == 3:
             t >>= 2
+            c = &st.cpu[cur]
             if t == OP_SET_CPU:
                 if p[0] >= <unsigned>ncpus:
                     e = TV2_E_CPU
                     break
-                st.cpu[cur] = cs
+                _save(c, f0, f1, fadv, d0, d1, cip)
                 cur = p[0]
-                cs = st.cpu[cur]
+                c = &st.cpu[cur]
+                f0 = c.h0[1]
+                f1 = c.h1[1]
+                fadv = c.adv[1]
+                d0 = c.h0[0]
+                d1 = c.h1[0]
+                cip = c.ip
+                word = c.word
                 p += 1
             elif t == OP_SET_CPL:
                 if p[0] > 3 and p[0] != KEEP_CPL:
                     e = TV2_E_CPL
                     break
-                cs.cpl = p[0]
-                cs.word = <uint64_t>cur << 8 | <uint64_t>cs.flags << 24 | <uint64_t>cs.cpl << 48
+                c.cpl = p[0]
+                c.word = <uint64_t>cur << 8 | <uint64_t>c.flags << 24 | <uint64_t>c.cpl << 48
+                word = c.word
                 p += 1
             elif t == OP_SET_FLAGS:
-                cs.flags = p[0]
-                cs.word = <uint64_t>cur << 8 | <uint64_t>cs.flags << 24 | <uint64_t>cs.cpl << 48
+                c.flags = p[0]
+                c.word = <uint64_t>cur << 8 | <uint64_t>c.flags << 24 | <uint64_t>c.cpl << 48
+                word = c.word
                 p += 1
             elif t == OP_FULL:
                 o = <uint64_t*>(out + 24 * <size_t>i)
@@ -266,7 +286,10 @@ cdef int tv2_decode(const uint8_t* main, size_t main_len, const uint8_t* pa_stre
             if size == 0 or size > 4096:
                 e = TV2_E_SIZE
                 break
-        base = cs.h1[cls] if mode == 2 else cs.h0[cls] + cs.adv[cls]
+        if cls:
+            base = f1 if mode == 2 else f0 + fadv
+        else:
+            base = d1 if mode == 2 else d0
         a = base
         if mode:
             v = p[0]
@@ -275,7 +298,7 @@ cdef int tv2_decode(const uint8_t* main, size_t main_len, const uint8_t* pa_stre
             else:
                 p = _rdf(p, &v, &bad)
             a = base + _unzz(v)
-        ipv = a if cls else cs.ip
+        ipv = a if cls else cip
         if t & 0x80:
             p = _rd(p, &v, &bad)
             ipv = ipv + _unzz(v)
@@ -284,17 +307,22 @@ cdef int tv2_decode(const uint8_t* main, size_t main_len, const uint8_t* pa_stre
             e = TV2_E_VARINT if bad else TV2_E_TRUNCATED
             break
         o = <uint64_t*>(out + 24 * <size_t>i)
-        o[0] = cs.word | <uint64_t>kind << 16 | size << 32
+        o[0] = word | <uint64_t>kind << 16 | size << 32
         o[1] = a
         o[2] = 0
         ip[i] = ipv
-        cs.ip = ipv
-        if (a >> 28) != (cs.h0[cls] >> 28):
-            cs.h1[cls] = cs.h0[cls]
-        cs.h0[cls] = a
-        cs.adv[cls] = size & (<uint64_t>0 - cls)
+        cip = ipv
+        if cls:
+            if (a >> 28) != (f0 >> 28):
+                f1 = f0
+            f0 = a
+            fadv = size
+        else:
+            if (a >> 28) != (d0 >> 28):
+                d1 = d0
+            d0 = a
         i += 1
-    st.cpu[cur] = cs
+    _save(&st.cpu[cur], f0, f1, fadv, d0, d1, cip)
     if e == TV2_OK and p != end:
         e = TV2_E_TRAILING
     if e != TV2_OK:
