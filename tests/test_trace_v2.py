@@ -490,3 +490,16 @@ def test_prefetch_gives_the_same_chunks_and_errors(tmp_path, depth):
         it = r.chunks(prefetch=depth)
         next(it)
         it.close()
+
+
+def test_written_file_has_the_umask_mode_and_v1_is_named(tmp_path):
+    path = tmp_path / "m.pkt2"
+    write(path, np.zeros(0, RECORD), np.zeros(0, np.uint64))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+    gen_pmem_stray(str(tmp_path / "a.pkt"), records=100, seed=1)
+    with pytest.raises(TraceFormatError, match="version 1"):
+        v2.open_trace_v2(tmp_path / "a.pkt")
+    with pytest.raises(ValueError, match="standard input"):
+        v2.lackey_to_v2("-", tmp_path / "x.pkt2")

@@ -315,6 +315,9 @@ class V2Writer:
             self._f.close()
         if self._tmp is not None:
             assert self._final is not None
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self._tmp, 0o666 & ~umask)     # mkstemp made it 0600
             os.replace(self._tmp, self._final)
             self._tmp = None
 
@@ -805,6 +808,9 @@ def lackey_to_v2(src: str | os.PathLike, dst, *, policy=None, skip_bad: bool = F
     from .convert import touched_pages
     from .policy import Policy, build_machine, load_policy
     src = os.fspath(src)
+    if src == "-":
+        raise ValueError("lackey_to_v2 reads its input twice (pages, then records): give a file, "
+                         "not standard input")
     if not isinstance(policy, Policy):
         policy = load_policy(policy)
     pages, stats = touched_pages(src, skip_bad=skip_bad, chunk_records=parse_records)
