@@ -52,6 +52,9 @@ def random_records(rng: np.random.Generator, n: int, ncpus: int = 2, *, valid: b
     if not valid:
         recs["value"] = rng.integers(0, 1 << 63, n, dtype=np.uint64) * (rng.random(n) < 0.5)
         recs["pad"] = rng.integers(0, 256, n) * (rng.random(n) < 0.1)
+        odd_size = acc & (rng.random(n) < 0.03)
+        recs["size"][odd_size] = rng.choice(np.array([0, 4097, 65535], dtype=np.uint16), int(odd_size.sum()))
+        recs["cpl"][rng.random(n) < 0.01] = 7
     ip = np.where(rng.random(n) < 0.5, recs["addr"], rng.integers(0, 1 << 48, n, dtype=np.uint64))
     ip = ip.astype(np.uint64)
     ip[rng.random(n) < 0.1] = 0
@@ -503,3 +506,19 @@ def test_written_file_has_the_umask_mode_and_v1_is_named(tmp_path):
         v2.open_trace_v2(tmp_path / "a.pkt")
     with pytest.raises(ValueError, match="standard input"):
         v2.lackey_to_v2("-", tmp_path / "x.pkt2")
+
+
+def test_lackey_ip_carries_across_blocks(tmp_path):
+    from pks_emu.lackey import _read
+    lines = []
+    for k in range(300):
+        lines.append(f"I  {0x400000 + 4 * k:08x},4")
+        lines.append(f" L {0x1000 + 8 * k:08x},8")
+        if k % 7 == 0:
+            lines.append(f" M {0x2000 + k:08x},1")
+    p = tmp_path / "b.lackey"
+    p.write_text("\n".join(lines) + "\n")
+    whole = parse_lackey(p)
+    parts = list(_read(p, chunk_records=5, skip_bad=False, block_size=64, max_line=64))
+    assert np.concatenate([c.ip for c in parts]).tolist() == whole.ip.tolist()
+    assert whole.ip[1] == 0x400000 and whole.ip[-1] == 0x400000 + 4 * 299
