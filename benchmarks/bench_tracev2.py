@@ -298,7 +298,6 @@ class TraceV2Replay:
 
 def _figures(path: str) -> None:
     import tempfile
-    from pks_emu.lackey import iter_lackey as _iter
     text = 0
     with open(path, "rb") as f:
         magic = f.read(6)
