@@ -165,6 +165,7 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
                 raise PksEmuError(f"output folder {out_path.parent} does not exist")
 
     work = Path(tempfile.mkdtemp(prefix="pks-emu-capture-"))
+    part = None
     try:
         if initrd is None:
             initrd = _guest.build_initramfs(workload, work / "initrd.cpio.gz", modules,
@@ -176,7 +177,6 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
         args: dict[str, object] = {"stats": stats, "start": start}
         if fetches:
             args["fetches"] = "on"
-        part = None
         if not count_only:
             if out_path is not None:
                 part = out_path.with_name(out_path.name + ".part")
@@ -268,6 +268,8 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
                            workload_status=workload_status, kallsyms=kallsyms, trace=trace,
                            trace_bytes=trace_bytes, console_tail=con_tail)
     finally:
+        if part is not None:
+            part.unlink(missing_ok=True)   # still there: the capture failed
         if out_fd is not None:
             os.close(out_fd)
         shutil.rmtree(work, ignore_errors=True)
