@@ -11,6 +11,9 @@ import numpy.typing as npt
 PA_NONE: int
 MAX_CHUNK_RECORDS: int
 ERRORS: dict[int, str]
+CRC32C_HARDWARE: bool
+
+def crc32c(data: bytes | bytearray | memoryview | Any, crc: int = 0, *, software: bool = False) -> int: ...
 
 @disjoint_base
 class Codec:
@@ -20,7 +23,7 @@ class Codec:
         records: bytes | bytearray | memoryview | npt.NDArray[np.uint8] | Any,
         ip: npt.NDArray[np.uint64],
         pa: npt.NDArray[np.uint64] | None = None,
-    ) -> tuple[bytearray | bytes, int]: ...
+    ) -> tuple[bytes, int]: ...
     def decode(
         self,
         payload: bytes | bytearray | memoryview | Any,

@@ -20,6 +20,7 @@ little-endian host (x86, like the traces it models).
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport malloc, free
+from cpython.bytes cimport PyBytes_FromStringAndSize
 
 PA_NONE = 0xFFFF_FFFF_FFFF_FFFF
 #: decoded ``ip``/``pa`` arrays and encoded chunks are bounded by this many records
@@ -146,6 +147,16 @@ cdef inline void _reset(tv2_state* st, int ncpus, bint pa) noexcept nogil:
         memset(st.pa_cache, 0, sizeof(st.pa_cache))
 
 
+cdef inline void _save(tv2_cpu* c, uint64_t f0, uint64_t f1, uint64_t fadv, uint64_t d0,
+                       uint64_t d1, uint64_t cip) noexcept nogil:
+    c.h0[1] = f0
+    c.h1[1] = f1
+    c.adv[1] = fadv
+    c.h0[0] = d0
+    c.h1[0] = d1
+    c.ip = cip
+
+
 cdef int tv2_decode(const uint8_t* main, size_t main_len, const uint8_t* pa_stream,
                     size_t pa_len, uint32_t nrec, int ncpus, uint8_t* out, uint64_t* ip,
                     uint64_t* pa, tv2_state* st, tv2_err* err) noexcept nogil:
@@ -153,7 +164,6 @@ cdef int tv2_decode(const uint8_t* main, size_t main_len, const uint8_t* pa_stre
     cdef const uint8_t* p = main
     cdef const uint8_t* end = main + main_len
     cdef const uint8_t* fast_end
-    cdef const uint8_t* q
     cdef bint in_tail = False
     cdef bint bad = False
     cdef uint32_t i = 0
@@ -161,9 +171,14 @@ cdef int tv2_decode(const uint8_t* main, size_t main_len, const uint8_t* pa_stre
     cdef unsigned t, kind, cls, code, mode
     cdef uint64_t v, a, size, base, ipv
     cdef uint64_t* o
-    cdef tv2_cpu cs       # the current CPU's predictors, in a local: no aliasing with out/ip
     cdef size_t rem
     cdef int e = TV2_OK
+    # The current CPU's predictors live in locals (registers) and go back to
+    # st.cpu[cur] when the CPU changes: a loop-carried chain through memory
+    # would cost a store-to-load forwarding per record.
+    cdef uint64_t f0 = 0, f1 = 0, fadv = 0, d0 = 0, d1 = 0, cip = 0
+    cdef uint64_t word
+    cdef tv2_cpu* c
     err.record = 0
     err.code = TV2_OK
     if ncpus < 1 or ncpus > 255:
@@ -171,7 +186,7 @@ cdef int tv2_decode(const uint8_t* main, size_t main_len, const uint8_t* pa_stre
         return TV2_E_ARG
     _reset(st, ncpus, pa_stream != NULL)
     fast_end = end - FAST_MAIN if main_len >= FAST_MAIN else main
-    cs = st.cpu[0]
+    word = st.cpu[0].word
     while i < nrec:
         if p >= fast_end and not in_tail:
             # Finish from a zero-padded copy: every read below stays in bounds.
@@ -187,44 +202,50 @@ cdef int tv2_decode(const uint8_t* main, size_t main_len, const uint8_t* pa_stre
         if (t & 0xE3) == 0x02 and (t & 0x1C) != 0x1C:
             # The common case: a fetch right after the previous one, IP = address.
             size = ((t >> 2) & 7) + 1
-            a = cs.h0[1] + cs.adv[1]
+            a = f0 + fadv
             o = <uint64_t*>(out + 24 * <size_t>i)
-            o[0] = cs.word | <uint64_t>2 << 16 | size << 32
+            o[0] = word | <uint64_t>2 << 16 | size << 32
             o[1] = a
             o[2] = 0
             ip[i] = a
-            cs.ip = a
-            if (a >> 28) != (cs.h0[1] >> 28):
-                cs.h1[1] = cs.h0[1]
-            cs.h0[1] = a
-            cs.adv[1] = size
+            cip = a
+            if (a >> 28) != (f0 >> 28):
+                f1 = f0
+            f0 = a
+            fadv = size
             i += 1
-            if p > end:
-                e = TV2_E_TRUNCATED
-                i -= 1
-                break
             continue
         kind = t & 3
         if kind == 3:
             t >>= 2
+            c = &st.cpu[cur]
             if t == OP_SET_CPU:
                 if p[0] >= <unsigned>ncpus:
                     e = TV2_E_CPU
                     break
-                st.cpu[cur] = cs
+                _save(c, f0, f1, fadv, d0, d1, cip)
                 cur = p[0]
-                cs = st.cpu[cur]
+                c = &st.cpu[cur]
+                f0 = c.h0[1]
+                f1 = c.h1[1]
+                fadv = c.adv[1]
+                d0 = c.h0[0]
+                d1 = c.h1[0]
+                cip = c.ip
+                word = c.word
                 p += 1
             elif t == OP_SET_CPL:
                 if p[0] > 3 and p[0] != KEEP_CPL:
                     e = TV2_E_CPL
                     break
-                cs.cpl = p[0]
-                cs.word = <uint64_t>cur << 8 | <uint64_t>cs.flags << 24 | <uint64_t>cs.cpl << 48
+                c.cpl = p[0]
+                c.word = <uint64_t>cur << 8 | <uint64_t>c.flags << 24 | <uint64_t>c.cpl << 48
+                word = c.word
                 p += 1
             elif t == OP_SET_FLAGS:
-                cs.flags = p[0]
-                cs.word = <uint64_t>cur << 8 | <uint64_t>cs.flags << 24 | <uint64_t>cs.cpl << 48
+                c.flags = p[0]
+                c.word = <uint64_t>cur << 8 | <uint64_t>c.flags << 24 | <uint64_t>c.cpl << 48
+                word = c.word
                 p += 1
             elif t == OP_FULL:
                 o = <uint64_t*>(out + 24 * <size_t>i)
@@ -265,7 +286,10 @@ cdef int tv2_decode(const uint8_t* main, size_t main_len, const uint8_t* pa_stre
             if size == 0 or size > 4096:
                 e = TV2_E_SIZE
                 break
-        base = cs.h1[cls] if mode == 2 else cs.h0[cls] + cs.adv[cls]
+        if cls:
+            base = f1 if mode == 2 else f0 + fadv
+        else:
+            base = d1 if mode == 2 else d0
         a = base
         if mode:
             v = p[0]
@@ -274,7 +298,7 @@ cdef int tv2_decode(const uint8_t* main, size_t main_len, const uint8_t* pa_stre
             else:
                 p = _rdf(p, &v, &bad)
             a = base + _unzz(v)
-        ipv = a if cls else cs.ip
+        ipv = a if cls else cip
         if t & 0x80:
             p = _rd(p, &v, &bad)
             ipv = ipv + _unzz(v)
@@ -283,17 +307,22 @@ cdef int tv2_decode(const uint8_t* main, size_t main_len, const uint8_t* pa_stre
             e = TV2_E_VARINT if bad else TV2_E_TRUNCATED
             break
         o = <uint64_t*>(out + 24 * <size_t>i)
-        o[0] = cs.word | <uint64_t>kind << 16 | size << 32
+        o[0] = word | <uint64_t>kind << 16 | size << 32
         o[1] = a
         o[2] = 0
         ip[i] = ipv
-        cs.ip = ipv
-        if (a >> 28) != (cs.h0[cls] >> 28):
-            cs.h1[cls] = cs.h0[cls]
-        cs.h0[cls] = a
-        cs.adv[cls] = size & (<uint64_t>0 - cls)
+        cip = ipv
+        if cls:
+            if (a >> 28) != (f0 >> 28):
+                f1 = f0
+            f0 = a
+            fadv = size
+        else:
+            if (a >> 28) != (d0 >> 28):
+                d1 = d0
+            d0 = a
         i += 1
-    st.cpu[cur] = cs
+    _save(&st.cpu[cur], f0, f1, fadv, d0, d1, cip)
     if e == TV2_OK and p != end:
         e = TV2_E_TRAILING
     if e != TV2_OK:
@@ -368,6 +397,37 @@ cdef int _decode_pa(const uint8_t* src, size_t n, uint32_t nrec, const uint8_t* 
     return TV2_OK
 
 
+cdef inline void _enc_pa(uint8_t** qq, uint8_t** gg, uint32_t i, uint64_t addr, uint64_t x,
+                         tv2_cpu* c, tv2_state* st) noexcept nogil:
+    """One record's entry in the pa stream (a mode byte opens every group of 4)."""
+    cdef uint8_t* q = qq[0]
+    cdef unsigned pm, h
+    cdef uint64_t d
+    if (i & 3) == 0:
+        gg[0] = q
+        q[0] = 0
+        q += 1
+    if x == PA_NONE_C:
+        pm = 0
+    else:
+        h = _pa_hash(addr)
+        d = x - addr
+        if d == c.last_d:
+            pm = 1
+        elif d == st.pa_cache[h]:
+            pm = 2
+        else:
+            pm = 3
+            if (x & 0xFFF) == (addr & 0xFFF):
+                q = _wr(q, (x >> 12) << 1)
+            else:
+                q = _wr(q, x << 1 | 1)
+        c.last_d = d
+        st.pa_cache[h] = d
+    gg[0][0] |= <uint8_t>(pm << (2 * (i & 3)))
+    qq[0] = q
+
+
 cdef int tv2_encode(const uint8_t* recs, const uint64_t* ip, const uint64_t* pa, uint32_t n,
                     int ncpus, uint8_t* main_out, size_t* main_len, uint8_t* pa_out,
                     size_t* pa_len, tv2_state* st, tv2_err* err) noexcept nogil:
@@ -379,7 +439,7 @@ cdef int tv2_encode(const uint8_t* recs, const uint64_t* ip, const uint64_t* pa,
     cdef const uint64_t* w
     cdef uint32_t i
     cdef unsigned cur = 0, cpu, typ, kind, flags, cpl, code, mode, size, h, pm, cls
-    cdef uint64_t addr, value, base0, v1, v2, pred, x, d
+    cdef uint64_t addr, value, base0, v1, v2, pred, x, d, w0
     cdef bint fetch
     cdef tv2_cpu* c
     err.record = 0
@@ -388,16 +448,35 @@ cdef int tv2_encode(const uint8_t* recs, const uint64_t* ip, const uint64_t* pa,
         err.code = TV2_E_ARG
         return TV2_E_ARG
     _reset(st, ncpus, pa != NULL)
+    c = &st.cpu[0]
     for i in range(n):
         r = recs + 24 * <size_t>i
         w = <const uint64_t*>r
+        w0 = w[0]
+        addr = w[1]
+        # Fast path: a fetch of 1..7 bytes on the current CPU right after the
+        # previous fetch, IP = address, CPL and flags unchanged: one byte.
+        x = w0 ^ (c.word | <uint64_t>2 << 16)
+        if ((x & <uint64_t>0xFFFFFFFF) == 0 and (x >> 32) - 1 < 7 and w[2] == 0
+                and addr == c.h0[1] + c.adv[1] and ip[i] == addr
+                and (pa == NULL or pa[i] >> 63 == 0 or pa[i] == PA_NONE_C)):
+            size = <unsigned>(x >> 32)
+            p[0] = <uint8_t>(2 | (size - 1) << 2)
+            p += 1
+            if (addr >> 28) != (c.h0[1] >> 28):
+                c.h1[1] = c.h0[1]
+            c.h0[1] = addr
+            c.adv[1] = size
+            c.ip = addr
+            if pa != NULL:
+                _enc_pa(&q, &group, i, addr, pa[i], c, st)
+            continue
         typ = r[0]
         cpu = r[1]
         kind = r[2]
         flags = r[3]
         size = (<const uint16_t*>(r + 4))[0]
         cpl = r[6]
-        addr = w[1]
         value = w[2]
         if cpu >= <unsigned>ncpus:
             err.record = i
@@ -431,30 +510,20 @@ cdef int tv2_encode(const uint8_t* recs, const uint64_t* ip, const uint64_t* pa,
                 p[1] = <uint8_t>cpl
                 p += 2
                 c.cpl = <uint8_t>cpl
+                c.word = <uint64_t>cpu << 8 | <uint64_t>c.flags << 24 | <uint64_t>c.cpl << 48
             if flags != c.flags:
                 p[0] = 3 | (OP_SET_FLAGS << 2)
                 p[1] = <uint8_t>flags
                 p += 2
                 c.flags = <uint8_t>flags
+                c.word = <uint64_t>cpu << 8 | <uint64_t>c.flags << 24 | <uint64_t>c.cpl << 48
             tag = p
             p += 1
             fetch = kind == 2
             if fetch:
                 code = size - 1 if size <= 7 else 7
-            elif size == 1:
-                code = 0
-            elif size == 2:
-                code = 1
-            elif size == 4:
-                code = 2
-            elif size == 8:
-                code = 3
-            elif size == 16:
-                code = 4
-            elif size == 32:
-                code = 5
-            elif size == 64:
-                code = 6
+            elif (size & (size - 1)) == 0 and size <= 64:
+                code = <unsigned>_ctz64(size)
             else:
                 code = 7
             if code == 7:
@@ -484,32 +553,106 @@ cdef int tv2_encode(const uint8_t* recs, const uint64_t* ip, const uint64_t* pa,
             c.adv[cls] = size if fetch else 0
             c.ip = ip[i]
         if pa != NULL:
-            if (i & 3) == 0:
-                group = q
-                q[0] = 0
-                q += 1
-            x = pa[i]
-            if x == PA_NONE_C:
-                pm = 0
-            else:
-                h = _pa_hash(addr)
-                d = x - addr
-                if d == c.last_d:
-                    pm = 1
-                elif d == st.pa_cache[h]:
-                    pm = 2
-                else:
-                    pm = 3
-                    if (x & 0xFFF) == (addr & 0xFFF):
-                        q = _wr(q, (x >> 12) << 1)
-                    else:
-                        q = _wr(q, x << 1 | 1)
-                c.last_d = d
-                st.pa_cache[h] = d
-            group[0] |= <uint8_t>(pm << (2 * (i & 3)))
+            _enc_pa(&q, &group, i, addr, pa[i], c, st)
     main_len[0] = <size_t>(p - main_out)
     pa_len[0] = <size_t>(q - pa_out)
     return TV2_OK
+
+
+
+# --- CRC-32C (Castagnoli) of blocks -----------------------------------------------------
+# With SSE4.2 (the crc32 instruction, 8 bytes a step) when the CPU has it, else
+# slicing-by-8 tables. Same convention as zlib.crc32: initial value 0, the
+# register inverted before and after, so crc32c(b, crc32c(a)) == crc32c(a + b).
+cdef extern from *:
+    """
+    #include <string.h>
+    static uint32_t pks_crc32c_t[8][256];
+    static int pks_crc32c_hw_ok = 0;
+
+    static void pks_crc32c_init(void) {
+        uint32_t i, k, c;
+        for (i = 0; i < 256; i++) {
+            c = i;
+            for (k = 0; k < 8; k++)
+                c = (c & 1) ? 0x82F63B78u ^ (c >> 1) : c >> 1;
+            pks_crc32c_t[0][i] = c;
+        }
+        for (i = 0; i < 256; i++)
+            for (k = 1; k < 8; k++)
+                pks_crc32c_t[k][i] = (pks_crc32c_t[k - 1][i] >> 8) ^ pks_crc32c_t[0][pks_crc32c_t[k - 1][i] & 0xFF];
+    #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+        __builtin_cpu_init();
+        pks_crc32c_hw_ok = __builtin_cpu_supports("sse4.2") ? 1 : 0;
+    #endif
+    }
+
+    static uint32_t pks_crc32c_sw(uint32_t crc, const uint8_t *p, size_t n) {
+        uint64_t w;
+        crc = ~crc;
+        while (n >= 8) {
+            memcpy(&w, p, 8);
+            w ^= crc;
+            crc = pks_crc32c_t[7][w & 0xFF] ^ pks_crc32c_t[6][(w >> 8) & 0xFF]
+                ^ pks_crc32c_t[5][(w >> 16) & 0xFF] ^ pks_crc32c_t[4][(w >> 24) & 0xFF]
+                ^ pks_crc32c_t[3][(w >> 32) & 0xFF] ^ pks_crc32c_t[2][(w >> 40) & 0xFF]
+                ^ pks_crc32c_t[1][(w >> 48) & 0xFF] ^ pks_crc32c_t[0][w >> 56];
+            p += 8;
+            n -= 8;
+        }
+        while (n--)
+            crc = pks_crc32c_t[0][(crc ^ *p++) & 0xFF] ^ (crc >> 8);
+        return ~crc;
+    }
+
+    #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __attribute__((target("sse4.2")))
+    static uint32_t pks_crc32c_hw(uint32_t crc, const uint8_t *p, size_t n) {
+        uint64_t c = (uint32_t)~crc, w;
+        while (n >= 8) {
+            memcpy(&w, p, 8);
+            c = __builtin_ia32_crc32di(c, w);
+            p += 8;
+            n -= 8;
+        }
+        while (n--)
+            c = __builtin_ia32_crc32qi((uint32_t)c, *p++);
+        return ~(uint32_t)c;
+    }
+    #define PKS_CRC32C_HW(crc, p, n) pks_crc32c_hw((crc), (p), (n))
+    #else
+    #define PKS_CRC32C_HW(crc, p, n) pks_crc32c_sw((crc), (p), (n))
+    #endif
+
+    static uint32_t pks_crc32c(uint32_t crc, const uint8_t *p, size_t n) {
+        return pks_crc32c_hw_ok ? PKS_CRC32C_HW(crc, p, n) : pks_crc32c_sw(crc, p, n);
+    }
+    """
+    void pks_crc32c_init() noexcept nogil
+    uint32_t pks_crc32c(uint32_t crc, const uint8_t* p, size_t n) noexcept nogil
+    uint32_t pks_crc32c_sw(uint32_t crc, const uint8_t* p, size_t n) noexcept nogil
+    int pks_crc32c_hw_ok
+
+pks_crc32c_init()
+#: True when crc32c() uses the CPU's crc32 instruction (SSE4.2)
+CRC32C_HARDWARE = bool(pks_crc32c_hw_ok)
+
+
+cdef uint32_t tv2_crc32c(uint32_t crc, const uint8_t* p, size_t n) noexcept nogil:
+    return pks_crc32c(crc, p, n)
+
+
+def crc32c(const uint8_t[::1] data, uint32_t crc=0, *, bint software=False):
+    """CRC-32C (Castagnoli) of ``data``, continuing ``crc`` (chains like ``zlib.crc32``)."""
+    cdef size_t n = data.shape[0]
+    cdef const uint8_t* p
+    cdef uint32_t r
+    if n == 0:
+        return crc
+    p = &data[0]
+    with nogil:
+        r = pks_crc32c_sw(crc, p, n) if software else pks_crc32c(crc, p, n)
+    return r
 
 
 # --- Python boundary ----------------------------------------------------------------
@@ -523,12 +666,14 @@ cdef class Codec:
     cdef tv2_state* st
     cdef int ncpus
     cdef bytearray _pa_scratch
+    cdef bytearray _main_scratch
 
     def __cinit__(self):
         self.st = <tv2_state*>malloc(sizeof(tv2_state))
         if self.st == NULL:
             raise MemoryError()
         self._pa_scratch = bytearray()
+        self._main_scratch = bytearray()
         self.ncpus = 1
 
     def __init__(self, int ncpus):
@@ -542,9 +687,9 @@ cdef class Codec:
     def encode(self, const uint8_t[::1] records, const uint64_t[::1] ip, pa=None):
         """Encode records (the RECORD bytes, 24 per record) -> ``(payload, main_len)``.
 
-        ``payload`` is the main stream followed by the pa stream (when ``pa``
-        is given). Raises ``ValueError(message, record_index)`` for a record
-        that cannot be coded (CPU out of range, pa >= 2**63).
+        ``payload`` (bytes) is the main stream followed by the pa stream (when
+        ``pa`` is given). Raises ``ValueError(message, record_index)`` for a
+        record that cannot be coded (CPU out of range, pa >= 2**63).
         """
         cdef Py_ssize_t nb = records.shape[0]
         cdef Py_ssize_t n = nb // 24
@@ -553,7 +698,6 @@ cdef class Codec:
         cdef size_t main_len = 0, pa_len = 0
         cdef tv2_err err
         cdef int rc
-        cdef bytearray out
         cdef uint8_t* po
         cdef uint8_t* pq
         if nb % 24:
@@ -568,12 +712,15 @@ cdef class Codec:
                 raise ValueError(f"pa has {pav.shape[0]} entries for {n} records")
             if n:
                 ppa = &pav[0]
-            if len(self._pa_scratch) < tv2_pa_bound(n):
-                self._pa_scratch = bytearray(tv2_pa_bound(n))
-        out = bytearray(tv2_main_bound(n) + (tv2_pa_bound(n) if pa is not None else 0))
         if n == 0:
             return b"", 0
-        po = <uint8_t*><char*>out
+        # Scratch buffers, kept between calls: the bound is ~48 bytes a record,
+        # the output ~2.
+        if <size_t>len(self._main_scratch) < tv2_main_bound(n) + tv2_pa_bound(n):
+            self._main_scratch = bytearray(tv2_main_bound(n) + tv2_pa_bound(n))
+        if pa is not None and <size_t>len(self._pa_scratch) < tv2_pa_bound(n):
+            self._pa_scratch = bytearray(tv2_pa_bound(n))
+        po = <uint8_t*><char*>self._main_scratch
         pq = <uint8_t*><char*>self._pa_scratch if pa is not None else NULL
         with nogil:
             rc = tv2_encode(&records[0], &ip[0], ppa, <uint32_t>n, self.ncpus, po, &main_len,
@@ -582,8 +729,7 @@ cdef class Codec:
                 memcpy(po + main_len, pq, pa_len)
         if rc != TV2_OK:
             raise ValueError(ERRORS.get(rc, "error"), err.record)
-        del out[main_len + pa_len:]
-        return out, main_len
+        return PyBytes_FromStringAndSize(<char*>po, main_len + pa_len), main_len
 
     def decode(self, const uint8_t[::1] payload, Py_ssize_t main_len, Py_ssize_t nrec,
                bint has_pa, uint8_t[::1] records_out, uint64_t[::1] ip_out, pa_out=None):

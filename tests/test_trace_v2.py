@@ -54,6 +54,9 @@ def random_records(rng: np.random.Generator, n: int, ncpus: int = 2, *, valid: b
     if not valid:
         recs["value"] = rng.integers(0, 1 << 63, n, dtype=np.uint64) * (rng.random(n) < 0.5)
         recs["pad"] = rng.integers(0, 256, n) * (rng.random(n) < 0.1)
+        odd_size = acc & (rng.random(n) < 0.03)
+        recs["size"][odd_size] = rng.choice(np.array([0, 4097, 65535], dtype=np.uint16), int(odd_size.sum()))
+        recs["cpl"][rng.random(n) < 0.01] = 7
     ip = np.where(rng.random(n) < 0.5, recs["addr"], rng.integers(0, 1 << 48, n, dtype=np.uint64))
     ip = ip.astype(np.uint64)
     ip[rng.random(n) < 0.1] = 0
@@ -388,13 +391,14 @@ def test_end_marker_totals_are_checked(tmp_path):
 
 def test_newer_version_and_bad_header_fields(small_trace):
     import struct
-    import zlib
+
+    from pks_emu._tracev2 import crc32c
     data, _ = small_trace
 
     def patched(off, fmt, value):
         d = bytearray(data)
         struct.pack_into(fmt, d, off, value)
-        struct.pack_into("<I", d, 48, zlib.crc32(bytes(d[:48])))
+        struct.pack_into("<I", d, 48, crc32c(bytes(d[:48])))
         return bytes(d)
 
     with pytest.raises(TraceFormatError, match="version 3"):
@@ -467,3 +471,65 @@ def test_lackey_ip_is_the_preceding_instruction(tmp_path):
 
 def test_cpu_state_block_packs_like_v1():
     assert len(CPU_STATE.pack(*STATE)) == 64
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_prefetch_gives_the_same_chunks_and_errors(tmp_path, depth):
+    rng = np.random.default_rng(7)
+    recs, ip, pa = random_records(rng, 20_000, 2)
+    path = tmp_path / "p.pkt2"
+    write(path, recs, ip, pa, chunk_records=3000)
+    with v2.open_trace_v2(path) as r:
+        got = [(f, x.copy(), i.copy(), p.copy()) for f, x, i, p in r.chunks(prefetch=depth)]
+    assert np.concatenate([g[1] for g in got]).tobytes() == recs.tobytes()
+    assert (np.concatenate([g[2] for g in got]) == ip).all()
+    assert (np.concatenate([g[3] for g in got]) == pa).all()
+    data = path.read_bytes()[:-30]
+    seen = []
+    with pytest.raises(TraceFormatError, match="end marker"):
+        with v2.open_trace_v2(io.BytesIO(data)) as r:
+            for f, x, i, p in r.chunks(prefetch=depth):
+                seen.append(len(x))
+    assert sum(seen) == 20_000
+    # stopping early ends the thread
+    with v2.open_trace_v2(path) as r:
+        it = r.chunks(prefetch=depth)
+        next(it)
+        it.close()
+
+
+def test_written_file_has_the_umask_mode_and_v1_is_named(tmp_path):
+    path = tmp_path / "m.pkt2"
+    write(path, np.zeros(0, RECORD), np.zeros(0, np.uint64))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+    gen_pmem_stray(str(tmp_path / "a.pkt"), records=100, seed=1)
+    with pytest.raises(TraceFormatError, match="version 1"):
+        v2.open_trace_v2(tmp_path / "a.pkt")
+    with pytest.raises(ValueError, match="standard input"):
+        v2.lackey_to_v2("-", tmp_path / "x.pkt2")
+
+
+def test_lackey_ip_carries_across_blocks(tmp_path):
+    from pks_emu.lackey import _read
+    lines = []
+    for k in range(300):
+        lines.append(f"I  {0x400000 + 4 * k:08x},4")
+        lines.append(f" L {0x1000 + 8 * k:08x},8")
+        if k % 7 == 0:
+            lines.append(f" M {0x2000 + k:08x},1")
+    p = tmp_path / "b.lackey"
+    p.write_text("\n".join(lines) + "\n")
+    whole = parse_lackey(p)
+    parts = list(_read(p, chunk_records=5, skip_bad=False, block_size=64, max_line=64))
+    assert np.concatenate([c.ip for c in parts]).tolist() == whole.ip.tolist()
+    assert whole.ip[1] == 0x400000 and whole.ip[-1] == 0x400000 + 4 * 299
+
+
+def test_crc32c_check_value_and_both_implementations():
+    from pks_emu._tracev2 import crc32c
+    assert crc32c(b"123456789") == crc32c(b"123456789", software=True) == 0xE3069283
+    data = np.random.default_rng(8).integers(0, 256, 100_003, dtype=np.uint8).tobytes()
+    assert crc32c(data) == crc32c(data, software=True) == crc32c(data[777:], crc32c(data[:777]))
+    assert crc32c(b"") == 0 and crc32c(b"", 5) == 5

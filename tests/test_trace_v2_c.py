@@ -152,7 +152,7 @@ def test_c_writer_bytes_equal_python_writer(tmp_path, writer_program):
     subprocess.run([str(writer_program), str(tmp_path / "c.pkt2"), str(tmp_path / "recs.bin"), "2",
                     str(v2.TF_HAS_PA), "100", "0"], check=True, timeout=120)
     hdr = v2.TraceHeaderV2(ncpus=2, api=10, trace_flags=v2.TF_HAS_PA, cpu_states=[STATE, STATE])
-    with v2.V2Writer(tmp_path / "p.pkt2", hdr, chunk_records=100) as w:
+    with v2.V2Writer(tmp_path / "p.pkt2", hdr, chunk_records=100, codec="none") as w:
         w.write_memory(0x7000, bytes(range(256)) * 16)
         w.write(recs, ip, pa)
     assert (tmp_path / "c.pkt2").read_bytes() == (tmp_path / "p.pkt2").read_bytes()

@@ -2,14 +2,14 @@
 
 A v2 stream is, little-endian throughout::
 
-    header (128 bytes, magic PKSEMUTR, version 2, CRC-32)
+    header (128 bytes, magic PKSEMUTR, version 2, CRC-32C)
     [PKSS block: the initial state of each CPU]
     [PKSM blocks: the initial physical memory, frame by frame]
     PKSC blocks: chunks of records, each decodable on its own
     PKSE block: end marker with the totals
 
-Every block is ``tag[4], u32 length, u32 CRC-32 of the payload, u32 0`` then
-its payload, so a reader on a pipe needs no seek. The record codec (tag
+Every block is ``tag[4], u32 length, u32 CRC-32C of the payload, u32 0`` then
+its payload (CRC-32C, Castagnoli), so a reader on a pipe needs no seek. The record codec (tag
 bytes, varint deltas of addresses and IPs per CPU, physical addresses
 relative to the virtual ones) is compiled: ``pks_emu/_tracev2.pyx``.
 
@@ -23,14 +23,13 @@ import os
 import struct
 import sys
 import tempfile
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import numpy as np
 
-from .._tracev2 import MAX_CHUNK_RECORDS, PA_NONE, Codec
+from .._tracev2 import MAX_CHUNK_RECORDS, PA_NONE, Codec, crc32c
 from ..errors import TraceFormatError
 from .format import (COMPAT_CODES, CPU_STATE, CPU_STATE_SIZE, FEATURE_CODES, FRAME_SIZE, KEEP_CPL,
                      MAGIC, MAX_TASKS_LIMIT, RECORD, RecordType, TraceHeader, read_header,
@@ -53,10 +52,10 @@ APIS = (0, 6, 7, 10)
 
 #: magic, version, header_size, record_size, reserved, paging_levels, ncpus, compat,
 #: maxphyaddr, features, max_tasks, tlb_entries, pkrs_init, api, reserved, trace_flags,
-#: cpu_states (0 or 1); then u32 CRC-32 of these 48 bytes at offset 48
+#: cpu_states (0 or 1); then u32 CRC-32C of these 48 bytes at offset 48
 HEADER2 = struct.Struct("<8sHHHHBBBBIIIIHHII")
 assert HEADER2.size == 48
-BLOCK = struct.Struct("<4sIII")       # tag, payload length, CRC-32 of the payload, reserved
+BLOCK = struct.Struct("<4sIII")       # tag, payload length, CRC-32C of the payload, reserved
 CHUNK = struct.Struct("<QIIIBBH")     # first_index, nrec, raw_len, main_len, codec, flags, reserved
 END = struct.Struct("<QQQ")           # records, chunks, memory frames
 TAG_STATES, TAG_MEMORY, TAG_CHUNK, TAG_END = b"PKSS", b"PKSM", b"PKSC", b"PKSE"
@@ -71,7 +70,7 @@ DEFAULT_CHUNK_RECORDS = 32768
 #: codec id by name; readers accept all of them
 CODECS = {"none": 0, "zstd": 1, "lz4": 2}
 _CODEC_NAMES = {v: k for k, v in CODECS.items()}
-DEFAULT_CODEC = "none"
+DEFAULT_CODEC = "lz4"
 
 
 @dataclass
@@ -90,7 +89,7 @@ class TraceHeaderV2(TraceHeader):
                            self.ncpus, COMPAT_CODES[self.compat], self.maxphyaddr, feats,
                            self.max_tasks, self.tlb_entries, self.pkrs_init, self.api, 0,
                            self.trace_flags, 1 if self.cpu_states else 0)
-        return (raw + struct.pack("<I", zlib.crc32(raw))).ljust(HEADER_SIZE, b"\0")
+        return (raw + struct.pack("<I", crc32c(raw))).ljust(HEADER_SIZE, b"\0")
 
     @classmethod
     def from_header(cls, h: TraceHeader, **kw: Any) -> TraceHeaderV2:
@@ -209,7 +208,7 @@ class V2Writer:
         crc = 0
         n = 0
         for p in parts:
-            crc = zlib.crc32(p, crc)
+            crc = crc32c(p, crc)
             n += len(p)
         self._out(BLOCK.pack(tag, n, crc, 0))
         for p in parts:
@@ -315,6 +314,9 @@ class V2Writer:
             self._f.close()
         if self._tmp is not None:
             assert self._final is not None
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self._tmp, 0o666 & ~umask)     # mkstemp made it 0600
             os.replace(self._tmp, self._final)
             self._tmp = None
 
@@ -452,7 +454,7 @@ class V2Reader:
             raise TraceFormatError(f"{name}: trace format version {version}: this reader reads version "
                                    f"{VERSION} (version 1 is read by pks_emu.trace.format)")
         (crc,) = struct.unpack_from("<I", raw, 48)
-        if crc != zlib.crc32(raw[:48]):
+        if crc != crc32c(raw[:48]):
             raise TraceFormatError(f"{name}: damaged pks_emu trace: header checksum mismatch")
         if any(raw[52:]):
             raise TraceFormatError(f"{name}: damaged pks_emu trace: reserved header bytes 52..127 are not zero")
@@ -518,7 +520,7 @@ class V2Reader:
             raise TraceFormatError(
                 f"{self.name}: truncated inside {label} at offset {off}: {len(payload)} of "
                 f"{length} payload bytes; no end marker")
-        if zlib.crc32(payload) != crc:
+        if crc32c(payload) != crc:
             label = self._what_next() if tag == TAG_CHUNK else f"{what} block"
             raise TraceFormatError(f"{self.name}: {label} at offset {off}: checksum mismatch "
                                    "(damaged pks_emu trace)")
@@ -627,36 +629,113 @@ class V2Reader:
             self.records += nrec
             yield k, first, nrec, flags, main_len, raw
 
-    def chunks(self, *, reuse: bool = False, validate: bool = True
+    def chunks(self, *, reuse: bool = False, validate: bool = True, prefetch: int = 0
                ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]]:
         """Yield ``(first_index, records, ip, pa_or_None)`` per chunk.
 
         ``reuse=True`` decodes every chunk into the same arrays (valid until
         the next chunk). ``validate`` checks the records' fields as v1 does.
+        ``prefetch=N`` (N >= 1) reads, checks and decodes up to N chunks ahead
+        on a background thread (reading, CRC, decompression and decoding all
+        run without the GIL), so that a consumer whose own loop releases the
+        GIL (the replay) overlaps with decoding on a second core; the arrays
+        of a chunk are then valid until the next iteration, whatever ``reuse``.
         After the last chunk the end marker is checked; a stream without one
         raises :class:`TraceFormatError` after its complete chunks.
         """
+        if prefetch:
+            return self._chunks_prefetch(int(prefetch), validate)
+        return self._chunks(reuse, validate)
+
+    def _decode_into(self, codec: Codec, k: int, first: int, nrec: int, main_len: int, raw,
+                     bufs, validate: bool):
+        has_pa = bufs[2] is not None
+        recs, ip = bufs[0][:nrec], bufs[1][:nrec]
+        pa = bufs[2][:nrec] if has_pa else None
+        bad = codec.decode(raw, main_len, nrec, has_pa, recs.view(np.uint8), ip, pa)
+        if bad is not None:
+            code, rec, msg = bad
+            raise TraceFormatError(f"{self.name}: chunk {k} (records {first}..{first + nrec - 1}): "
+                                   f"record {first + rec}: {msg} (damaged pks_emu trace)")
+        if validate:
+            validate_records(self.name, recs, first, self.header)
+        return first, recs, ip, pa
+
+    def _new_bufs(self, nrec: int):
         has_pa = bool(self.header.trace_flags & TF_HAS_PA)
-        bufs: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
+        return (np.empty(nrec, RECORD), np.empty(nrec, np.uint64),
+                np.empty(nrec, np.uint64) if has_pa else None)
+
+    def _chunks(self, reuse: bool, validate: bool):
+        bufs = None
         for k, first, nrec, flags, main_len, raw in self.raw_chunks():
-            if reuse:
-                if bufs is None or len(bufs[0]) < nrec:
-                    cap = max(nrec, DEFAULT_CHUNK_RECORDS)
-                    bufs = (np.empty(cap, RECORD), np.empty(cap, np.uint64),
-                            np.empty(cap, np.uint64) if has_pa else None)
-                recs, ip, pa = bufs[0][:nrec], bufs[1][:nrec], (bufs[2][:nrec] if has_pa else None)
+            if not reuse:
+                b = self._new_bufs(nrec)
             else:
-                recs = np.empty(nrec, RECORD)
-                ip = np.empty(nrec, np.uint64)
-                pa = np.empty(nrec, np.uint64) if has_pa else None
-            bad = self._codec.decode(raw, main_len, nrec, has_pa, recs.view(np.uint8), ip, pa)
-            if bad is not None:
-                code, rec, msg = bad
-                raise TraceFormatError(f"{self.name}: chunk {k} (records {first}..{first + nrec - 1}): "
-                                       f"record {first + rec}: {msg} (damaged pks_emu trace)")
-            if validate:
-                validate_records(self.name, recs, first, self.header)
-            yield first, recs, ip, pa
+                if bufs is None or len(bufs[0]) < nrec:
+                    bufs = self._new_bufs(max(nrec, DEFAULT_CHUNK_RECORDS))
+                b = bufs
+            yield self._decode_into(self._codec, k, first, nrec, main_len, raw, b, validate)
+
+    def _chunks_prefetch(self, depth: int, validate: bool):
+        import queue
+        import threading
+        free: queue.Queue = queue.Queue()
+        done: queue.Queue = queue.Queue(maxsize=depth)
+        for _ in range(depth + 2):
+            free.put(None)            # a slot; arrays are made on first use
+        stop = threading.Event()
+        codec = Codec(self.header.ncpus)
+        end = object()
+
+        def work() -> None:
+            try:
+                for k, first, nrec, flags, main_len, raw in self.raw_chunks():
+                    while True:
+                        try:
+                            b = free.get(timeout=0.1)
+                            break
+                        except queue.Empty:
+                            if stop.is_set():
+                                return
+                    if b is None or len(b[0]) < nrec:
+                        b = self._new_bufs(max(nrec, DEFAULT_CHUNK_RECORDS))
+                    item = (self._decode_into(codec, k, first, nrec, main_len, raw, b, validate), b)
+                    while not stop.is_set():
+                        try:
+                            done.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            pass
+                    if stop.is_set():
+                        return
+                done.put((end, None))
+            except BaseException as e:    # handed to the consumer, raised in order
+                while not stop.is_set():
+                    try:
+                        done.put((e, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+
+        t = threading.Thread(target=work, name="pks-emu-v2-prefetch", daemon=True)
+        t.start()
+        prev = None
+        try:
+            while True:
+                item, b = done.get()
+                if prev is not None:
+                    free.put(prev)
+                    prev = None
+                if item is end:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                prev = b
+                yield item
+        finally:
+            stop.set()
+            t.join()
 
     def close(self) -> None:
         if self._own:
@@ -728,6 +807,9 @@ def lackey_to_v2(src: str | os.PathLike, dst, *, policy=None, skip_bad: bool = F
     from .convert import touched_pages
     from .policy import Policy, build_machine, load_policy
     src = os.fspath(src)
+    if src == "-":
+        raise ValueError("lackey_to_v2 reads its input twice (pages, then records): give a file, "
+                         "not standard input")
     if not isinstance(policy, Policy):
         policy = load_policy(policy)
     pages, stats = touched_pages(src, skip_bad=skip_bad, chunk_records=parse_records)
