@@ -416,7 +416,13 @@ def write_table(table: pandas.DataFrame, path: str | os.PathLike) -> None:
     elif fmt == "parquet":
         _atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
     else:
-        _atomic_write(path, lambda tmp: table.to_json(tmp, orient="records", indent=1))
+        rows = json.loads(table.to_json(orient="records"))  # NA -> null, numpy -> JSON numbers
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                json.dump(rows, f, indent=1)
+                f.write("\n")
+        _atomic_write(path, write)
 
 
 def read_table(path: str | os.PathLike) -> pandas.DataFrame:

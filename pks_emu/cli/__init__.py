@@ -23,6 +23,7 @@ COMMANDS = {
     "convert": ("pks_emu.cli.convert", "convert a Valgrind lackey trace to the native format"),
     "bench": ("pks_emu.cli.bench", "measure the core's throughput on this machine"),
     "selftest": ("pks_emu.cli.selftest", "run the PKS series' test suite on the emulated kernel"),
+    "sweep": ("pks_emu.cli.sweep", "replay traces x policies x compat x api on Dask, one table row each"),
 }
 
 
