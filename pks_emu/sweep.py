@@ -298,7 +298,7 @@ def _local_cluster(distributed, n_workers: int):
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         cluster = distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                                           dashboard_address=None, silence_logs=logging.ERROR)
+                                           dashboard_address=":0", silence_logs=logging.ERROR)
     finally:
         if old is not None:
             signal.signal(signal.SIGINT, old)
