@@ -1,0 +1,210 @@
+"""asv benchmarks of sweeps on Dask (pks_emu.sweep, docs/sweeps.md).
+
+``SweepWorkers``: the same sweep (8 seeded lackey traces of 300,000 lines x
+2 policies x 2 compat modes = 32 tasks) on a LocalCluster of 1 and of 2
+one-thread worker processes; ``SweepSpeedup`` reports the ratio of the two.
+``SweepOverhead``: what the scheduler adds per task, from a sweep of 64
+trivially small traces on one worker minus the same 64 tasks run in-process.
+Clusters start in ``setup`` (not timed) and are warmed up by one sweep.
+Needs the ``dist`` extra; without it every benchmark here is skipped.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from .common import EXAMPLES, QUICK, REPEATS, SEED
+
+N_TRACES = 2 if QUICK else 8
+N_LINES = 2_000 if QUICK else 300_000
+POLICIES = 1 if QUICK else 2
+#: Tasks of the overhead sweep, and lines of each of its traces.
+OVERHEAD_TASKS = 8 if QUICK else 64
+OVERHEAD_LINES = 10
+
+SECOND_POLICY = """\
+[registers]
+cpl = 3
+pkru = { 3 = "no-access" }
+
+[[region]]
+name = "heap"
+start = 0x4a00000
+end = 0x4b00000
+pkey = 3
+"""
+
+
+def _lackey(seed: int, n: int) -> bytes:
+    """n lines: 60 % I, then loads, stores and modifies on the stack and the heap."""
+    rng = np.random.default_rng(seed)
+    kind = rng.choice(4, size=n, p=[0.6, 0.24, 0.14, 0.02])
+    heap = rng.random(n) < 0.3
+    addr = np.where(heap, 0x4a00000, 0x1ffefff000) + rng.integers(0, 1 << 13, n) * 8
+    code = 0x400000 + rng.integers(0, 1 << 16, n) * 4
+    prefix = ("I  ", " L ", " S ", " M ")
+    lines = ["==1== Lackey, an example Valgrind tool\n"]
+    for k, a, c in zip(kind.tolist(), addr.tolist(), code.tolist()):
+        lines.append(f"I  {c:08x},4\n" if k == 0 else f"{prefix[k]}{a:08x},8\n")
+    return "".join(lines).encode()
+
+
+def _have_dist() -> bool:
+    try:
+        import distributed  # noqa: F401
+        import pandas  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _cluster(workers: int):
+    import distributed
+    cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=":0", silence_logs=40)
+    return cluster, distributed.Client(cluster)
+
+
+def _write_inputs() -> dict:
+    paths: dict = {"traces": [], "tiny": os.path.abspath("sweep-tiny.lackey")}
+    for i in range(N_TRACES):
+        p = os.path.abspath(f"sweep-{i}.lackey")
+        with open(p, "wb") as f:
+            f.write(_lackey(SEED + i, N_LINES))
+        paths["traces"].append(p)
+    with open(paths["tiny"], "wb") as f:
+        f.write(_lackey(SEED, OVERHEAD_LINES))
+    second = os.path.abspath("sweep-no-access.toml")
+    with open(second, "w") as f:
+        f.write(SECOND_POLICY)
+    paths["policies"] = [os.path.join(EXAMPLES, "protect-heap.toml"), second][:POLICIES]
+    return paths
+
+
+def _sweep(paths: dict, client) -> object:
+    from pks_emu.sweep import sweep
+    return sweep(paths["traces"], paths["policies"], ["sdm", "qemu"], client=client, progress=False)
+
+
+class SweepWorkers:
+    """One sweep of N_TRACES x POLICIES x 2 tasks on 1 and on 2 workers."""
+    params = [1, 2]
+    param_names = ["workers"]
+    timeout = 900
+    number = 1
+    repeat = (1, 3, 120.0)
+
+    def setup_cache(self) -> dict:
+        return _write_inputs()
+
+    def setup(self, paths: dict, workers: int) -> None:
+        if not _have_dist():
+            raise NotImplementedError("needs pip install 'pks-emu[dist]'")
+        self.cluster, self.client = _cluster(workers)
+        _sweep({"traces": [paths["tiny"]], "policies": paths["policies"]}, self.client)  # warm-up
+
+    def teardown(self, paths: dict, workers: int) -> None:
+        self.client.close()
+        self.cluster.close()
+
+    def time_sweep(self, paths: dict, workers: int) -> None:
+        _sweep(paths, self.client)
+
+    def track_tasks_per_second(self, paths: dict, workers: int) -> float:
+        n = len(paths["traces"]) * len(paths["policies"]) * 2
+        best = float("inf")
+        for _ in range(REPEATS if not QUICK else 1):
+            t0 = time.perf_counter()
+            table = _sweep(paths, self.client)
+            best = min(best, time.perf_counter() - t0)
+        assert (table["status"] == "done").all()
+        return n / best
+
+    track_tasks_per_second.unit = "tasks/s"  # type: ignore[attr-defined]
+
+
+class SweepSpeedup:
+    """Wall time of the sweep on 1 worker over that on 2 (best of REPEATS each)."""
+    timeout = 1800
+    number = 1
+    repeat = 1
+
+    def setup_cache(self) -> dict:
+        return _write_inputs()
+
+    def setup(self, paths: dict) -> None:
+        if not _have_dist():
+            raise NotImplementedError("needs pip install 'pks-emu[dist]'")
+
+    def track_speedup_2_workers(self, paths: dict) -> float:
+        seconds = {}
+        for workers in (1, 2):
+            cluster, client = _cluster(workers)
+            try:
+                _sweep({"traces": [paths["tiny"]], "policies": paths["policies"]}, client)
+                best = float("inf")
+                for _ in range(REPEATS if not QUICK else 1):
+                    t0 = time.perf_counter()
+                    _sweep(paths, client)
+                    best = min(best, time.perf_counter() - t0)
+                seconds[workers] = best
+            finally:
+                client.close()
+                cluster.close()
+        return seconds[1] / seconds[2]
+
+    track_speedup_2_workers.unit = "x"  # type: ignore[attr-defined]
+
+
+class SweepOverhead:
+    """Scheduler cost per task: OVERHEAD_TASKS tasks of a 10-line trace on one
+    worker, minus the same tasks run one after the other in this process."""
+    timeout = 600
+    number = 1
+    repeat = 1
+
+    def setup_cache(self) -> dict:
+        return _write_inputs()
+
+    def setup(self, paths: dict) -> None:
+        if not _have_dist():
+            raise NotImplementedError("needs pip install 'pks-emu[dist]'")
+        self.cluster, self.client = _cluster(1)
+        self.tiny = [paths["tiny"]] * OVERHEAD_TASKS
+        self._on_cluster()  # warm-up: imports on the worker
+
+    def teardown(self, paths: dict) -> None:
+        self.client.close()
+        self.cluster.close()
+
+    def _on_cluster(self) -> float:
+        from pks_emu.sweep import sweep
+        t0 = time.perf_counter()
+        sweep(self.tiny, client=self.client, progress=False)
+        return time.perf_counter() - t0
+
+    def _in_process(self) -> float:
+        from pks_emu.sweep import _task
+        t0 = time.perf_counter()
+        for trace in self.tiny:
+            _task(trace, None, None, None, 5, False)
+        return time.perf_counter() - t0
+
+    def time_sweep_tiny_tasks(self, paths: dict) -> None:
+        self._on_cluster()
+
+    def track_overhead_ms_per_task(self, paths: dict) -> float:
+        reps = REPEATS if not QUICK else 1
+        cluster = min(self._on_cluster() for _ in range(reps))
+        local = min(self._in_process() for _ in range(reps))
+        return (cluster - local) / OVERHEAD_TASKS * 1e3
+
+    track_overhead_ms_per_task.unit = "ms"  # type: ignore[attr-defined]
+
+    def track_in_process_ms_per_task(self, paths: dict) -> float:
+        reps = REPEATS if not QUICK else 1
+        return min(self._in_process() for _ in range(reps)) / OVERHEAD_TASKS * 1e3
+
+    track_in_process_ms_per_task.unit = "ms"  # type: ignore[attr-defined]
