@@ -202,9 +202,6 @@ class SweepOverhead:
             _task(trace, None, None, None, 5, False)
         return time.perf_counter() - t0
 
-    def time_sweep_tiny_tasks(self, paths: dict) -> None:
-        self._on_cluster()
-
     def track_dask_ms_per_noop_task(self, paths: dict) -> float:
         reps = REPEATS if not QUICK else 1
         return min(self._noops() for _ in range(reps)) / OVERHEAD_TASKS * 1e3
