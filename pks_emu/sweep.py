@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import PksEmuError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import pandas
+    import pandas  # type: ignore[import-untyped]
 
 __all__ = ["COMBINATION_COLUMNS", "SweepInterrupted", "TIMING_COLUMNS", "read_table", "sweep",
            "write_table"]
@@ -339,9 +339,9 @@ def sweep(traces: str | os.PathLike | Iterable[str | os.PathLike],
     if top_sites < 0:
         raise ValueError(f"top_sites {top_sites}: expected 0 or more")
     keep = results_dir is not None
+    folder = os.fspath(results_dir) if results_dir is not None else ""
     if keep:
-        results_dir = os.fspath(results_dir)
-        os.makedirs(results_dir, exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
     own = None
     if client is None:
         if n_workers is None:
@@ -360,7 +360,7 @@ def sweep(traces: str | os.PathLike | Iterable[str | os.PathLike],
             fut = client.submit(_task, *c, top_sites, keep, key=f"pks-emu-sweep-{token}-{i}")
             futures[fut] = i
         if progress and sys.stderr.isatty():
-            from tqdm import tqdm
+            from tqdm import tqdm  # type: ignore[import-untyped]
             bar = tqdm(total=len(combos), unit="replay", file=sys.stderr, leave=False)
         for fut in distributed.as_completed(list(futures)):
             i = futures[fut]
@@ -370,7 +370,7 @@ def sweep(traces: str | os.PathLike | Iterable[str | os.PathLike],
                 o = {"status": FAILED, "error": _one_line(e), "values": None, "result": None,
                      "elapsed_seconds": None, "worker": None}
             if keep and o.get("result") is not None:
-                _write_result(results_dir, _result_name(i, combos[i]), o["result"])
+                _write_result(folder, _result_name(i, combos[i]), o["result"])
             o["result"] = None
             outcomes[i] = o
             fut.release()
