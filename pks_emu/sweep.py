@@ -296,9 +296,18 @@ def _local_cluster(distributed, n_workers: int):
     if sys.platform != "win32" and _in_main_thread():
         # Worker processes inherit an ignored SIGINT (Python keeps it ignored).
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Dask's nannies set MALLOC_TRIM_THRESHOLD_=65536 in their workers, which
+    # turns off glibc's adaptive mmap threshold: every large buffer (the lackey
+    # reader's 16 MiB block, twice per conversion) is then mapped, faulted in
+    # and unmapped again, 4x the time of a small replay. These workers live
+    # only as long as the sweep, so they keep glibc's defaults.
+    import dask
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
     try:
-        cluster = distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                                           dashboard_address=":0", silence_logs=logging.ERROR)
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+            cluster = distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                               dashboard_address=":0", silence_logs=logging.ERROR)
     finally:
         if old is not None:
             signal.signal(signal.SIGINT, old)
@@ -362,12 +371,17 @@ def sweep(traces: str | os.PathLike | Iterable[str | os.PathLike],
         if progress and sys.stderr.isatty():
             from tqdm import tqdm  # type: ignore[import-untyped]
             bar = tqdm(total=len(combos), unit="replay", file=sys.stderr, leave=False)
-        for fut in distributed.as_completed(list(futures)):
+        # with_results: the results come back in the background as tasks
+        # finish, not one request per task from this loop (~20 ms each on a
+        # busy machine).
+        for fut, o in distributed.as_completed(list(futures), with_results=True, raise_errors=False):
             i = futures[fut]
-            try:
-                o = fut.result()
-            except Exception as e:  # the task itself died (worker lost...)
-                o = {"status": FAILED, "error": _one_line(e), "values": None, "result": None,
+            if fut.status != "finished" or not isinstance(o, dict):
+                # The task itself died (worker lost...), not the replay: with
+                # raise_errors=False an error comes as (type, exception, traceback).
+                exc = o[1] if isinstance(o, tuple) and len(o) == 3 else o
+                o = {"status": FAILED, "error": _one_line(exc) if isinstance(exc, BaseException)
+                     else f"task {fut.status}", "values": None, "result": None,
                      "elapsed_seconds": None, "worker": None}
             if keep and o.get("result") is not None:
                 _write_result(folder, _result_name(i, combos[i]), o["result"])

@@ -266,3 +266,17 @@ def test_core_imports_without_dask_and_names_the_extra():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "pip install 'pks-emu[dist]'" in r.stdout
+
+
+def test_a_task_that_dies_fails_its_row_only(inputs, client, monkeypatch):
+    import pks_emu.sweep as mod
+
+    def dies_on_t1(trace, *args):
+        if trace.endswith("t1.lackey"):
+            raise MemoryError("worker out of memory")
+        return real(trace, *args)
+    real = mod._task
+    monkeypatch.setattr(mod, "_task", dies_on_t1)
+    t = sweep(inputs["traces"][:3], client=client, progress=False)
+    assert list(t["status"]) == ["done", "failed", "done"]
+    assert t.iloc[1]["error"] == "worker out of memory"
