@@ -359,7 +359,7 @@ def sweep(traces: str | os.PathLike | Iterable[str | os.PathLike],
         if n_workers < 1:
             raise ValueError(f"n_workers {n_workers}: expected 1 or more")
         own = _local_cluster(distributed, min(n_workers, len(combos)))
-        client = distributed.Client(own)
+        client = distributed.Client(own, set_as_default=False)
     outcomes: list[dict | None] = [None] * len(combos)
     futures: dict = {}
     bar = None

@@ -280,3 +280,22 @@ def test_a_task_that_dies_fails_its_row_only(inputs, client, monkeypatch):
     t = sweep(inputs["traces"][:3], client=client, progress=False)
     assert list(t["status"]) == ["done", "failed", "done"]
     assert t.iloc[1]["error"] == "worker out of memory"
+
+
+def test_schema_2_sites_become_the_top_sites_column():
+    from pks_emu.sweep import _values
+    site = {"ip": "0x401a2b", "symbol": "deflate+0x1b", "source": "deflate.c:123", "vector": "#PF",
+            "kind": "write", "pkey": 3, "error_code": 39, "error_code_bits": "P|W|U|PK", "count": 9,
+            "first_record": 10, "last_record": 99, "sample_addresses": ["0x4a0c010"]}
+    d = {"schema": "pks-emu-replay/2", "records": 100, "records_replayed": 100, "accesses": 90,
+         "fault_count": 12, "counters": {"page_faults": 12}, "faults_by_error_code": {"0x27": 12},
+         "faults_by_pkey": {"3": 12}, "elapsed_seconds": 0.5,
+         "sites": [site, dict(site, ip="0x401a40", count=3)], "sites_total": 57}
+    v = _values(d, top_sites=1)
+    assert v["sites_total"] == 57
+    assert json.loads(v["top_sites"]) == [{"ip": "0x401a2b", "symbol": "deflate+0x1b", "vector": "#PF",
+                                           "kind": "write", "pkey": 3, "error_code": 39,
+                                           "error_code_bits": "P|W|U|PK", "count": 9}]
+    # Schema 1 (no sites): the columns stay missing.
+    v1 = _values({k: x for k, x in d.items() if not k.startswith("sites")}, top_sites=5)
+    assert v1["top_sites"] is None and v1["sites_total"] is None
