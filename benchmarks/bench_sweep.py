@@ -61,10 +61,12 @@ def _have_dist() -> bool:
 
 
 def _cluster(workers: int):
+    """The local cluster ``sweep`` starts when given no client."""
     import distributed
-    cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                       dashboard_address=":0", silence_logs=40)
-    return cluster, distributed.Client(cluster)
+
+    from pks_emu.sweep import _local_cluster
+    cluster = _local_cluster(distributed, workers)
+    return cluster, distributed.Client(cluster, set_as_default=False)
 
 
 def _write_inputs() -> dict:
@@ -185,7 +187,7 @@ class SweepOverhead:
         import distributed
         t0 = time.perf_counter()
         futures = self.client.map(abs, range(OVERHEAD_TASKS), pure=False)
-        for f in distributed.as_completed(futures):
+        for f in distributed.as_completed(futures, loop=self.client.loop):
             f.result()
         return time.perf_counter() - t0
 

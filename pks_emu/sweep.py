@@ -288,7 +288,7 @@ def _atomic_write(path: str, write) -> None:
 
 def _local_cluster(distributed, n_workers: int):
     """A LocalCluster of ``n_workers`` one-thread worker processes that keep
-    quiet and ignore SIGINT: an interrupt at the terminal stops the sweep on
+    quiet (a task that fails or a worker that dies shows in its row) and ignore SIGINT: an interrupt at the terminal stops the sweep on
     the client, which then closes the cluster itself (no worker tracebacks)."""
     import logging
     import signal
@@ -307,7 +307,7 @@ def _local_cluster(distributed, n_workers: int):
     try:
         with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
             cluster = distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                                               dashboard_address=":0", silence_logs=logging.ERROR)
+                                               dashboard_address=":0", silence_logs=logging.CRITICAL)
     finally:
         if old is not None:
             signal.signal(signal.SIGINT, old)
@@ -374,7 +374,8 @@ def sweep(traces: str | os.PathLike | Iterable[str | os.PathLike],
         # with_results: the results come back in the background as tasks
         # finish, not one request per task from this loop (~20 ms each on a
         # busy machine).
-        for fut, o in distributed.as_completed(list(futures), with_results=True, raise_errors=False):
+        for fut, o in distributed.as_completed(list(futures), loop=client.loop, with_results=True,
+                                              raise_errors=False):
             i = futures[fut]
             if fut.status != "finished" or not isinstance(o, dict):
                 # The task itself died (worker lost...), not the replay: with
