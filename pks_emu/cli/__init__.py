@@ -25,6 +25,7 @@ COMMANDS = {
     "report": ("pks_emu.report", "turn a replay's JSON result into a self-contained HTML report"),
     "bench": ("pks_emu.cli.bench", "measure the core's throughput on this machine"),
     "selftest": ("pks_emu.cli.selftest", "run the PKS series' test suite on the emulated kernel"),
+    "sweep": ("pks_emu.cli.sweep", "replay traces x policies x compat x api on Dask, one table row each"),
 }
 
 
