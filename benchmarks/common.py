@@ -14,9 +14,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-import pks_emu
-from pks_emu.constants import (CR0_WP, CR4_PGE, CR4_PKE, CR4_PKS, CR4_SMAP, CR4_SMEP, EFER_NXE,
-                               MSR_IA32_PKRS, PKS_INIT_VALUE, pkey_update_pkval)
+from pks_emu.constants import PKS_INIT_VALUE, pkey_update_pkval
+from pks_emu.machine import kernel_machine
 from pks_emu.trace.generators import PMEM_BASE, PMEM_KEY
 
 QUICK = os.environ.get("PKS_EMU_BENCH_QUICK", "") not in ("", "0")
@@ -57,16 +56,9 @@ def mapped_machine(levels: int, pages: int, compat: str = "sdm"):
     PKE, SMEP, SMAP, PGE; CR0.WP; EFER.NXE), with ``pages`` 4-KiB supervisor
     pages under PMEM_KEY at PMEM_BASE and PKRS opening that key: every access
     runs the full rights and key check and is allowed."""
-    m = pks_emu.Machine(paging_levels=levels, compat=compat)
-    aspace = m.address_space()
+    m, aspace = kernel_machine(1, levels, compat=compat, pkrs=PKRS_OPEN)
     aspace.map_range(PMEM_BASE, 0x100000000, pages * 4096, pkey=PMEM_KEY, nx=True)
-    cpu = m.cpus[0]
-    cpu.efer |= EFER_NXE
-    cpu.cr0 |= CR0_WP
-    cpu.cr4 |= CR4_PGE | CR4_PKE | CR4_PKS | CR4_SMEP | CR4_SMAP
-    cpu.wrmsr(MSR_IA32_PKRS, PKRS_OPEN)
-    aspace.activate()
-    return m, cpu
+    return m, m.cpus[0]
 
 
 def scan_addresses(n: int, pages: int, seed: int = SEED,

@@ -1,4 +1,4 @@
-"""The V10 handler-recomputes-from-interrupted-value flaw (spec §3.8 note 1).
+"""The V10 handler-recomputes-from-interrupted-value flaw (docs/rules.md §2.8, note 1).
 
 On exception entry V10 loads PKS_INIT_VALUE into the MSR but leaves
 current->thread.pkrs holding the interrupted context's value. A

@@ -25,7 +25,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from pks_emu._core cimport (CPU, PhysicalMemory, cpu_state_of, pks_access, pks_cpu_t,
                             pks_flush_tlb, pks_invlpg, pks_mem_frame, pks_rdmsr, pks_rdpkru,
                             pks_translate, pks_write_cr0, pks_write_cr3, pks_write_cr4,
-                            pks_wrmsr, pks_wrpkru)
+                            pks_wrmsr, pks_wrpkru, PKS_RFLAGS_FIXED, PKS_RFLAGS_KNOWN)
 
 import numpy as np
 
@@ -172,7 +172,7 @@ cdef int32_t _c_set_reg(pks_emu_cpu h, int reg, uint64_t value) noexcept nogil:
         return PKS_EMU_OK
     if reg == PKS_EMU_REG_RFLAGS:
         # As CPU.rflags: bit 1 reads as 1; bits 3, 5, 15 and 63:22 read as 0 (SDM §3.4.3).
-        c.rflags = (value & 0x3F7FD5) | 0x2
+        c.rflags = (value & PKS_RFLAGS_KNOWN) | PKS_RFLAGS_FIXED
         return PKS_EMU_OK
     return PKS_EMU_EINVAL
 

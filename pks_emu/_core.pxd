@@ -69,6 +69,9 @@ cdef extern from *:
     #define PKS_EFER_LMA (1ULL << 10)
     #define PKS_EFER_NXE (1ULL << 11)
     #define PKS_RFLAGS_AC (1ULL << 18)
+    #define PKS_RFLAGS_FIXED (1ULL << 1)
+    #define PKS_RFLAGS_KNOWN 0x3F7FD5ULL
+    #define PKS_INIT_VALUE 0x55555554ULL
     #define PKS_MSR_IA32_EFER 0xC0000080U
     #define PKS_MSR_IA32_PKRS 0x6E1U
     #define PKS_PTE_P  (1ULL << 0)
@@ -91,6 +94,7 @@ cdef extern from *:
     const uint64_t PKS_CR4_PSE, PKS_CR4_PAE, PKS_CR4_PGE, PKS_CR4_LA57, PKS_CR4_PCIDE
     const uint64_t PKS_CR4_SMEP, PKS_CR4_SMAP, PKS_CR4_PKE, PKS_CR4_PKS
     const uint64_t PKS_EFER_SCE, PKS_EFER_LME, PKS_EFER_LMA, PKS_EFER_NXE, PKS_RFLAGS_AC
+    const uint64_t PKS_RFLAGS_FIXED, PKS_RFLAGS_KNOWN, PKS_INIT_VALUE
     const uint32_t PKS_MSR_IA32_EFER, PKS_MSR_IA32_PKRS
     const uint64_t PKS_PTE_P, PKS_PTE_RW, PKS_PTE_US, PKS_PTE_A, PKS_PTE_D, PKS_PTE_PS
     const uint64_t PKS_PTE_G, PKS_PTE_XD

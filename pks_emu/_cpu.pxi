@@ -189,7 +189,7 @@ cdef class CPU:
     @rflags.setter
     def rflags(self, uint64_t value):
         # Bit 1 reads as 1; bits 3, 5, 15 and 63:22 read as 0 (SDM §3.4.3).
-        self.st.rflags = (value & 0x3F7FD5) | 0x2
+        self.st.rflags = (value & PKS_RFLAGS_KNOWN) | PKS_RFLAGS_FIXED
 
     @property
     def cpl(self):

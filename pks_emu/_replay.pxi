@@ -1,16 +1,15 @@
 # The compiled trace-replay loop (included by _core.pyx).
 #
-# Records are the 24-byte records of docs/trace-format.md, validated by
-# pks_emu.trace.format.validate_records before they reach this loop, which
-# then trusts record types, CPU indices, kinds, sizes, CR numbers and task
-# ids. Everything the loop meets that the emulated machine would report —
-# #PF, #GP, #UD — is appended to the fault log; nothing is dropped.
+# Records are the 24-byte records of docs/trace-format.md. Each record is
+# checked by record_problem() (the one validity table, which
+# pks_emu.trace.format turns into messages) in the same pass that executes
+# it; the first bad record stops the replay with its index. Everything the
+# loop meets that the emulated machine would report — #PF, #GP, #UD — is
+# appended to the fault log; nothing is dropped.
 #
-# Context switches and exception entry/exit follow the V10 kernel
-# (pks-spec.md §3.6-3.8): every task has a saved PKRS (thread.pkrs), a
-# context switch loads the incoming task's value through the per-CPU
-# pkrs_cache (WRMSR only when it differs), exception entry saves thread.pkrs
-# in an auxiliary slot and loads the default, exit restores it.
+# The kernel's side — context switches, exception entry/exit, fork/exec and
+# the consumer's PKRS writes — is the KernelState of _kstate.pxi, the same
+# code the Python kernel model runs, under the trace's series version.
 
 cdef extern from *:
     """
@@ -27,7 +26,6 @@ cdef extern from *:
         int8_t pkey;
         uint8_t kind;      /* access kind, or 255 for a non-access record */
     } pks_fault_t;
-    typedef struct { uint64_t pkrs; uint32_t cpl; uint32_t pad; } pks_aux_t;
     """
     ctypedef struct pks_record_t:
         uint8_t type, cpu, op, flags
@@ -40,9 +38,6 @@ cdef extern from *:
         uint8_t cpu, vector
         signed char pkey
         uint8_t kind
-    ctypedef struct pks_aux_t:
-        uint64_t pkrs
-        uint32_t cpl
 
 from libc.stdlib cimport realloc
 
@@ -58,7 +53,29 @@ cdef enum:
     REC_EXCEPTION_ENTRY = 8
     REC_EXCEPTION_EXIT = 9
     REC_SET_RFLAGS = 10
-    REC_COUNT = 11
+    REC_TASK_FORK = 11
+    REC_TASK_EXEC = 12
+    REC_PKS_UPDATE = 13
+    REC_PKS_ABANDON = 14
+    REC_COUNT = 15
+
+# Why a record is invalid: record_problem() returns one of these; the
+# messages (with the record's fields filled in) are RECORD_PROBLEMS in
+# pks_emu.trace.format, in the same order.
+cdef enum:
+    BAD_NONE = 0
+    BAD_TYPE = 1
+    BAD_CPU = 2
+    BAD_KIND = 3
+    BAD_SIZE = 4
+    BAD_CPL = 5
+    BAD_CR = 6
+    BAD_TASK = 7
+    BAD_PTE_ADDR = 8
+    BAD_MSR = 9
+    BAD_PKEY = 10
+    BAD_PROT = 11
+    BAD_ABANDON_API = 12
 
 # Status of a run() call.
 cdef enum:
@@ -76,97 +93,177 @@ FAULT_DTYPE_FIELDS = [("record", "<u8"), ("address", "<u8"), ("error_code", "<i4
                       ("cpu", "u1"), ("vector", "u1"), ("pkey", "i1"), ("kind", "u1")]
 
 
+cdef inline int record_problem(const pks_record_t *r, int ncpus, uint64_t max_tasks,
+                               int api) noexcept nogil:
+    """The record-validity table: BAD_NONE, or why the record must not run.
+    Access records come first: they are nearly all of a trace."""
+    if r.type == REC_ACCESS:
+        if r.cpu >= ncpus:
+            return BAD_CPU
+        if r.op > 2:
+            return BAD_KIND
+        if <uint32_t>r.size - 1 > 4095:
+            return BAD_SIZE
+        if r.cpl > 3 and r.cpl != 0xFF:
+            return BAD_CPL
+        return BAD_NONE
+    if r.type >= REC_COUNT:
+        return BAD_TYPE
+    if r.cpu >= ncpus:
+        return BAD_CPU
+    if r.type == REC_WRMSR or r.type == REC_RDMSR:
+        if r.addr >> 32:
+            return BAD_MSR
+    elif r.type == REC_MOV_CR:
+        if r.op != 0 and r.op != 3 and r.op != 4:
+            return BAD_CR
+    elif r.type == REC_PTE_WRITE:
+        if (r.addr & 7) or r.addr >= (<uint64_t>1 << 52):
+            return BAD_PTE_ADDR
+    elif r.type == REC_CONTEXT_SWITCH or r.type == REC_TASK_FORK or r.type == REC_TASK_EXEC:
+        if r.value >= max_tasks:
+            return BAD_TASK
+    elif r.type == REC_PKS_UPDATE:
+        if r.value > 15:
+            return BAD_PKEY
+        if r.op > 3:
+            return BAD_PROT
+    elif r.type == REC_PKS_ABANDON:
+        if r.value > 15:
+            return BAD_PKEY
+        if api != KAPI_V7:
+            return BAD_ABANDON_API
+    return BAD_NONE
+
+
 cdef class ReplayEngine:
-    """Replays validated record chunks on a machine's CPUs (see pks_emu.trace.replay)."""
+    """Replays record chunks on a machine's CPUs (see pks_emu.trace.replay),
+    with the kernel's PKS state in a KernelState under series version ``api``.
+
+    Task ids 0..max_tasks-1 are the trace's; each CPU starts out running a
+    boot task of its own (slot max_tasks + cpu) whose value is the CPU's
+    initial IA32_PKRS, and the per-CPU cache starts at that value too.
+    """
     cdef pks_cpu_t **cpus
     cdef list _cpu_objs
     cdef PhysicalMemory _memory
     cdef int ncpus
+    cdef readonly KernelState kernel
+    cdef int api
     cdef uint64_t max_tasks
-    cdef uint64_t *task_pkrs
-    cdef int64_t *current_task
-    cdef uint64_t *pkrs_cache
-    cdef pks_aux_t **aux
-    cdef uint32_t *aux_depth
-    cdef uint32_t *aux_cap
     cdef pks_fault_t *faults
+    cdef uint64_t *fault_ips
     cdef uint64_t n_faults, cap_faults
     cdef readonly uint64_t max_faults
+    cdef readonly uint64_t total_faults
+    cdef readonly uint64_t log_limit
+    cdef readonly FaultSites sites
+    cdef readonly KernelMapper mapper
     cdef uint32_t pkrs_init
     cdef uint64_t rec_counts[REC_COUNT]
-    cdef readonly uint64_t context_switches, pkrs_writes, pkrs_writes_avoided
-    cdef readonly uint64_t exceptions, max_exception_depth, records_done
+    cdef readonly uint64_t max_exception_depth, records_done
     cdef readonly uint64_t error_record
+    cdef readonly int error_problem
 
     def __cinit__(self):
         self.cpus = NULL
-        self.task_pkrs = NULL
-        self.current_task = NULL
-        self.pkrs_cache = NULL
-        self.aux = NULL
-        self.aux_depth = NULL
-        self.aux_cap = NULL
         self.faults = NULL
+        self.fault_ips = NULL
 
-    def __init__(self, machine, uint64_t max_tasks=65536, uint32_t pkrs_init=0x55555554,
-                 uint64_t max_faults=0):
+    def __init__(self, machine, uint64_t max_tasks=65536, uint32_t pkrs_init=PKS_INIT_VALUE,
+                 uint64_t max_faults=0, str api="v10", *, uint64_t log_limit=0,
+                 FaultSites sites=None, KernelMapper mapper=None):
         cdef int i
         cdef CPU cpu
         cpus = list(machine.cpus)
         self.ncpus = len(cpus)
         self._cpu_objs = cpus
         self._memory = machine.memory
+        if max_tasks < 1:
+            raise ValueError(f"max_tasks {max_tasks}: expected at least 1")
         self.max_tasks = max_tasks
         self.pkrs_init = pkrs_init
         self.max_faults = max_faults
+        # Every fault is counted by site; the per-fault log keeps the first
+        # ``log_limit`` (0: all) until take_faults() hands them out.
+        self.log_limit = log_limit
+        self.sites = sites if sites is not None else FaultSites()
+        if mapper is not None and mapper.ncpus != self.ncpus:
+            raise ValueError(f"the kernel mapper has {mapper.ncpus} CPUs, the machine {self.ncpus}")
+        self.mapper = mapper
+        pks = bool((<CPU>cpus[0]).st.features & PKS_FEAT_PKS)
+        # A task the trace never set up starts with the init task's value
+        # (INIT_THREAD .pkrs = PKS_INIT_VALUE; fork copies it).
+        self.kernel = KernelState(machine, api, init_value=pkrs_init, pks_active=pks,
+                                  ntasks=max_tasks + self.ncpus, task_value=pkrs_init,
+                                  force_cpl0=True)
+        self.api = self.kernel.kapi
         self.cpus = <pks_cpu_t **>calloc(self.ncpus, sizeof(pks_cpu_t *))
-        self.task_pkrs = <uint64_t *>malloc(max(max_tasks, 1) * sizeof(uint64_t))
-        self.current_task = <int64_t *>malloc(self.ncpus * sizeof(int64_t))
-        self.pkrs_cache = <uint64_t *>calloc(self.ncpus, sizeof(uint64_t))
-        self.aux = <pks_aux_t **>calloc(self.ncpus, sizeof(pks_aux_t *))
-        self.aux_depth = <uint32_t *>calloc(self.ncpus, sizeof(uint32_t))
-        self.aux_cap = <uint32_t *>calloc(self.ncpus, sizeof(uint32_t))
         self.cap_faults = 1024
         self.faults = <pks_fault_t *>malloc(self.cap_faults * sizeof(pks_fault_t))
-        if (self.cpus == NULL or self.task_pkrs == NULL or self.current_task == NULL
-                or self.pkrs_cache == NULL or self.aux == NULL or self.aux_depth == NULL
-                or self.aux_cap == NULL or self.faults == NULL):
+        self.fault_ips = <uint64_t *>malloc(self.cap_faults * sizeof(uint64_t))
+        if self.cpus == NULL or self.faults == NULL or self.fault_ips == NULL:
             raise MemoryError("cannot allocate the replay state")
         for i in range(self.ncpus):
             cpu = cpus[i]
             self.cpus[i] = &cpu.st
-            self.current_task[i] = -1
-            # The cache starts as the MSR value the trace's initial state holds.
-            self.pkrs_cache[i] = cpu.st.pkrs
-        for i in range(max_tasks):
-            # A task the trace never set up starts with the init task's value
-            # (INIT_THREAD .pkrs = PKS_INIT_VALUE; fork copies it).
-            self.task_pkrs[i] = pkrs_init
+            self.kernel.task_pkrs[max_tasks + i] = cpu.st.pkrs
+            self.kernel.current[i] = <int64_t>(max_tasks + i)
+            self.kernel.cache[i] = cpu.st.pkrs
         memset(self.rec_counts, 0, sizeof(self.rec_counts))
+        self.error_problem = BAD_NONE
 
     def __dealloc__(self):
-        cdef int i
-        if self.aux != NULL:
-            for i in range(self.ncpus):
-                free(self.aux[i])
-        free(self.aux)
-        free(self.aux_depth)
-        free(self.aux_cap)
         free(self.cpus)
-        free(self.task_pkrs)
-        free(self.current_task)
-        free(self.pkrs_cache)
         free(self.faults)
+        free(self.fault_ips)
+
+    @property
+    def api(self):
+        return self.kernel.api
+
+    @property
+    def context_switches(self):
+        return self.kernel.total("context_switches")
+
+    @property
+    def pkrs_writes(self):
+        return self.kernel.total("pkrs_writes")
+
+    @property
+    def pkrs_writes_avoided(self):
+        return self.kernel.total("pkrs_writes_avoided")
+
+    @property
+    def exceptions(self):
+        """Exception entries, NMIs (vector 2) included."""
+        return self.kernel.total("exceptions") + self.kernel.total("nmis")
+
+    @property
+    def nmis(self):
+        return self.kernel.total("nmis")
 
     cdef inline int _log_fault(self, uint64_t index, int cpu, uint8_t vector, int32_t code,
-                               uint64_t address, int pkey, uint8_t kind) noexcept nogil:
+                               uint64_t address, int pkey, uint8_t kind,
+                               uint64_t ip=0) noexcept nogil:
         cdef pks_fault_t *grown
+        cdef uint64_t *grown_ips
+        if self.sites.add(index, <uint8_t>cpu, ip, address, pkey, code, vector, kind) != 0:
+            return -1
+        self.total_faults += 1
+        if self.log_limit and self.n_faults >= self.log_limit:
+            return 0
         if self.n_faults == self.cap_faults:
             grown = <pks_fault_t *>realloc(self.faults, 2 * self.cap_faults * sizeof(pks_fault_t))
             if grown == NULL:
                 return -1
             self.faults = grown
+            grown_ips = <uint64_t *>realloc(self.fault_ips, 2 * self.cap_faults * sizeof(uint64_t))
+            if grown_ips == NULL:
+                return -1
+            self.fault_ips = grown_ips
             self.cap_faults *= 2
+        self.fault_ips[self.n_faults] = ip
         self.faults[self.n_faults].record = index
         self.faults[self.n_faults].address = address
         self.faults[self.n_faults].error_code = code
@@ -177,135 +274,150 @@ cdef class ReplayEngine:
         self.n_faults += 1
         return 0
 
-    cdef inline int _insn_fault(self, uint64_t index, int cpu, int32_t r, uint64_t addr) noexcept nogil:
-        return self._log_fault(index, cpu, 6 if r == PKS_UD else 13, 0, addr, -1, 255)
+    cdef inline int _insn_fault(self, uint64_t index, int cpu, int32_t r, uint64_t addr,
+                                uint64_t ip=0) noexcept nogil:
+        if r == PKS_OK:
+            return 0
+        return self._log_fault(index, cpu, 6 if r == PKS_UD else 13, 0, addr, -1, 255, ip)
 
-    cdef inline void _write_pkrs_cached(self, int cpu, uint64_t value) noexcept nogil:
-        # pks_write_pkrs (V8-V10): WRMSR only when the per-CPU cache differs.
-        # The kernel runs at CPL 0 here whatever the interrupted CPL was.
-        cdef pks_cpu_t *c = self.cpus[cpu]
-        cdef uint32_t cpl
-        if not (c.features & PKS_FEAT_PKS):
-            return                      # cpu_feature_enabled(X86_FEATURE_PKS) is false
-        if self.pkrs_cache[cpu] == value:
-            self.pkrs_writes_avoided += 1
-            return
-        self.pkrs_cache[cpu] = value
-        cpl = c.cpl
-        c.cpl = 0
-        pks_wrmsr(c, PKS_MSR_IA32_PKRS, value)
-        c.cpl = cpl
-        self.pkrs_writes += 1
-
-    cdef inline int _invalid(self, uint64_t index) noexcept nogil:
+    cdef inline int _invalid(self, uint64_t index, int why) noexcept nogil:
         self.error_record = index
+        self.error_problem = why
         self.records_done = index
         return REPLAY_INVALID
 
-    cdef int _push_aux(self, int cpu, uint64_t pkrs, uint32_t cpl) noexcept nogil:
-        cdef pks_aux_t *grown
-        cdef uint32_t cap
-        if self.aux_depth[cpu] == self.aux_cap[cpu]:
-            cap = self.aux_cap[cpu] * 2 if self.aux_cap[cpu] else 16
-            grown = <pks_aux_t *>realloc(self.aux[cpu], cap * sizeof(pks_aux_t))
-            if grown == NULL:
-                return -1
-            self.aux[cpu] = grown
-            self.aux_cap[cpu] = cap
-        self.aux[cpu][self.aux_depth[cpu]].pkrs = pkrs
-        self.aux[cpu][self.aux_depth[cpu]].cpl = cpl
-        self.aux_depth[cpu] += 1
-        if self.aux_depth[cpu] > self.max_exception_depth:
-            self.max_exception_depth = self.aux_depth[cpu]
-        return 0
-
-    def run(self, const uint8_t[::1] data, uint64_t first_index):
-        """Replay the records in ``data`` (a multiple of 24 bytes, already
-        validated). Returns a status code (REPLAY_*)."""
+    def run(self, const uint8_t[::1] data not None, uint64_t first_index,
+            const uint64_t[::1] ip=None, const uint64_t[::1] pa=None):
+        """Replay the records in ``data`` (a multiple of 24 bytes), with the
+        instruction pointer (``ip``) and physical address (``pa``) of each
+        record when the trace has them. Returns a status code (REPLAY_*); an
+        invalid record stops the run, with its index in ``error_record`` and
+        the reason in ``error_problem``."""
         if data.shape[0] % sizeof(pks_record_t):
             raise ValueError(f"record buffer of {data.shape[0]} bytes is not a multiple of 24")
         cdef uint64_t n = data.shape[0] // sizeof(pks_record_t)
+        if ip is not None and <uint64_t>ip.shape[0] != n:
+            raise ValueError(f"ip has {ip.shape[0]} entries for {n} records")
+        if pa is not None and <uint64_t>pa.shape[0] != n:
+            raise ValueError(f"pa has {pa.shape[0]} entries for {n} records")
         if n == 0:
             return REPLAY_DONE
         cdef const pks_record_t *recs = <const pks_record_t *>&data[0]
+        cdef const uint64_t *ipp = &ip[0] if ip is not None else NULL
+        cdef const uint64_t *pap = &pa[0] if pa is not None else NULL
         cdef int status = REPLAY_DONE
         _check_writable(&self._memory.m)     # one GIL-free loop per machine at a time
         self._memory.m.busy += 1
         try:
             with nogil:
-                status = self._run(recs, n, first_index)
+                status = self._run(recs, n, first_index, ipp, pap)
         finally:
             self._memory.m.busy -= 1
         return status
 
-    cdef int _run(self, const pks_record_t *recs, uint64_t n, uint64_t first) noexcept nogil:
-        cdef uint64_t i, pa = 0, v = 0, task
+    cdef int32_t _demand(self, pks_cpu_t *c, const pks_record_t *r, int32_t res, uint64_t got,
+                         uint64_t want) noexcept nogil:
+        """A captured kernel's access: map what is not mapped yet, follow
+        the guest's remappings, then the access again. Returns its result,
+        or PKS_UD when the mapper ran out of page-table frames."""
+        cdef int tries
+        cdef uint64_t fva, fpa
+        for tries in range(3):
+            if res == PKS_OK:
+                if want == _PA_UNKNOWN or ((got ^ want) >> 12) == 0:
+                    return res
+                if self.mapper.refresh(c, r.addr, want) != 0:
+                    return PKS_UD
+            elif res >= 0 and not (res & (PKS_PF_P | PKS_PF_RSVD)):
+                fva = c.last_fault_va
+                fpa = _PA_UNKNOWN
+                if want != _PA_UNKNOWN:
+                    fpa = want + (fva & ~<uint64_t>0xFFF) - (r.addr & ~<uint64_t>0xFFF)
+                if self.mapper.map_page(c, fva, fpa) != 0:
+                    return PKS_UD
+            else:
+                return res
+            res = _access(c, r.addr, r.op, r.size, (r.flags & 1) != 0, &got)
+        return res
+
+    cdef int _run(self, const pks_record_t *recs, uint64_t n, uint64_t first,
+                  const uint64_t *ipp, const uint64_t *pap) noexcept nogil:
+        cdef uint64_t i, pa = 0, v = 0, ipv = 0, rfl = 0
+        cdef int32_t w
+        cdef bint windows = self.mapper is not None and self.mapper.n_windows > 0
         cdef const pks_record_t *r
         cdef pks_cpu_t *c
         cdef int32_t res
-        cdef int cpu
-        cdef uint32_t cpl_before
-        cdef pks_aux_t saved
+        cdef int cpu, why
+        cdef uint32_t cpl_before, depth
         for i in range(n):
             r = &recs[i]
             cpu = r.cpu
-            # Each record is checked before it is used, in the same pass that
-            # executes it (a separate validation pass cost a fifth of the
-            # time); the first bad record stops the replay with its index.
+            why = record_problem(r, self.ncpus, self.max_tasks, self.api)
+            if why != BAD_NONE:
+                return self._invalid(first + i, why)
+            c = self.cpus[cpu]
             if r.type == REC_ACCESS:
-                if ((cpu >= self.ncpus) | (r.op > 2) | (<uint32_t>r.size - 1 > 4095)
-                        | ((r.cpl > 3) & (r.cpl != 0xFF))):
-                    return self._invalid(first + i)
-                c = self.cpus[cpu]
                 if r.cpl != 0xFF:
                     c.cpl = r.cpl
+                if ipp != NULL:
+                    ipv = ipp[i]
+                    if windows and ipv != 0:
+                        w = self.mapper.window_at(cpu, ipv)
+                        if w != self.mapper.open_w[cpu]:
+                            res = self.mapper.switch_window(self.kernel, cpu, w)
+                            if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
+                                return REPLAY_OUT_OF_MEMORY
+                if r.flags & 2:
+                    # Kernel code between stac and clac (a capture's FLAG_AC).
+                    rfl = c.rflags
+                    c.rflags = rfl | PKS_RFLAGS_AC
                 res = _access(c, r.addr, r.op, r.size, (r.flags & 1) != 0, &pa)
+                if self.mapper is not None:
+                    res = self._demand(c, r, res, pa, pap[i] if pap != NULL else _PA_UNKNOWN)
+                    if res == PKS_UD:
+                        self.error_record = first + i
+                        return REPLAY_OUT_OF_MEMORY
+                if r.flags & 2:
+                    c.rflags = rfl
                 if res == PKS_OK:
                     continue
                 if res == PKS_GP:
-                    if self._log_fault(first + i, cpu, 13, 0, r.addr, -1, r.op) != 0:
+                    if self._log_fault(first + i, cpu, 13, 0, r.addr, -1, r.op, ipv) != 0:
                         return REPLAY_OUT_OF_MEMORY
-                elif self._log_fault(first + i, cpu, 14, res, c.last_fault_va, c.last_pkey, r.op) != 0:
+                elif self._log_fault(first + i, cpu, 14, res, c.last_fault_va, c.last_pkey, r.op,
+                                     ipv) != 0:
                     return REPLAY_OUT_OF_MEMORY
-                if self.max_faults and self.n_faults >= self.max_faults:
+                if self.max_faults and self.total_faults >= self.max_faults:
                     self.records_done = first + i + 1
                     return REPLAY_STOPPED
                 continue
-            if r.type >= REC_COUNT or cpu >= self.ncpus:
-                return self._invalid(first + i)
-            c = self.cpus[cpu]
+            ipv = ipp[i] if ipp != NULL else 0
             self.rec_counts[r.type] += 1
+            res = PKS_OK
             if r.type == REC_WRMSR:
-                if r.addr >> 32:
-                    return self._invalid(first + i)
                 res = pks_wrmsr(c, <uint32_t>r.addr, r.value)
                 if res == PKS_OK:
                     if r.addr == PKS_MSR_IA32_PKRS:
-                        # A PKRS write is the consumer API's pks_write_pkrs: the
-                        # running task's thread.pkrs and the cache follow it.
-                        self.pkrs_cache[cpu] = r.value
-                        if self.current_task[cpu] >= 0:
-                            self.task_pkrs[self.current_task[cpu]] = r.value
+                        # A PKRS write is the consumer's pks_write_pkrs: the
+                        # running task's value and the cache follow it.
+                        self.kernel.msr_written(cpu, r.value)
                     continue
-                if self._insn_fault(first + i, cpu, res, r.addr) != 0:
+                if self._insn_fault(first + i, cpu, res, r.addr, ipv) != 0:
                     return REPLAY_OUT_OF_MEMORY
             elif r.type == REC_RDMSR:
-                if r.addr >> 32:
-                    return self._invalid(first + i)
                 res = pks_rdmsr(c, <uint32_t>r.addr, &v)
                 if res == PKS_OK:
                     continue
-                if self._insn_fault(first + i, cpu, res, r.addr) != 0:
+                if self._insn_fault(first + i, cpu, res, r.addr, ipv) != 0:
                     return REPLAY_OUT_OF_MEMORY
             elif r.type == REC_WRPKRU:
                 res = pks_wrpkru(c, <uint32_t>r.value, <uint32_t>r.addr, <uint32_t>(r.addr >> 32))
                 if res == PKS_OK:
                     continue
-                if self._insn_fault(first + i, cpu, res, 0) != 0:
+                if self._insn_fault(first + i, cpu, res, 0, ipv) != 0:
                     return REPLAY_OUT_OF_MEMORY
             elif r.type == REC_MOV_CR:
-                if r.op != 0 and r.op != 3 and r.op != 4:
-                    return self._invalid(first + i)
                 if r.op == 0:
                     res = pks_write_cr0(c, r.value)
                 elif r.op == 3:
@@ -314,65 +426,78 @@ cdef class ReplayEngine:
                     res = pks_write_cr4(c, r.value)
                 if res == PKS_OK:
                     continue
-                if self._insn_fault(first + i, cpu, res, r.value) != 0:
+                if self._insn_fault(first + i, cpu, res, r.value, ipv) != 0:
                     return REPLAY_OUT_OF_MEMORY
             elif r.type == REC_INVLPG:
                 pks_invlpg(c, r.addr)
                 continue
             elif r.type == REC_PTE_WRITE:
-                if (r.addr & 7) or r.addr >= (<uint64_t>1 << 52):
-                    return self._invalid(first + i)
                 if pks_mem_write_u64(c.mem, r.addr, r.value) != 0:
                     self.error_record = first + i
                     return REPLAY_OUT_OF_MEMORY
                 continue
             elif r.type == REC_CONTEXT_SWITCH:
-                if r.value >= self.max_tasks:
-                    return self._invalid(first + i)
-                self.context_switches += 1
                 if r.addr != 0:
                     # __switch_to runs at CPL 0 whatever the outgoing task's CPL.
                     cpl_before = c.cpl
                     c.cpl = 0
                     res = pks_write_cr3(c, r.addr)
                     c.cpl = cpl_before
-                    if res != PKS_OK:
-                        if self._insn_fault(first + i, cpu, res, r.addr) != 0:
-                            return REPLAY_OUT_OF_MEMORY
-                task = r.value
-                self.current_task[cpu] = <int64_t>task
-                # x86_pkrs_load (V10 13/44): load next->thread.pkrs via the cache.
-                self._write_pkrs_cached(cpu, self.task_pkrs[task])
+                    if self._insn_fault(first + i, cpu, res, r.addr, ipv) != 0:
+                        return REPLAY_OUT_OF_MEMORY
+                res = self.kernel.switch_to(cpu, <int64_t>r.value)
+                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
+                    return REPLAY_OUT_OF_MEMORY
                 continue
             elif r.type == REC_EXCEPTION_ENTRY:
-                self.exceptions += 1
-                # pks_save_pt_regs (V10 21/44): aux->pkrs = current->thread.pkrs,
-                # then the handler runs with the default value.
-                v = self.task_pkrs[self.current_task[cpu]] if self.current_task[cpu] >= 0 else c.pkrs
-                if self._push_aux(cpu, v, c.cpl) != 0:
+                cpl_before = c.cpl
+                c.cpl = 0
+                # Vector 2 is an NMI (irqentry_nmi_enter: saves in every version).
+                if self.kernel.entry(cpu, r.value == 2, (r.flags & 1) != 0 or cpl_before == 3,
+                                     cpl_before, &res) != 0:
                     self.error_record = first + i
                     return REPLAY_OUT_OF_MEMORY
-                c.cpl = 0
-                self._write_pkrs_cached(cpu, self.pkrs_init)
+                depth = self.kernel.depth_of(cpu)
+                if depth > self.max_exception_depth:
+                    self.max_exception_depth = depth
+                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
+                    return REPLAY_OUT_OF_MEMORY
                 continue
             elif r.type == REC_EXCEPTION_EXIT:
-                if self.aux_depth[cpu] == 0:
+                if self.kernel.exit(cpu, &cpl_before, &res) != 0:
                     self.error_record = first + i
                     self.records_done = first + i
                     return REPLAY_EXIT_WITHOUT_ENTRY
-                self.aux_depth[cpu] -= 1
-                saved = self.aux[cpu][self.aux_depth[cpu]]
-                # pks_restore_pt_regs: thread.pkrs = aux->pkrs; write it.
-                if self.current_task[cpu] >= 0:
-                    self.task_pkrs[self.current_task[cpu]] = saved.pkrs
-                self._write_pkrs_cached(cpu, saved.pkrs)
-                c.cpl = saved.cpl
+                c.cpl = cpl_before
+                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
+                    return REPLAY_OUT_OF_MEMORY
                 continue
             elif r.type == REC_SET_RFLAGS:
-                c.rflags = (r.value & 0x3F7FD5) | 0x2
+                c.rflags = (r.value & PKS_RFLAGS_KNOWN) | PKS_RFLAGS_FIXED
+                continue
+            elif r.type == REC_TASK_FORK:
+                self.kernel.fork(cpu, <int64_t>r.value, (r.flags & 1) != 0)
+                continue
+            elif r.type == REC_TASK_EXEC:
+                self.kernel.exec_task(<int64_t>r.value)
+                continue
+            elif r.type == REC_PKS_UPDATE:
+                res = self.kernel.update_current(cpu, <int>r.value, r.op)
+                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
+                    return REPLAY_OUT_OF_MEMORY
+                continue
+            elif r.type == REC_PKS_ABANDON:
+                # V7 pks_abandon_protections: the key leaves the allowed mask
+                # for good, and the current task gets read/write on it.
+                self.kernel.mask &= ~(<uint64_t>3 << (2 * r.value)) & <uint64_t>0xFFFFFFFF
+                res = self.kernel.update_current(cpu, <int>r.value, 0)
+                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
+                    return REPLAY_OUT_OF_MEMORY
+                continue
+            if res == PKS_OK:
                 continue
             # Only faulting records reach this point.
-            if self.max_faults and self.n_faults >= self.max_faults:
+            if self.max_faults and self.total_faults >= self.max_faults:
                 self.records_done = first + i + 1
                 return REPLAY_STOPPED
         self.records_done = first + n
@@ -386,8 +511,25 @@ cdef class ReplayEngine:
             memcpy(&view[0], self.faults, self.n_faults * sizeof(pks_fault_t))
         return out
 
+    def fault_ips_array(self):
+        """The instruction pointer of each logged fault (0: unknown)."""
+        out = np.empty(self.n_faults, dtype=np.uint64)
+        cdef uint64_t[::1] view = out
+        if self.n_faults:
+            memcpy(&view[0], self.fault_ips, self.n_faults * sizeof(uint64_t))
+        return out
+
+    def take_faults(self):
+        """(faults, ips) logged so far, emptying the log (a caller that
+        streams the log to a file takes it after each chunk). The log
+        limit then counts again from zero."""
+        out = (self.faults_array(), self.fault_ips_array())
+        self.n_faults = 0
+        return out
+
     @property
     def fault_count(self):
+        """Faults logged and not yet taken."""
         return self.n_faults
 
     def record_counts(self):
@@ -398,13 +540,21 @@ cdef class ReplayEngine:
         return counts
 
     def exception_depths(self):
-        return [self.aux_depth[i] for i in range(self.ncpus)]
+        return [self.kernel.depth_of(i) for i in range(self.ncpus)]
 
     def current_tasks(self):
-        return [self.current_task[i] for i in range(self.ncpus)]
+        """Task id running on each CPU (-1: still its boot task)."""
+        cur = [self.kernel.current[i] for i in range(self.ncpus)]
+        return [t if t < <int64_t>self.max_tasks else -1 for t in cur]
 
     def pkrs_caches(self):
-        return [self.pkrs_cache[i] for i in range(self.ncpus)]
+        return [self.kernel.cache[i] for i in range(self.ncpus)]
+
+    def task_pkrs(self, uint64_t task):
+        """The saved PKRS of trace task ``task``."""
+        if task >= self.max_tasks:
+            raise ValueError(f"task id {task} out of range (max_tasks {self.max_tasks})")
+        return self.kernel.task_pkrs[task]
 
 
 def load_cpu_state(CPU cpu, uint64_t cr0, uint64_t cr3, uint64_t cr4, uint64_t efer,
@@ -436,7 +586,7 @@ def load_cpu_state(CPU cpu, uint64_t cr0, uint64_t cr3, uint64_t cr4, uint64_t e
     c.cr3 = cr3
     c.cr4 = cr4
     c.efer = efer
-    c.rflags = (rflags & 0x3F7FD5) | 0x2
+    c.rflags = (rflags & PKS_RFLAGS_KNOWN) | PKS_RFLAGS_FIXED
     c.cpl = <uint32_t>cpl
     c.pkru = <uint32_t>pkru
     c.pkrs = pkrs
@@ -444,40 +594,26 @@ def load_cpu_state(CPU cpu, uint64_t cr0, uint64_t cr3, uint64_t cr4, uint64_t e
     return None
 
 
-def first_invalid_record(const uint8_t[::1] data, int ncpus, uint64_t max_tasks):
-    """Index of the first record in ``data`` that the replay loop must not
-    see (unknown type, CPU out of range, bad kind/size/CPL/CR/task/PTE
-    address/MSR number), or -1. pks_emu.trace.format explains the reason."""
+def first_invalid_record(const uint8_t[::1] data, int ncpus, uint64_t max_tasks, str api="v10"):
+    """(index, problem) of the first record in ``data`` that record_problem()
+    refuses, or (-1, 0). pks_emu.trace.format words the problem."""
     if data.shape[0] % sizeof(pks_record_t):
         raise ValueError(f"record buffer of {data.shape[0]} bytes is not a multiple of 24")
+    if api not in KAPI_CODES:
+        raise ValueError(f"api {api!r}: expected one of {sorted(KAPI_CODES)}")
+    cdef int code = KAPI_CODES[api]
     cdef uint64_t n = data.shape[0] // sizeof(pks_record_t)
     cdef uint64_t i
     cdef int64_t bad = -1
+    cdef int why = BAD_NONE
     cdef const pks_record_t *recs
-    cdef const pks_record_t *r
     if n == 0:
-        return -1
+        return -1, BAD_NONE
     recs = <const pks_record_t *>&data[0]
     with nogil:
         for i in range(n):
-            r = &recs[i]
-            if r.type >= REC_COUNT or r.cpu >= ncpus:
+            why = record_problem(&recs[i], ncpus, max_tasks, code)
+            if why != BAD_NONE:
                 bad = i
-            elif r.type == REC_ACCESS:
-                if r.op > 2 or r.size == 0 or r.size > 4096 or (r.cpl > 3 and r.cpl != 0xFF):
-                    bad = i
-            elif r.type == REC_MOV_CR:
-                if r.op != 0 and r.op != 3 and r.op != 4:
-                    bad = i
-            elif r.type == REC_CONTEXT_SWITCH:
-                if r.value >= max_tasks:
-                    bad = i
-            elif r.type == REC_PTE_WRITE:
-                if (r.addr & 7) or r.addr >= (<uint64_t>1 << 52):
-                    bad = i
-            elif r.type == REC_WRMSR or r.type == REC_RDMSR:
-                if r.addr >> 32:
-                    bad = i
-            if bad >= 0:
                 break
-    return bad
+    return bad, why

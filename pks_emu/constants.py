@@ -61,6 +61,8 @@ EFER_NXE = 1 << 11
 # --- RFLAGS ----------------------------------------------------------------
 RFLAGS_FIXED = 1 << 1  # bit 1 always reads as 1
 RFLAGS_AC = 1 << 18
+#: the RFLAGS bits that exist in 64-bit mode (SDM §3.4.3, Figure 3-8); the others read as 0
+RFLAGS_KNOWN = 0x3F7FD5
 
 # --- MSRs ------------------------------------------------------------------
 MSR_IA32_EFER = 0xC0000080

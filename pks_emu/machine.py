@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from ._core import CPU, PhysicalMemory, feature_bits
-from .constants import ALL_FEATURES, PAGE_SIZE
+from .constants import (ALL_FEATURES, CR0_WP, CR4_PGE, CR4_PKE, CR4_PKS, CR4_SMAP, CR4_SMEP,
+                        EFER_NXE, MSR_IA32_PKRS, PAGE_SIZE, PKS_INIT_VALUE)
+
+if TYPE_CHECKING:
+    from .paging import AddressSpace
 
 
 class Machine:
@@ -90,4 +95,20 @@ class Machine:
                 f"features={sorted(self.features)}, compat={self.compat!r}>")
 
 
-from .paging import AddressSpace  # noqa: E402  (type for the annotation above)
+
+def kernel_machine(ncpus: int = 1, paging_levels: int = 4, *, compat: str = "sdm",
+                   pkrs: int = PKS_INIT_VALUE) -> tuple[Machine, AddressSpace]:
+    """A machine set up as a kernel with the PKS series leaves it after boot,
+    with an empty kernel address space active on every CPU: EFER.NXE, CR0.WP,
+    CR4.PGE/PKE/PKS/SMEP/SMAP, and IA32_PKRS = ``pkrs`` (PKS_INIT_VALUE:
+    pks_setup, V10 12/44). The one place the generators, ``pks-emu bench``
+    and the asv suite bring a machine up."""
+    m = Machine(paging_levels=paging_levels, ncpus=ncpus, compat=compat)
+    aspace = m.address_space()
+    for cpu in m.cpus:
+        cpu.efer = cpu.efer | EFER_NXE
+        cpu.cr0 = cpu.cr0 | CR0_WP
+        cpu.cr4 = cpu.cr4 | CR4_PGE | CR4_PKE | CR4_PKS | CR4_SMEP | CR4_SMAP
+        cpu.wrmsr(MSR_IA32_PKRS, pkrs)
+    aspace.activate()
+    return m, aspace

@@ -1,7 +1,7 @@
 """A small pure-Python reference model of the pks_emu access check.
 
-Written from docs/pks-spec.md §2 (decision tables §2.6, the algorithm of §2.7,
-the error code and its precedence §2.8) and the SDM Vol. 3A chapter 4, not
+Written from docs/rules.md §1 (the access check §1.6, precedence §1.7,
+the error code §1.8; the tables of docs/semantics.md) and the SDM Vol. 3A chapter 4, not
 from the Cython code, so that the property tests compare two independent
 readings of the rules. It is deliberately slow and plain.
 
@@ -149,7 +149,7 @@ def _bits(hi: int, lo: int) -> int:
     return ((1 << (hi + 1)) - 1) & ~((1 << lo) - 1)
 
 
-# --- error code (§2.8) ------------------------------------------------------
+# --- error code (docs/rules.md §1.8) ------------------------------------------------------
 
 def user_mode(regs: Regs, implicit: bool) -> bool:
     """SDM §4.6.1: CPL 3 accesses are user-mode unless implicit."""
@@ -211,10 +211,10 @@ def walk(read_u64: Callable[[int], int], regs: Regs, va: int, kind: int, implici
     raise AssertionError("unreachable")
 
 
-# --- decision tables (§2.6) -------------------------------------------------
+# --- decision tables (docs/rules.md §1.6) -------------------------------------------------
 
 def key_rule_denies(regs: Regs, w: Walk, kind: int, implicit: bool) -> bool:
-    """The key rule of §2.6/§2.7: register chosen by the address type."""
+    """The key rule of docs/rules.md §1.5, §1.6: register chosen by the address type."""
     if kind == FETCH or not regs.efer & EFER_LMA:
         return False                                   # fetches ignore keys; no keys outside IA-32e
     key = (w.leaf >> 59) & 0xF

@@ -1,5 +1,5 @@
 """A plain-Python replay of a native trace through the public CPU API, with
-the V10 context-switch and exception rules (pks-spec.md §3.6-3.8) written
+the V10 context-switch and exception rules (docs/rules.md §2.6, §2.7, §2.8) written
 out, to check the compiled replay loop against."""
 from __future__ import annotations
 
@@ -20,7 +20,13 @@ def python_replay(path: str):
     task_pkrs = {}
     current = [None] * h.ncpus
     cache = [c.pkrs for c in m.cpus]
-    aux = [[] for _ in m.cpus]
+    # Exception frames live on the task's kernel stack (a task switched in
+    # inside a handler has its own); before its first switch a CPU runs a
+    # boot task of its own, keyed ("boot", cpu) here.
+    aux: dict = {}
+
+    def stack(c):
+        return aux.setdefault(current[c] if current[c] is not None else ("boot", c), [])
     faults = []
     k = {"context_switches": 0, "pkrs_writes": 0, "pkrs_writes_avoided": 0, "exceptions": 0,
          "max_exception_depth": 0}
@@ -88,12 +94,12 @@ def python_replay(path: str):
         elif t == RecordType.EXCEPTION_ENTRY:
             k["exceptions"] += 1
             saved = pkrs_of(current[c]) if current[c] is not None else cpu.pkrs
-            aux[c].append((saved, cpu.cpl))
-            k["max_exception_depth"] = max(k["max_exception_depth"], len(aux[c]))
+            stack(c).append((saved, cpu.cpl))
+            k["max_exception_depth"] = max(k["max_exception_depth"], len(stack(c)))
             cpu.cpl = 0
             write_cached(c, h.pkrs_init)
         elif t == RecordType.EXCEPTION_EXIT:
-            saved, cpl = aux[c].pop()
+            saved, cpl = stack(c).pop()
             if current[c] is not None:
                 task_pkrs[current[c]] = saved
             write_cached(c, saved)

@@ -1,6 +1,6 @@
 """The constants the compiled core uses (``PKS_*`` in pks_emu/_core.pxd) agree
 with pks_emu/constants.py, and both have the architectural values (SDM Vol. 3A,
-Linux PKS series; docs/pks-spec.md §2)."""
+Linux PKS series; docs/rules.md §1)."""
 from __future__ import annotations
 
 import re
@@ -50,6 +50,7 @@ PAIRS = {
     "PKS_CR4_SMAP": "CR4_SMAP", "PKS_CR4_PKE": "CR4_PKE", "PKS_CR4_PKS": "CR4_PKS",
     "PKS_EFER_SCE": "EFER_SCE", "PKS_EFER_LME": "EFER_LME", "PKS_EFER_LMA": "EFER_LMA",
     "PKS_EFER_NXE": "EFER_NXE", "PKS_RFLAGS_AC": "RFLAGS_AC",
+    "PKS_RFLAGS_FIXED": "RFLAGS_FIXED", "PKS_RFLAGS_KNOWN": "RFLAGS_KNOWN", "PKS_INIT_VALUE": "PKS_INIT_VALUE",
     "PKS_MSR_IA32_EFER": "MSR_IA32_EFER", "PKS_MSR_IA32_PKRS": "MSR_IA32_PKRS",
     "PKS_PTE_P": "PTE_P", "PKS_PTE_RW": "PTE_RW", "PKS_PTE_US": "PTE_US", "PKS_PTE_A": "PTE_A",
     "PKS_PTE_D": "PTE_D", "PKS_PTE_PS": "PTE_PS", "PKS_PTE_G": "PTE_G", "PKS_PTE_XD": "PTE_XD",

@@ -1,4 +1,4 @@
-"""One test per row of the decision tables of docs/pks-spec.md §2.6.
+"""One test per row of the decision tables of docs/rules.md §1.6 (in full: docs/semantics.md).
 
 Each case maps a user page (UP) and a supervisor page (SP) with key 5, puts
 the CPU in the row's state and checks the outcome ("ok" or the exact #PF error

@@ -1,4 +1,4 @@
-"""#PF error-code bits and precedence (docs/pks-spec.md §2.8, SDM §4.7), reserved
+"""#PF error-code bits and precedence (docs/rules.md §1.7, §1.8, SDM §4.7), reserved
 bits (SDM §4.5), leaf sizes, paging depths, canonical addresses and accesses
 that cross a page boundary."""
 from __future__ import annotations

@@ -110,7 +110,7 @@ def test_handler_changes_are_discarded_unless_update_exception():
 
 
 def test_v10_handler_recomputes_from_interrupted_value():
-    """The flaw of spec §3.8 note 1: one pks_set_* inside the handler brings
+    """The flaw of docs/rules.md §2.8, note 1: one pks_set_* inside the handler brings
     back the interrupted context's rights on every other key."""
     k = boot("v10", pks_test_all_keys=True)
     for key in (3, 4):

@@ -1,4 +1,4 @@
-"""Control registers, MSRs, PKRU and CPUID (docs/pks-spec.md §2.1-§2.3, SDM Vol. 2B
+"""Control registers, MSRs, PKRU and CPUID (docs/rules.md §1.1, §1.2, §1.3, SDM Vol. 2B
 MOV CR / WRMSR / RDPKRU / WRPKRU / CPUID, SDM Vol. 3A §2.5)."""
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_reset_state(levels):
     assert cpu.efer == EFER_LME | EFER_LMA
     assert cpu.cpl == 0
     assert cpu.rflags == 0x2
-    assert cpu.rdmsr(MSR_IA32_PKRS) == 0        # PKRS=0 at RESET (spec §2.10)
+    assert cpu.rdmsr(MSR_IA32_PKRS) == 0        # PKRS=0 at RESET (docs/rules.md §1.9)
     assert cpu.pkru == 0
     assert cpu.paging_levels == levels
 

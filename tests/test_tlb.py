@@ -1,4 +1,4 @@
-"""The per-CPU TLB (docs/pks-spec.md §2.11, SDM §4.10): what flushes it, what
+"""The per-CPU TLB (docs/rules.md §1.10, SDM §4.10): what flushes it, what
 does not, stale translations and the opt-in stale-use check."""
 from __future__ import annotations
 

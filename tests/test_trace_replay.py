@@ -209,6 +209,21 @@ record_st = st.one_of(
 )
 
 
+class _Depths:
+    """Exception depth of the task running on each CPU (frames belong to
+    tasks: a task switched in inside a handler has a stack of its own)."""
+
+    def __init__(self, ncpus: int) -> None:
+        self.current: list = [("boot", c) for c in range(ncpus)]
+        self.depth: dict = {}
+
+    def __getitem__(self, cpu: int) -> int:
+        return self.depth.get(self.current[cpu], 0)
+
+    def __setitem__(self, cpu: int, value: int) -> None:
+        self.depth[self.current[cpu]] = value
+
+
 def _write(w, a, rec, depth):
     kind = rec[0]
     if kind == "access":
@@ -227,6 +242,7 @@ def _write(w, a, rec, depth):
             w.pte_write(ea, (e & ~(0xF << 59)) | (rec[2] << 59))
     elif kind == "switch":
         w.context_switch(rec[1], rec[2])
+        depth.current[rec[1]] = rec[2]
     elif kind == "entry":
         w.exception_entry(rec[1])
         depth[rec[1]] += 1
@@ -243,7 +259,7 @@ def _write(w, a, rec, depth):
 def test_compiled_replay_matches_python_replay(tmp_path_factory, recs, compat):
     m, a = small_machine(2, compat, pages=10, read_only_every=3)
     path = tmp_path_factory.mktemp("r") / "t.pkt"
-    depth = [0, 0]
+    depth = _Depths(2)
     with TraceWriter(path, m, max_tasks=4) as w:
         for rec in recs:
             _write(w, a, rec, depth)

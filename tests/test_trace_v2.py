@@ -35,7 +35,7 @@ def random_records(rng: np.random.Generator, n: int, ncpus: int = 2, *, valid: b
     """Records of every type, clustered addresses (so every coding mode is used), ip and pa."""
     recs = np.zeros(n, RECORD)
     acc = rng.random(n) < 0.8
-    recs["type"] = np.where(acc, RecordType.ACCESS, rng.integers(1, RecordType.COUNT, n))
+    recs["type"] = np.where(acc, RecordType.ACCESS, rng.integers(1, RecordType.PKS_ABANDON, n))  # abandon: V7 only
     recs["cpu"] = rng.integers(0, ncpus, n) * (rng.random(n) < 0.3)
     recs["op"] = np.where(acc, rng.integers(0, 3, n), rng.choice([0, 3, 4], n))
     recs["flags"] = rng.integers(0, 4, n) * (rng.random(n) < 0.1)
@@ -49,6 +49,8 @@ def random_records(rng: np.random.Generator, n: int, ncpus: int = 2, *, valid: b
     recs["addr"][ctrl & (recs["type"] == RecordType.PTE_WRITE)] &= np.uint64(0xFFFFFFF8)
     recs["addr"][ctrl & np.isin(recs["type"], (RecordType.WRMSR, RecordType.RDMSR))] = 0x6e1
     recs["value"] = np.where(ctrl, rng.integers(0, 2, n), 0)
+    upd = recs["type"] == RecordType.PKS_UPDATE
+    recs["op"][upd] = rng.integers(0, 4, int(upd.sum()))   # protection bits 0..3
     if not valid:
         recs["value"] = rng.integers(0, 1 << 63, n, dtype=np.uint64) * (rng.random(n) < 0.5)
         recs["pad"] = rng.integers(0, 256, n) * (rng.random(n) < 0.1)

@@ -1,4 +1,4 @@
-"""The consumer API, per version (spec §3.2).
+"""The consumer API, per version (docs/rules.md §2.2).
 
 =============  ==========================================================
 V4-V6          ``pks_key_alloc(name)``, ``pks_key_free(key)``,
@@ -75,18 +75,12 @@ class ApiMixin(KernelPart):
     def pks_sched_in(self, task, cpu: int) -> None:
         """The switch-in hook: V4-V6 ``pks_sched_in``, V7 ``pkrs_write_current``,
         V10 ``x86_pkrs_load``."""
-        if self.version.abandon:
-            task.thread.pkrs &= self.pkrs_pkey_allowed_mask
-        if self.pks_active:
-            self.write_pkrs(task.thread.pkrs, cpu)
+        self.kstate.py_sched_in(cpu, task.pid)
 
     def _pks_update_current(self, pkey: int, prot: int, cpu) -> None:
-        idx = self._cpu_index(cpu)
-        task = self.percpu[idx].current
-        task.thread.pkrs = update_pkey_val(task.thread.pkrs, pkey, prot)
-        if self.version.abandon:
-            task.thread.pkrs &= self.pkrs_pkey_allowed_mask
-        self.write_pkrs(task.thread.pkrs, idx)
+        # The current task's value with the key's bits replaced (V7: then
+        # ANDed with the allowed mask), written through the per-CPU cache.
+        self.kstate.py_update_current(self._cpu_index(cpu), pkey, prot)
 
     # --- V4-V6 allocator ----------------------------------------------------------------
     @since("v6")
@@ -200,7 +194,7 @@ class ApiMixin(KernelPart):
         self._check_frame(regs)
         with self.on_cpu(regs.task.cpu):
             self.pks_update_protection(pkey, protection)
-        if pkey < self.static_keys.PKS_KEY_MAX:
+        if pkey < self.static_keys.PKS_KEY_MAX and regs.aux.pkrs is not None:
             regs.aux.pkrs = update_pkey_val(regs.aux.pkrs, pkey, protection)
 
     # --- names that only exist in some versions -------------------------------------------

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..constants import (CR0_WP, CR4_PKS, CR4_SMAP, CR4_SMEP, EFER_NXE, MSR_IA32_PKRS,
                          PKEY_DISABLE_ACCESS)
+from .._core import KernelState
 from .api import ApiMixin
 from .debugfs import DebugfsMixin
 from .entry import EntryMixin
@@ -25,7 +26,7 @@ class Kernel(ApiMixin, SchedMixin, EntryMixin, FaultMixin, MmMixin, DebugfsMixin
     """A Linux kernel with the PKS series, as plain Python over ``machine``.
 
     ``api``: ``"v6"`` (default; V4-V6 dynamic allocator), ``"v7"`` or ``"v10"``.
-    Config (the Kconfig options of spec §3.11):
+    Config (the Kconfig options of docs/rules.md §2.11):
 
     * ``pks_test`` — ``CONFIG_PKS_TEST``: load the ported ``lib/pks/pks_test.c``
       (``kernel.pks_test``) and its debugfs file; in V7/V10 it owns a key;
@@ -68,6 +69,9 @@ class Kernel(ApiMixin, SchedMixin, EntryMixin, FaultMixin, MmMixin, DebugfsMixin
         self.pks_key_callbacks: dict = {}
         #: V4-V7 fault-path hook set by the test module (``pks_test_callback``)
         self.pks_test_callback = None
+        #: the PKS state shared with the compiled replay: per-CPU cache, each
+        #: task's value and exception frames, the version's rules
+        self.kstate = KernelState(machine, v, init_value=INIT_PKRS_VALUE, pks_active=False)
         #: V7 global abandon mask
         self.pkrs_pkey_allowed_mask = PKRS_ALLOWED_MASK_DEFAULT
 
@@ -90,7 +94,7 @@ class Kernel(ApiMixin, SchedMixin, EntryMixin, FaultMixin, MmMixin, DebugfsMixin
         #: cpu_feature_enabled(X86_FEATURE_PKS): the CPU has it and the config enables it
         self.pks_active = self.pks_supported and configured
 
-        self.percpu = [PerCpu(i, c) for i, c in enumerate(machine.cpus)]
+        self.percpu = [PerCpu(i, c, self.kstate) for i, c in enumerate(machine.cpus)]
         self._mm_init()
         for pc in self.percpu:
             self._cpu_init(pc)

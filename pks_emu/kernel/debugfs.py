@@ -84,7 +84,7 @@ class DebugfsMixin(KernelPart):
 
     def open(self, task, path: str) -> File:
         """open(2) by ``task``; ``FileNotFoundError`` if the file does not exist
-        (``run_pks`` is only created when the CPU has PKS, spec §4.0)."""
+        (``run_pks`` is only created when the CPU has PKS, docs/rules.md §2.13)."""
         self._check_current(task)
         fops = self.debugfs.get(path)
         if fops is None:

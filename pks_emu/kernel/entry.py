@@ -1,5 +1,5 @@
 """Exception entry and exit: save the interrupted PKRS, run with the default,
-restore (spec §3.8).
+restore (docs/rules.md §2.8).
 
 "The current thread value must be saved, the CPU MSR value set to the default
 value during the exception, and the saved thread value restored upon
@@ -15,7 +15,7 @@ Which entries save:
   entry/exit always.
 * V8-V10: every ``irqentry_enter`` path, user mode included, and NMI.
 
-What the handler runs with (V10 code, spec §3.8 notes 1-2): the MSR holds the
+What the handler runs with (V10 code, docs/rules.md §2.8, notes 1-2): the MSR holds the
 default, but ``current->thread.pkrs`` still holds the *interrupted* value, so
 a ``pks_set_*`` inside the handler recomputes from it; on exit both are
 overwritten from the aux slot (examples/kernel_v10_handler_recompute.py).
@@ -32,16 +32,27 @@ VECTOR_NAMES = {2: "NMI", 14: "#PF", 32: "IRQ", 0xEC: "LOCAL_TIMER", 0xFB: "CALL
 
 
 class PtRegsAuxiliary:
-    """The hidden slot beside ``pt_regs`` holding the interrupted PKRS.
+    """The hidden slot beside ``pt_regs`` holding the interrupted PKRS: a
+    view of frame ``index`` of task ``slot`` in the kernel state.
 
     ``pkrs`` is None when the entry path did not save (V4-V7 entry from user
     mode, or no PKS in V10). ``thread_pkrs`` is the V4-V7 name.
     """
 
-    __slots__ = ("pkrs",)
+    __slots__ = ("_kstate", "_slot", "_index")
 
-    def __init__(self) -> None:
-        self.pkrs: int | None = None
+    def __init__(self, kstate, slot: int, index: int) -> None:
+        self._kstate = kstate
+        self._slot = slot
+        self._index = index
+
+    @property
+    def pkrs(self) -> int | None:
+        return self._kstate.frame(self._slot, self._index)[0]
+
+    @pkrs.setter
+    def pkrs(self, value: int | None) -> None:
+        self._kstate.set_frame_pkrs(self._slot, self._index, value)
 
     @property
     def thread_pkrs(self) -> int | None:
@@ -80,7 +91,7 @@ class PtRegs:
         self.cpu = cpu
         self.task = task
         self.depth = depth
-        self.aux = PtRegsAuxiliary()
+        self.aux: PtRegsAuxiliary
         #: the MSR as the interrupted context left it (for reports)
         self.msr_on_entry: int | None = None
 
@@ -143,25 +154,18 @@ class EntryMixin(KernelPart):
         c = pc.cpu
         regs = PtRegs(vector, error_code, address, c.cpl, nmi, idx, task, len(task.frames) + 1)
         regs.msr_on_entry = pc.pkrs_cache
+        regs.aux = PtRegsAuxiliary(self.kstate, task.pid, len(task.frames))
         c.cpl = 0
         task.frames.append(regs)
-        pc.counters["nmis" if nmi else "exceptions"] += 1
-        if nmi or self.version.save_user_entry or not regs.user_mode:
-            self._pks_save_pt_regs(idx, regs)
+        self.kstate.py_push_frame(idx, nmi, regs.user_mode, regs.cs_cpl)
+        self._pks_save_pt_regs(idx, regs)
         return regs
 
     def _pks_save_pt_regs(self, idx: int, regs: PtRegs) -> None:
-        task = regs.task
-        name = self.version.name
-        if name == "v10" and not self.pks_active:
-            return  # pks_save_pt_regs: "if (!PKS) return"
-        regs.aux.pkrs = task.thread.pkrs
-        if name == "v7":
-            # pkrs_save_irq: the default ANDed with the abandon mask
-            self.write_pkrs(self.pkrs_init_value & self.pkrs_pkey_allowed_mask, idx)
-        else:
-            # V4-V6 pkrs_save_set_irq(regs, INIT_PKRS_VALUE); V10 pks_write_pkrs(PKS_INIT_VALUE)
-            self.write_pkrs(self.pkrs_init_value, idx)
+        # Which entries save, and what the handler runs with, per version:
+        # KernelState.save_frame (V4-V7 pkrs_save_set_irq / pkrs_save_irq from
+        # kernel mode and for NMIs; V10 pks_save_pt_regs on every entry).
+        self.kstate.py_save_frame(idx)
 
     def _exit(self, regs: PtRegs, nmi: bool) -> None:
         self._check_frame(regs)
@@ -172,12 +176,9 @@ class EntryMixin(KernelPart):
         task = regs.task
         idx = task.cpu
         # V10 restores at the start of irqentry_exit; V4-V7 only when the entry
-        # saved (kernel mode, or NMI): both are "if the slot was filled".
-        if regs.aux.saved:
-            task.thread.pkrs = regs.aux.pkrs
-            if self.version.abandon:
-                task.thread.pkrs &= self.pkrs_pkey_allowed_mask  # pkrs_write_current
-            self.write_pkrs(task.thread.pkrs, idx)
+        # saved (kernel mode, or NMI): both are "if the slot was filled"
+        # (KernelState.exit; V7 ANDs the allowed mask, pkrs_write_current).
+        self.kstate.py_exit(idx)
         task.frames.pop()
         self.percpu[idx].cpu.cpl = regs.cs_cpl
 

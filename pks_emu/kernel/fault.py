@@ -1,6 +1,6 @@
 """Accesses by tasks, and the page-fault path for PK faults on kernel addresses.
 
-``do_kern_addr_fault`` per version (spec §3.9):
+``do_kern_addr_fault`` per version (docs/rules.md §2.9):
 
 * V4-V6: ``WARN_ON_ONCE(!PKS && PF_PK)``; the test module's
   ``pks_test_callback(regs)`` hook (placement in V6 unconfirmed; put where V7

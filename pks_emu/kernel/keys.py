@@ -1,12 +1,12 @@
 """Protection-key ownership: the V4-V6 allocator and the V7/V10 static keys.
 
-* V4-V6 (``arch/x86/mm/pkeys.c``, spec §3.3): a 16-bit bitmap with key 0
+* V4-V6 (``arch/x86/mm/pkeys.c``, docs/rules.md §2.3): a 16-bit bitmap with key 0
   (``PKS_KERN_DEFAULT_KEY``) pre-set and named "kernel"; ``pks_key_alloc``
   hands out the lowest free key, ``-EOPNOTSUPP`` without PKS, ``-ENOSPC``
   when full; the name is kept for debugging exhaustion.
 * V7 (05/18): ``enum pks_pkey_consumers`` — ``PKS_KEY_DEFAULT`` = 0, then one
   key per enabled consumer, ``PKS_KEY_NR_CONSUMERS``; ``pkrs_init_value`` is
-  built at boot from each consumer's default (spec §3.5).
+  built at boot from each consumer's default (docs/rules.md §2.5).
 * V9/V10 (09/44, 37/44, 44/44): ``PKS_NEW_KEY`` chains keys densely in the
   order PGMAP_PROTECTION, TEST; ``PKS_KEY_MAX`` = last + 1 (16 with
   ``PKS_TEST_ALL_KEYS``); ``PKS_INIT_VALUE`` = the all-AD pattern masked to
@@ -108,7 +108,7 @@ class StaticKeys:
         else:
             self.PKS_KEY_MAX = self.nr_keys
             # GENMASK(32, 2*PKS_KEY_MAX) keeps the AD bits of unused keys;
-            # with PKS_TEST_ALL_KEYS it keeps none (spec §3.5).
+            # with PKS_TEST_ALL_KEYS it keeps none (docs/rules.md §2.5).
             mask = ((1 << 33) - 1) & ~((1 << (2 * self.nr_keys)) - 1)
             value = PKS_ALL_AD & mask & 0xFFFFFFFF
             for i, (_name, rights) in enumerate(self.consumers, start=1):
@@ -132,8 +132,8 @@ def consumers_for(version: str, *, pks_test: bool, pmem: bool, all_keys: bool,
     """The consumer list of a config, in the order the version assigns keys.
 
     V7 (11/18): the test key is ``PKS_KEY_PKS_TEST`` = 1; the place of the PMEM
-    key in the V7 enum is not confirmed (spec §7), it is put after the test
-    key here. V10 (§3.4): PGMAP_PROTECTION first, then TEST.
+    key in the V7 enum is not confirmed (docs/rules.md §3), it is put after the test
+    key here. V10 (docs/rules.md §2.4): PGMAP_PROTECTION first, then TEST.
     """
     out: list[tuple[str, int]] = []
     if version == "v7":

@@ -1,8 +1,8 @@
 """``lib/pks/pks_test.c`` ported: the V4-V7 module (here) and the V9/V10 one
 (``pks_test_v10``), driven through ``/sys/kernel/debug/x86/run_pks``.
 
-The port keeps the C module's structure, globals and checks (spec §4.1,
-§4.3): a fault hook that counts faults on the armed key and relaxes the
+The port keeps the C module's structure, globals and checks (docs/rules.md
+§2.13): a fault hook that counts faults on the armed key and relaxes the
 saved PKRS so the faulting ``memcpy`` retries and succeeds; the six-row
 access matrix; the exception test with its four checks of the per-CPU
 cache *and* the MSR; the context-switch arm/check pair; the crash test.
@@ -49,7 +49,7 @@ def check_pkey_val(pk_reg: int, pkey: int, expected: int) -> bool:
 
 def load_pks_test(kernel):
     """late_initcall(pks_test_init): build the module for the kernel's version;
-    create the debugfs file only if PKS is enabled (spec §4.0)."""
+    create the debugfs file only if PKS is enabled (docs/rules.md §2.13)."""
     if kernel.version.name == "v10":
         from .pks_test_v10 import PksTestV10
         mod = PksTestV10(kernel)

@@ -1,4 +1,4 @@
-"""The V9/V10 ``lib/pks/pks_test.c`` (V10 patches 37-44, spec §4.5).
+"""The V9/V10 ``lib/pks/pks_test.c`` (V10 patches 37-44, docs/rules.md §2.13).
 
 Each open fd is a session (``struct pks_session_data``); one test runs at a
 time (``test_run_lock``). The fault callback of ``PKS_KEY_TEST`` (all keys

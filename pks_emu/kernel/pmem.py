@@ -1,4 +1,4 @@
-"""The PMEM stray-write consumer, in miniature (V10 patches 25-36, spec §3.13).
+"""The PMEM stray-write consumer, in miniature (V10 patches 25-36, docs/rules.md §2.12).
 
 Pages of a ``dev_pagemap`` are mapped with ``PKS_KEY_PGMAP_PROTECTION``, whose
 default is AD. Code that means to touch them opens a window with
@@ -12,7 +12,7 @@ A stray access outside a window faults; the boot/module parameter
 * ``strict``: the callback declines, and the fault oopses.
 
 Function names other than ``pgmap_pks_fault_callback`` and the parameter
-are not confirmed (spec §7 item 9).
+are not confirmed (docs/rules.md §3, item 9).
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Tasks, the per-CPU ``pkrs_cache`` and the context switch.
 
 * ``thread_struct`` holds the task's PKRS: ``saved_pkrs`` in V4-V7, ``pkrs`` in
-  V9/V10 (spec §3.7). Both names work on ``Thread``; ``Thread.field`` says
+  V9/V10 (docs/rules.md §2.7). Both names work on ``Thread``; ``Thread.field`` says
   which one the selected version uses.
 * ``write_pkrs`` (V4-V7) / ``pks_write_pkrs`` (V8-V10) skip the WRMSR when the
-  per-CPU cache already holds the value (spec §3.6): "PKRS is only temporarily
+  per-CPU cache already holds the value (docs/rules.md §2.6): "PKRS is only temporarily
   changed during specific code paths" (V5 comment), so most switches are free.
 * ``__switch_to`` loads the next task's value: V4-V6 ``pks_sched_in``, V7
   ``pkrs_write_current`` (ANDs the allowed mask), V10 ``x86_pkrs_load``.
@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import itertools
 from contextlib import contextmanager
+from collections.abc import Iterator, MutableMapping
 from typing import TYPE_CHECKING
 
+from .._core import KSTATE_COUNTERS
 from ..constants import MSR_IA32_PKRS
 from .errors import KernelStateError
 from ._part import KernelPart
@@ -27,14 +29,27 @@ RUNNING, RUNNABLE, DEAD = "running", "runnable", "dead"
 
 
 class Thread:
-    """The PKS part of ``struct thread_struct``."""
+    """The PKS part of ``struct thread_struct``: the task's slot in the
+    kernel state (``pks_emu._core.KernelState``), which the compiled replay
+    uses too."""
 
-    __slots__ = ("pkrs", "field")
+    __slots__ = ("_kstate", "_slot", "field")
 
-    def __init__(self, pkrs: int, field: str) -> None:
-        self.pkrs = pkrs
+    def __init__(self, kstate, slot: int, pkrs: int, field: str) -> None:
+        self._kstate = kstate
+        self._slot = slot
+        kstate.ensure_tasks(slot + 1, 0)
+        kstate.set_task_pkrs(slot, pkrs)
         #: the field's name in the selected version ('saved_pkrs' or 'pkrs')
         self.field = field
+
+    @property
+    def pkrs(self) -> int:
+        return self._kstate.get_task_pkrs(self._slot)
+
+    @pkrs.setter
+    def pkrs(self, value: int) -> None:
+        self._kstate.set_task_pkrs(self._slot, value)
 
     @property
     def saved_pkrs(self) -> int:
@@ -54,23 +69,25 @@ class Task:
 
     ``frames`` are the pt_regs (with their aux slot) on the task's kernel
     stack, innermost last: they belong to the task, not to the CPU, so they
-    survive a reschedule inside a handler (spec §3.8 note 4) or a migration.
+    survive a reschedule inside a handler (docs/rules.md §2.8, note 4) or a migration.
     """
 
     _pids = itertools.count(0)
 
     def __init__(self, name: str, pid: int, cpu: int, pkrs: int, field: str, *,
-                 user: bool = False) -> None:
+                 user: bool = False, kstate=None) -> None:
         self.name = name
         self.pid = pid
         self.cpu = cpu
-        self.thread = Thread(pkrs, field)
+        if kstate is None:
+            raise TypeError("a Task lives in a kernel: create it with Kernel.create_task or fork")
+        self.thread = Thread(kstate, pid, pkrs, field)
         self.state = RUNNABLE
         #: whether the task has a user address space (a process, not a kthread)
         self.user = user
         #: CPL the task runs at when it is on a CPU (3 while in user mode)
         self.cpl = 3 if user else 0
-        self.frames: list[PtRegs] = []
+        self.frames: FrameStack = FrameStack(kstate, pid)
         #: open debugfs files (closed when the task exits)
         self.files: list = []
         self.oops = None
@@ -84,22 +101,81 @@ class Task:
                 f"{self.thread.field}={self.thread.pkrs:#010x} depth={len(self.frames)}>")
 
 
+class FrameStack(list):
+    """A task's exception frames (innermost last); emptying it empties the
+    task's frames in the kernel state too (an oops or exit unwinds them)."""
+
+    def __init__(self, kstate, slot: int) -> None:
+        super().__init__()
+        self._kstate = kstate
+        self._slot = slot
+
+    def clear(self) -> None:
+        super().clear()
+        self._kstate.clear_frames(self._slot)
+
+
+class PerCpuCounters(MutableMapping):
+    """The counters of one CPU: the kernel state keeps the PKRS ones (so the
+    replay counts alike), Python the others."""
+
+    def __init__(self, kstate, cpu: int, names: tuple[str, ...]) -> None:
+        self._kstate = kstate
+        self._cpu = cpu
+        self._py = {n: 0 for n in names if n not in KSTATE_COUNTERS}
+        self._names = names
+
+    def __getitem__(self, name: str) -> int:
+        if name in KSTATE_COUNTERS:
+            return self._kstate.counter(self._cpu, name)
+        return self._py[name]
+
+    def __setitem__(self, name: str, value: int) -> None:
+        if name in KSTATE_COUNTERS:
+            self._kstate.set_counter(self._cpu, name, value)
+        elif name in self._py:
+            self._py[name] = value
+        else:
+            raise KeyError(f"unknown counter {name!r}; counters are {self._names}")
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError("counters cannot be removed")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
 class PerCpu:
     """Per-CPU kernel state: ``pkrs_cache``, ``current``, the idle task, counters."""
 
-    __slots__ = ("index", "cpu", "pkrs_cache", "current", "idle", "counters")
+    __slots__ = ("index", "cpu", "current", "idle", "counters", "_kstate")
 
     COUNTERS = ("pkrs_writes", "pkrs_writes_avoided", "context_switches", "exceptions",
                 "nmis", "pk_faults", "oopses")
 
-    def __init__(self, index: int, cpu) -> None:
+    def __init__(self, index: int, cpu, kstate) -> None:
         self.index = index
         self.cpu = cpu
-        #: the per-CPU cache starts at 0 (spec §3.6), hence the V8+ boot WRMSR
-        self.pkrs_cache = 0
+        self._kstate = kstate
+        #: the per-CPU cache starts at 0 (V10 12/44), hence the V8+ boot WRMSR
+        kstate.set_cache(index, 0)
         self.current: Task | None = None
         self.idle: Task | None = None
-        self.counters = dict.fromkeys(self.COUNTERS, 0)
+        self.counters = PerCpuCounters(kstate, index, self.COUNTERS)
+
+    @property
+    def pkrs_cache(self) -> int:
+        return self._kstate.get_cache(self.index)
+
+    @pkrs_cache.setter
+    def pkrs_cache(self, value: int) -> None:
+        self._kstate.set_cache(self.index, value)
 
     @property
     def msr(self) -> int:
@@ -121,6 +197,34 @@ class SchedMixin(KernelPart):
     percpu: list[PerCpu]
     tasks: dict[int, Task]
 
+    # --- state held by the compiled kernel state --------------------------------
+    @property
+    def pks_active(self) -> bool:
+        """``cpu_feature_enabled(X86_FEATURE_PKS)``: the CPU has it and the config enables it."""
+        return self.kstate.pks_active
+
+    @pks_active.setter
+    def pks_active(self, value: bool) -> None:
+        self.kstate.pks_active = value
+
+    @property
+    def pkrs_init_value(self) -> int:
+        """The default value: V4-V6 ``INIT_PKRS_VALUE``, V7 ``pkrs_init_value``, V10 ``PKS_INIT_VALUE``."""
+        return self.kstate.init_value
+
+    @pkrs_init_value.setter
+    def pkrs_init_value(self, value: int) -> None:
+        self.kstate.init_value = value
+
+    @property
+    def pkrs_pkey_allowed_mask(self) -> int:
+        """V7 ``pkrs_pkey_allowed_mask`` (keys given up by ``pks_abandon_protections``)."""
+        return self.kstate.allowed_mask
+
+    @pkrs_pkey_allowed_mask.setter
+    def pkrs_pkey_allowed_mask(self, value: int) -> None:
+        self.kstate.allowed_mask = value
+
     # --- the cached MSR write --------------------------------------------------
     def write_pkrs(self, new_pkrs: int, cpu: int | None = None) -> None:
         """V4-V7 ``write_pkrs`` / V8-V10 ``pks_write_pkrs`` on ``cpu`` (default this CPU).
@@ -128,21 +232,14 @@ class SchedMixin(KernelPart):
         WRMSR only if the per-CPU cache differs (V3+). V4-V7 check the feature
         inside; V10 leaves that to callers, which all check it: same effect.
         """
-        pc = self.percpu[self._cpu_index(cpu)]
-        if not self.pks_active:
-            return
-        if pc.pkrs_cache != new_pkrs:
-            pc.pkrs_cache = new_pkrs
-            pc.cpu.wrmsr(MSR_IA32_PKRS, new_pkrs)
-            pc.counters["pkrs_writes"] += 1
-        else:
-            pc.counters["pkrs_writes_avoided"] += 1
+        self.kstate.py_write_pkrs(self._cpu_index(cpu), new_pkrs)
 
     # --- task lifetime -----------------------------------------------------------
     def _new_task(self, name: str, cpu: int, pkrs: int, user: bool) -> Task:
         if not isinstance(name, str) or not name:
             raise ValueError(f"task name {name!r} must be a non-empty str")
-        t = Task(name, next(self._pid_counter), cpu, pkrs, self.version.thread_field, user=user)
+        t = Task(name, next(self._pid_counter), cpu, pkrs, self.version.thread_field, user=user,
+                 kstate=self.kstate)
         self.tasks[t.pid] = t
         return t
 
@@ -176,8 +273,7 @@ class SchedMixin(KernelPart):
         in the kernel (the task is on its way back to user mode anyway).
         """
         self._check_alive(task)
-        if self.version.exec_resets:
-            task.thread.pkrs = self.pks_new_task_value()
+        self.kstate.py_exec(task.pid)
 
     def exit_task(self, task: Task) -> None:
         """do_exit(): close the task's files and switch its CPU to the idle task."""
@@ -231,7 +327,7 @@ class SchedMixin(KernelPart):
         pc.current = next_
         next_.state = RUNNING
         next_.cpu = pc.index
-        pc.counters["context_switches"] += 1
+        self.kstate.py_set_current(pc.index, next_.pid)
         self.pks_sched_in(next_, pc.index)
         cpu.cpl = next_.cpl
 
@@ -280,7 +376,7 @@ class SchedMixin(KernelPart):
     @contextmanager
     def syscall(self, task: Task):
         """A system call by ``task``: CPL 0 on its CPU for the duration, with
-        no exception entry (spec §3.8 note 5: syscalls run with ``thread.pkrs``)."""
+        no exception entry (docs/rules.md §2.8, note 5: syscalls run with ``thread.pkrs``)."""
         self._check_current(task)
         cpu = self.percpu[task.cpu].cpu
         old_cpl = cpu.cpl

@@ -3,10 +3,10 @@ emulated kernel, through ``/sys/kernel/debug/x86/run_pks``.
 
 * ``--api v10`` (default list: check_defaults single context_switch
   exception exception_update run_all; ``create_fault`` only when named) is
-  ``tools/testing/selftests/x86/test_pks.c`` of V9/V10 (spec §4.6): each test
+  ``tools/testing/selftests/x86/test_pks.c`` of V9/V10 (docs/rules.md §2.13): each test
   opens the file, writes its number, reads ``PASS``/``FAIL``; a missing file
   or ``-ENOENT`` is ``[SKIP] Test not supported``.
-* ``--api v6``/``v7`` run the V4-V7 commands (spec §4.1-4.3) under names:
+* ``--api v6``/``v7`` run the V4-V7 commands (docs/rules.md §2.13) under names:
   run ("0"), context_switch (the V4-V6 ``test_pks.c`` fork flow), run_all
   ("3"; the kernel only logs its result, so it is read from the log),
   abandon ("6", V7), and crash ("9" twice) only when named.
@@ -16,35 +16,15 @@ if any test failed or a name is unknown, else 0.
 """
 from __future__ import annotations
 
-import argparse
 import errno
 
 from ..constants import ALL_FEATURES, PF_PK
 from ..errors import PksEmuError
-from ..machine import Machine
 from .boot import Kernel
 from .errors import KernelOops
 from .pks_test import RUN_PKS
 
 PASS, FAIL, SKIP = "OK", "FAIL", "SKIP"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("tests", nargs="*", metavar="TEST",
-                        help="tests to run (default: all but the crash test)")
-    parser.add_argument("--api", default="v6", choices=("v6", "v7", "v10"),
-                        help="series version of the emulated kernel (default v6)")
-    parser.add_argument("--features", default=None, metavar="LIST",
-                        help="CPU features: a comma list (exact set), or changes to the "
-                             "full set such as --features=-pks")
-    parser.add_argument("--ncpus", type=int, default=2, help="CPUs of the machine (default 2)")
-    parser.add_argument("-c", "--cpu", type=int, default=0,
-                        help="CPU the test processes run on (clamped to the last CPU)")
-    parser.add_argument("-d", "--debug", action="store_true",
-                        help="print the kernel log of each test (dmesg | grep pks_test)")
-    parser.add_argument("--all-keys", action="store_true",
-                        help="V10: build with CONFIG_PKS_TEST_ALL_KEYS (enables run_all)")
-    parser.add_argument("-l", "--list", action="store_true", help="list the tests and exit")
 
 
 def parse_features(spec: str | None) -> frozenset[str]:
@@ -138,7 +118,7 @@ class Runner:
         self.finish(parent)
         return {"P": 0, "S": -errno.ENOENT, "F": -errno.EFAULT}[res]
 
-    # --- V4-V6 context switch (test_pks.c, §4.2) ------------------------------------------
+    # --- V4-V6 context switch (test_pks.c, docs/rules.md §2.13) --------------------------------
     def context_switch_v6(self) -> int:
         k = self.k
         parent = self.spawn()
@@ -162,7 +142,7 @@ class Runner:
         k.schedule(self.cpu, parent)
         self.finish(parent)
         # (The C program's strncmp on a non-terminated buffer never matches,
-        # so its exit code ignores the result, §4.2; the result is used here.)
+        # so its exit code ignores the result, docs/rules.md §2.13; the result is used here.)
         return 0 if result[:4] == b"PASS" else -errno.EFAULT
 
     def run_all_v6(self) -> int:
@@ -170,7 +150,7 @@ class Runner:
         r = self.do_simple_test("3")
         if r == -errno.ENOENT:
             return r
-        # The result of run_all is only logged by the kernel (§4.1).
+        # The result of run_all is only logged by the kernel (docs/rules.md §2.13).
         for _lvl, msg in self.k.dmesg[start:]:
             if msg.startswith("pks_test: run_all:"):
                 return 0 if msg.endswith("PASS") else -errno.EFAULT
@@ -210,53 +190,3 @@ def test_table(api: str):
             default.append(("abandon", "6"))
         special = [("crash", "crash")]
     return default, special
-
-
-def run(args: argparse.Namespace) -> int:
-    features = parse_features(args.features)
-    if args.ncpus < 1:
-        raise PksEmuError(f"--ncpus {args.ncpus}: expected at least 1")
-    if args.all_keys and args.api != "v10":
-        raise PksEmuError("--all-keys (CONFIG_PKS_TEST_ALL_KEYS) exists only with --api v10")
-    machine = Machine(ncpus=args.ncpus, features=features)
-    kernel = Kernel(machine, api=args.api, pks_test_all_keys=args.all_keys)
-    default, special = test_table(args.api)
-    known = dict(default + special)
-    if args.list:
-        for name, _ in default:
-            print(name)
-        for name, _ in special:
-            print(f"{name}\t(only when named)")
-        return 0
-    runner = Runner(kernel, args.cpu, args.debug)
-    names = args.tests or [n for n, _ in default]
-    failed = False
-    for name in names:
-        if name not in known:
-            print(f"[RUN]\t'{name}'")
-            print("[SKIP]\tInvalid test")
-            return 1
-        print(f"[RUN]\t{name}")
-        start = len(kernel.dmesg)
-        how = known[name]
-        if how == "ctx10":
-            r = runner.context_switch_v10()
-        elif how == "ctx6":
-            r = runner.context_switch_v6()
-        elif how == "all6":
-            r = runner.run_all_v6()
-        elif how == "crash":
-            r = runner.crash()
-        else:
-            r = runner.do_simple_test(how)
-        if args.debug:
-            for lvl, msg in kernel.dmesg[start:]:
-                print(f"  [{lvl}] {msg}")
-        if r == 0:
-            print("[OK]")
-        elif r == -errno.ENOENT:
-            print("[SKIP] Test not supported")
-        else:
-            print("[FAIL]")
-            failed = True
-    return 1 if failed else 0

@@ -1,6 +1,6 @@
 """Which behaviour belongs to which posting of the Linux PKS series.
 
-The series changed its API three times (docs/pks-spec.md §3.1, §3.2); the
+The series changed its API three times (docs/rules.md §2.1, §2.2); the
 emulated kernel models three of its shapes:
 
 * ``v6`` (same code in V4, V5, V6; lore 20210401225833.566238-1): the dynamic

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from .._core import first_invalid_record
+from ..constants import PKS_INIT_VALUE
 from ..errors import TraceFormatError
 
 MAGIC = b"PKSEMUTR"
@@ -31,8 +34,10 @@ FRAME_ENTRY_SIZE = 8 + FRAME_SIZE
 
 #: magic, version, header_size, record_size, reserved, paging_levels, ncpus,
 #: compat, maxphyaddr, features, record_count, records_offset, memory_offset,
-#: memory_frames, cpu_state_offset, max_tasks, tlb_entries, pkrs_init
-HEADER = struct.Struct("<8sHHHHBBBBIQQQQQIII")
+#: memory_frames, cpu_state_offset, max_tasks, tlb_entries, pkrs_init, api
+#: (api: the series version of the kernel's context-switch and exception
+#: rules, 6, 7 or 10; 0 in traces written before the field existed = 10)
+HEADER = struct.Struct("<8sHHHHBBBBIQQQQQIIIB")
 assert HEADER.size <= HEADER_SIZE
 
 #: cr0, cr3, cr4, efer, rflags, cpl, pkru, pkrs
@@ -73,13 +78,32 @@ class RecordType:
     EXCEPTION_ENTRY = 8  # cpu, value=vector, flags.from_user
     EXCEPTION_EXIT = 9  # cpu
     SET_RFLAGS = 10     # cpu, value
+    TASK_FORK = 11      # cpu (the parent runs there), value=child task id, flags bit 0: fresh value
+    TASK_EXEC = 12      # cpu, value=task id
+    PKS_UPDATE = 13     # cpu, value=pkey, op=protection bits (0 rw, 1 AD, 2 WD)
+    PKS_ABANDON = 14    # cpu, value=pkey (V7 only)
 
     NAMES = ("access", "wrmsr", "rdmsr", "wrpkru", "mov_cr", "invlpg", "pte_write",
-             "context_switch", "exception_entry", "exception_exit", "set_rflags")
+             "context_switch", "exception_entry", "exception_exit", "set_rflags",
+             "task_fork", "task_exec", "pks_update", "pks_abandon")
     COUNT = len(NAMES)
 
 
 COMPAT_CODES = {"sdm": 0, "qemu": 1}
+#: header api byte <-> series version (0: written before the field, read as V10)
+API_CODES = {"v6": 6, "v7": 7, "v10": 10}
+
+
+def api_name(api: str | int) -> str:
+    """"v6", "v7" or "v10" for a version name or a header api code (0 = v10)."""
+    if isinstance(api, str) and api in API_CODES:
+        return api
+    if api == 0:
+        return "v10"
+    for name, code in API_CODES.items():
+        if api == code:
+            return name
+    raise ValueError(f"api {api!r}: expected 'v6', 'v7', 'v10' or a header code 0, 6, 7, 10")
 FEATURE_CODES = {"pku": 1, "pks": 2, "smep": 4, "smap": 8, "nx": 16, "1g": 32, "la57": 64}
 
 
@@ -97,7 +121,9 @@ class TraceHeader:
     cpu_state_offset: int = HEADER_SIZE
     max_tasks: int = 65536
     tlb_entries: int = 1024
-    pkrs_init: int = 0x55555554
+    pkrs_init: int = PKS_INIT_VALUE
+    #: series version of the kernel rules: "v6", "v7" or "v10"
+    api: str = "v10"
     version: int = VERSION
     cpu_states: list[tuple[int, ...]] = field(default_factory=list)
 
@@ -107,7 +133,7 @@ class TraceHeader:
                           self.ncpus, COMPAT_CODES[self.compat], self.maxphyaddr, feats,
                           self.record_count, self.records_offset, self.memory_offset,
                           self.memory_frames, self.cpu_state_offset, self.max_tasks,
-                          self.tlb_entries, self.pkrs_init)
+                          self.tlb_entries, self.pkrs_init, API_CODES[self.api])
         return raw.ljust(HEADER_SIZE, b"\0")
 
 
@@ -133,7 +159,8 @@ def read_header(path: str | os.PathLike) -> TraceHeader:
             if len(raw) < HEADER_SIZE:
                 raise TraceFormatError(f"{path}: truncated header ({len(raw)} of {HEADER_SIZE} bytes)")
             (_, version, header_size, record_size, _, levels, ncpus, compat, maxphy, feats, count,
-             rec_off, mem_off, frames, cpu_off, max_tasks, tlb_entries, pkrs_init) = HEADER.unpack_from(raw)
+             rec_off, mem_off, frames, cpu_off, max_tasks, tlb_entries, pkrs_init,
+             api_code) = HEADER.unpack_from(raw)
             if version > VERSION:
                 raise TraceFormatError(
                     f"{path}: trace format version {version} is newer than this pks_emu reads "
@@ -163,6 +190,9 @@ def read_header(path: str | os.PathLike) -> TraceHeader:
     compat_name = {v: k for k, v in COMPAT_CODES.items()}.get(compat)
     if compat_name is None:
         raise TraceFormatError(f"{path}: header compat code {compat}: expected 0 (sdm) or 1 (qemu)")
+    api_name = "v10" if api_code == 0 else {v: k for k, v in API_CODES.items()}.get(api_code)
+    if api_name is None:
+        raise TraceFormatError(f"{path}: header api {api_code}: expected 6, 7 or 10 (0 = unspecified, read as 10)")
     if feats & ~sum(FEATURE_CODES.values()):
         raise TraceFormatError(f"{path}: header feature bits {feats:#x} include unknown features")
     if tlb_entries < 1 or tlb_entries > 1 << 24 or tlb_entries & (tlb_entries - 1):
@@ -188,7 +218,7 @@ def read_header(path: str | os.PathLike) -> TraceHeader:
                        features=frozenset(n for n, b in FEATURE_CODES.items() if feats & b),
                        record_count=count, records_offset=rec_off, memory_offset=mem_off,
                        memory_frames=frames, cpu_state_offset=cpu_off, max_tasks=max_tasks,
-                       tlb_entries=tlb_entries, pkrs_init=pkrs_init, version=version,
+                       tlb_entries=tlb_entries, pkrs_init=pkrs_init, api=api_name, version=version,
                        cpu_states=states)
 
 
@@ -200,46 +230,43 @@ def is_native_trace(path: str | os.PathLike) -> bool:
         return False
 
 
-def validate_records(path: str, recs: np.ndarray, first_index: int, header: TraceHeader) -> None:
-    """Check a chunk of records before the GIL-free loop runs over it.
+#: What is wrong with a record, indexed by the problem code of the compiled
+#: validity table (record_problem in _replay.pxi); ``r`` is the record, ``h``
+#: the header. Adding a record type: its checks there, its message here.
+RECORD_PROBLEMS: tuple[Callable[[Any, TraceHeader], str], ...] = (
+    lambda r, h: "valid record",
+    lambda r, h: f"unknown record type {r['type']}: expected 0..{RecordType.COUNT - 1}",
+    lambda r, h: f"CPU {r['cpu']} out of range (the trace has {h.ncpus})",
+    lambda r, h: f"access kind {r['op']}: expected 0 (read), 1 (write) or 2 (fetch)",
+    lambda r, h: f"access size {r['size']}: expected 1..4096",
+    lambda r, h: f"CPL {r['cpl']}: expected 0..3 or 255 (keep)",
+    lambda r, h: f"MOV to CR{r['op']}: expected CR0, CR3 or CR4",
+    lambda r, h: f"task id {r['value']} out of range (header max_tasks {h.max_tasks})",
+    lambda r, h: f"PTE address {int(r['addr']):#x}: expected 8-byte aligned and below 2**52",
+    lambda r, h: f"MSR number {int(r['addr']):#x} does not fit in 32 bits",
+    lambda r, h: f"pkey {int(r['value'])}: expected 0..15",
+    lambda r, h: f"protection bits {r['op']}: expected 0 (read/write), 1 (AD), 2 (WD) or 3",
+    lambda r, h: f"pks_abandon_protections exists only in the V7 API (this replay runs {api_name(h.api)})",
+)
 
-    Raises TraceFormatError naming the file, the record index and the field.
-    """
+
+def record_problem_message(recs: np.ndarray, index: int, header: TraceHeader) -> str | None:
+    """Why record ``index`` of ``recs`` must not be replayed, or None."""
+    one = np.ascontiguousarray(recs[index:index + 1])
+    bad, why = first_invalid_record(one.view(np.uint8).reshape(-1).data, header.ncpus,
+                                    header.max_tasks, api_name(header.api))
+    return None if bad < 0 else RECORD_PROBLEMS[why](one[0], header)
+
+
+def validate_records(path: str, recs: np.ndarray, first_index: int, header: TraceHeader) -> None:
+    """Check a chunk of records against the validity table (the one the
+    replay loop applies). Raises TraceFormatError naming the file, the record
+    index and the field."""
     if len(recs) == 0:
         return
-    # The compiled scan finds the first bad record fast; the numpy checks
-    # below then say what is wrong with it.
-    bad_index = first_invalid_record(np.ascontiguousarray(recs).view(np.uint8).reshape(-1).data,
-                                     header.ncpus, header.max_tasks)
-    if bad_index < 0:
-        return
-    first_index += bad_index
-    recs = recs[bad_index:bad_index + 1]
-    t = recs["type"]
-    checks = [
-        (t >= RecordType.COUNT, lambda r: f"unknown record type {r['type']}"),
-        (recs["cpu"] >= header.ncpus,
-         lambda r: f"CPU {r['cpu']} out of range (the trace has {header.ncpus})"),
-    ]
-    acc = t == RecordType.ACCESS
-    checks += [
-        (acc & (recs["op"] > 2), lambda r: f"access kind {r['op']}: expected 0 (read), 1 (write) or 2 (fetch)"),
-        (acc & ((recs["size"] == 0) | (recs["size"] > 4096)),
-         lambda r: f"access size {r['size']}: expected 1..4096"),
-        (acc & (recs["cpl"] > 3) & (recs["cpl"] != KEEP_CPL),
-         lambda r: f"CPL {r['cpl']}: expected 0..3 or 255 (keep)"),
-        ((t == RecordType.MOV_CR) & ~np.isin(recs["op"], (0, 3, 4)),
-         lambda r: f"MOV to CR{r['op']}: expected CR0, CR3 or CR4"),
-        ((t == RecordType.CONTEXT_SWITCH) & (recs["value"] >= header.max_tasks),
-         lambda r: f"task id {r['value']} out of range (header max_tasks {header.max_tasks})"),
-        ((t == RecordType.PTE_WRITE) & ((recs["addr"] & 7 != 0) | (recs["addr"] >= 1 << 52)),
-         lambda r: f"PTE address {int(r['addr']):#x}: expected 8-byte aligned and below 2**52"),
-        ((t == RecordType.WRMSR) & (recs["addr"] >= 1 << 32),
-         lambda r: f"MSR number {int(r['addr']):#x} does not fit in 32 bits"),
-        ((t == RecordType.RDMSR) & (recs["addr"] >= 1 << 32),
-         lambda r: f"MSR number {int(r['addr']):#x} does not fit in 32 bits"),
-    ]
-    for bad, msg in checks:
-        if bad.any():
-            raise TraceFormatError(f"{path}: record {first_index}: {msg(recs[0])}")
-    raise TraceFormatError(f"{path}: record {first_index}: invalid record")  # pragma: no cover
+    recs = np.ascontiguousarray(recs)
+    bad, why = first_invalid_record(recs.view(np.uint8).reshape(-1).data, header.ncpus,
+                                    header.max_tasks, api_name(header.api))
+    if bad >= 0:
+        raise TraceFormatError(
+            f"{path}: record {first_index + bad}: {RECORD_PROBLEMS[why](recs[bad], header)}")

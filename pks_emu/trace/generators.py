@@ -2,7 +2,7 @@
 
 Every generator takes a seed and produces the same file for the same
 arguments. The workloads follow the uses the PKS series was written for
-(pks-spec.md §3, §6):
+(docs/rules.md §2.6, §2.7, §2.8, §2.12):
 
 * ``pmem-stray``: the PMEM consumer. Accesses to persistent memory happen in
   windows opened and closed with WRMSR (``pks_set_readwrite``/``noaccess``);
@@ -18,17 +18,13 @@ arguments. The workloads follow the uses the PKS series was written for
 """
 from __future__ import annotations
 
-import argparse
-import os
 
 import numpy as np
 
-from ..constants import (CR0_WP, CR4_PGE, CR4_PKE, CR4_PKS, CR4_SMAP, CR4_SMEP, EFER_NXE,
-                         MSR_IA32_PKRS, PAGE_KERNEL_PKEY, PKEY_DISABLE_ACCESS, PKS_INIT_VALUE,
-                         pkey_update_pkval)
 from collections.abc import Callable
 
-from ..machine import Machine
+from ..constants import MSR_IA32_PKRS, PAGE_KERNEL_PKEY, PKS_INIT_VALUE, pkey_update_pkval
+from ..machine import kernel_machine
 from ..paging import AddressSpace
 from .format import KEEP_CPL, RECORD, RecordType
 from .writer import TraceWriter
@@ -36,20 +32,6 @@ from .writer import TraceWriter
 KERNEL_DATA = 0xffff888000000000        # direct map: ordinary kernel data, key 0
 PMEM_BASE = 0xffffc90000000000          # vmalloc area: protected mappings
 PMEM_KEY = 1                            # PKS_KEY_PGMAP_PROTECTION with the test key off (V10)
-
-
-def kernel_machine(ncpus: int, paging_levels: int = 4) -> tuple[Machine, AddressSpace]:
-    """A machine set up as the PKS series' boot leaves it: CR4.PKS and PKE
-    set, PKRS = PKS_INIT_VALUE on every CPU (pks_setup, V10 12/44)."""
-    m = Machine(paging_levels=paging_levels, ncpus=ncpus)
-    aspace = m.address_space()
-    for cpu in m.cpus:
-        cpu.efer = cpu.efer | EFER_NXE
-        cpu.cr0 = cpu.cr0 | CR0_WP
-        cpu.cr4 = cpu.cr4 | CR4_PGE | CR4_PKE | CR4_PKS | CR4_SMEP | CR4_SMAP
-        cpu.wrmsr(MSR_IA32_PKRS, PKS_INIT_VALUE)
-    aspace.activate()
-    return m, aspace
 
 
 class _RowBuffer:
@@ -246,43 +228,3 @@ GENERATORS: dict[str, Callable[..., dict]] = {
     "multi-task": gen_multi_task,
     "tlb-miss-scan": gen_tlb_miss_scan,
 }
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", choices=sorted(GENERATORS), help="workload")
-    p.add_argument("-o", "--output", required=True, help="native trace to write")
-    p.add_argument("--records", type=int, default=1_000_000, help="approximate record count (default 1,000,000)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same file)")
-    p.add_argument("--cpus", type=int, help="CPU count (not for tlb-miss-scan)")
-    p.add_argument("--pages", type=int, help="pages to scan (tlb-miss-scan; default 1,048,576)")
-    p.add_argument("--levels", type=int, choices=(4, 5), default=4, help="paging depth (tlb-miss-scan)")
-    p.add_argument("--random", action="store_true", help="tlb-miss-scan: visit pages in random order")
-
-
-def run(args: argparse.Namespace) -> int:
-    from ..errors import PksEmuError
-    if args.records < 1:
-        raise PksEmuError(f"--records {args.records}: expected a positive number")
-    kw: dict = {"records": args.records, "seed": args.seed}
-    if args.name == "tlb-miss-scan":
-        if args.cpus is not None:
-            raise PksEmuError("--cpus does not apply to tlb-miss-scan (one CPU)")
-        if args.pages is not None:
-            kw["pages"] = args.pages
-        kw["paging_levels"] = args.levels
-        kw["random"] = args.random
-    else:
-        if args.random:
-            raise PksEmuError("--random applies to tlb-miss-scan only")
-        if args.pages is not None and args.name != "pmem-stray":
-            raise PksEmuError(f"--pages does not apply to {args.name}")
-        if args.pages is not None:
-            kw["pages"] = args.pages
-        if args.cpus is not None:
-            if not 1 <= args.cpus <= 255:
-                raise PksEmuError(f"--cpus {args.cpus}: expected 1..255")
-            kw["cpus"] = args.cpus
-    out = os.fspath(args.output)
-    stats = GENERATORS[args.name](out, **kw)
-    print(f"pks-emu gen {args.name}: {out}: " + ", ".join(f"{k} {v:,}" for k, v in stats.items()))
-    return 0

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..constants import (CR0_WP, CR4_PKE, CR4_PKS, CR4_SMAP, CR4_SMEP, EFER_NXE, MSR_IA32_PKRS,
+from ..constants import (PKS_INIT_VALUE, CR0_WP, CR4_PKE, CR4_PKS, CR4_SMAP, CR4_SMEP, EFER_NXE, MSR_IA32_PKRS,
                          PKEY_DISABLE_ACCESS, PKEY_DISABLE_WRITE, pkey_update_pkval)
 from ..errors import TraceFormatError
 from ..machine import Machine
@@ -68,7 +68,7 @@ class PageRule:
 class Policy:
     cpl: int = 3
     pkru: int = 0
-    pkrs: int = 0x55555554
+    pkrs: int = PKS_INIT_VALUE
     cr4: tuple[str, ...] = ("pke", "pks")
     nxe: bool = True
     wp: bool = True

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._core import FAULT_DTYPE_FIELDS, REPLAY_STATUS, ReplayEngine, load_cpu_state
-from ..constants import pf_error_code_str
+from ..constants import PKS_INIT_VALUE, pf_error_code_str
 from ..errors import TraceFormatError
 from ..machine import Machine
-from .format import (FRAME_ENTRY_SIZE, FRAME_SIZE, MAX_TASKS_LIMIT, RECORD, RECORD_SIZE,
-                     RecordType, TraceHeader, read_header, validate_records)
+from .format import (API_CODES, FRAME_ENTRY_SIZE, FRAME_SIZE, MAX_TASKS_LIMIT, RECORD,
+                     RECORD_PROBLEMS, RECORD_SIZE, RecordType, TraceHeader, read_header)
 
 FAULT_DTYPE = np.dtype(FAULT_DTYPE_FIELDS)
 VECTOR_NAMES = {6: "#UD", 13: "#GP", 14: "#PF"}
@@ -137,7 +137,7 @@ def replay(path: str | os.PathLike, *, max_faults: int | None = None, stop_on_fa
            chunk_records: int = DEFAULT_CHUNK,
            progress: Callable[[int, int], None] | None = None,
            machine: Machine | None = None, compat: str | None = None,
-           stale_check: bool = False) -> ReplayResult:
+           api: str | None = None, stale_check: bool = False) -> ReplayResult:
     """Replay the native trace at ``path``.
 
     ``max_faults``/``stop_on_fault`` stop the replay after that many faults
@@ -145,7 +145,9 @@ def replay(path: str | os.PathLike, *, max_faults: int | None = None, stop_on_fa
     after each chunk. Records are read through a memory map one chunk at a
     time, so memory stays bounded whatever the trace size. Pass ``machine``
     to replay on a machine you built (it must match the header), or
-    ``compat`` to replay under other semantics than the header's.
+    ``compat`` to replay under other semantics than the header's, ``api``
+    ("v6", "v7" or "v10") to apply another series version's context-switch
+    and exception rules than the header's (docs/trace-format.md).
     ``stale_check`` compares every TLB hit with a fresh walk and reports the
     hits that used a translation the page tables no longer hold (a PTE write
     without INVLPG); it slows the replay down several times.
@@ -156,10 +158,11 @@ def replay(path: str | os.PathLike, *, max_faults: int | None = None, stop_on_fa
         raise ValueError(f"chunk_records {chunk_records} must be positive")
     if compat is not None and compat not in ("sdm", "qemu"):
         raise ValueError(f"compat {compat!r}: expected 'sdm' or 'qemu'")
+    header.api = _check_api(api) or header.api
     m = machine if machine is not None else machine_from_header(path, header, compat)
     limit = 1 if stop_on_fault else (max_faults or 0)
     engine = ReplayEngine(m, max_tasks=header.max_tasks, pkrs_init=header.pkrs_init,
-                          max_faults=limit)
+                          max_faults=limit, api=header.api)
     for cpu in m.cpus:
         cpu.reset_counters()
         cpu.stale_check = stale_check
@@ -193,11 +196,20 @@ def replay(path: str | os.PathLike, *, max_faults: int | None = None, stop_on_fa
     return _result(path, engine, m, header, total, status, time.perf_counter() - start)
 
 
+def _check_api(api: str | None) -> str | None:
+    if api is None:
+        return None
+    if api not in API_CODES:
+        raise ValueError(f"api {api!r}: expected one of {sorted(API_CODES)}")
+    return api
+
+
 def _raise_for_status(path: str, status: int, engine: ReplayEngine, bad, header) -> None:
     """Turn a stop of the compiled loop on bad input into its error."""
     if bad is not None:
         # The loop stopped at a bad record; say what is wrong with it.
-        validate_records(path, bad, engine.error_record, header)
+        raise TraceFormatError(f"{path}: record {engine.error_record}: "
+                               f"{RECORD_PROBLEMS[engine.error_problem](bad[0], header)}")
     if status == REPLAY_STATUS["exit_without_entry"]:
         raise TraceFormatError(
             f"{path}: record {engine.error_record}: exception exit without a matching entry")
@@ -211,8 +223,10 @@ def _result(path: str, engine: ReplayEngine, m: Machine, header, total: int, sta
     counts = dict(zip(RecordType.NAMES, engine.record_counts()))
     kernel = {"context_switches": engine.context_switches, "pkrs_writes": engine.pkrs_writes,
               "pkrs_writes_avoided": engine.pkrs_writes_avoided, "exceptions": engine.exceptions,
+              "nmis": engine.nmis,
               "max_exception_depth": engine.max_exception_depth}
-    hdr = {"version": header.version, "paging_levels": header.paging_levels, "ncpus": header.ncpus,
+    hdr = {"version": header.version, "api": header.api, "paging_levels": header.paging_levels,
+           "ncpus": header.ncpus,
            "compat": m.compat, "features": sorted(header.features),
            "maxphyaddr": header.maxphyaddr, "memory_frames": header.memory_frames}
     return ReplayResult(path=path, records=total, records_replayed=int(replayed),
@@ -224,7 +238,8 @@ def _result(path: str, engine: ReplayEngine, m: Machine, header, total: int, sta
 
 def replay_records(machine: Machine, records: np.ndarray, *, max_faults: int | None = None,
                    stop_on_fault: bool = False, max_tasks: int = 65536,
-                   pkrs_init: int = 0x55555554, stale_check: bool = False) -> ReplayResult:
+                   pkrs_init: int = PKS_INIT_VALUE, stale_check: bool = False,
+                   api: str = "v10") -> ReplayResult:
     """Replay records held in memory (an array of the ``RECORD`` dtype) on
     ``machine`` as it is now — for simulators that produce records as they
     go. The machine keeps its state afterwards, so chunks can follow one
@@ -239,9 +254,9 @@ def replay_records(machine: Machine, records: np.ndarray, *, max_faults: int | N
                          compat=machine.compat, maxphyaddr=machine.maxphyaddr,
                          features=frozenset(machine.features), record_count=len(recs),
                          max_tasks=max_tasks, pkrs_init=pkrs_init,
-                         tlb_entries=machine.cpus[0].tlb_entries)
+                         tlb_entries=machine.cpus[0].tlb_entries, api=_check_api(api) or "v10")
     engine = ReplayEngine(machine, max_tasks=max_tasks, pkrs_init=pkrs_init,
-                          max_faults=1 if stop_on_fault else (max_faults or 0))
+                          max_faults=1 if stop_on_fault else (max_faults or 0), api=header.api)
     for cpu in machine.cpus:
         cpu.reset_counters()
         cpu.stale_check = stale_check

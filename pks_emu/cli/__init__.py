@@ -1,7 +1,9 @@
 """The ``pks-emu`` command line.
 
-Each subcommand lives in the module that owns its domain and provides
-``add_arguments(parser)`` and ``run(args) -> int``; this file only wires them.
+Each subcommand is one module of this package (``pks_emu.cli.replay`` for
+``pks-emu replay``...) providing ``add_arguments(parser)`` and
+``run(args) -> int``; the work itself is done by the domain modules they call.
+This file only wires them.
 Exit status: 0 when the command ran, 2 for bad input (a one-line error on
 stderr naming the file and record), other codes as each command documents.
 """
@@ -11,21 +13,21 @@ import argparse
 import importlib
 import sys
 
-from .errors import PksEmuError
+from ..errors import PksEmuError
 
 #: name -> (module, one-line help)
 COMMANDS = {
-    "replay": ("pks_emu.trace.cli_replay", "replay a trace and report every fault"),
-    "info": ("pks_emu.trace.cli_info", "describe a trace file: header, record counts, address ranges"),
-    "gen": ("pks_emu.trace.generators", "generate a reproducible kernel-style workload trace"),
-    "convert": ("pks_emu.trace.cli_convert", "convert a Valgrind lackey trace to the native format"),
-    "bench": ("pks_emu.bench", "measure the core's throughput on this machine"),
-    "selftest": ("pks_emu.kernel.selftest", "run the PKS series' test suite on the emulated kernel"),
+    "replay": ("pks_emu.cli.replay", "replay a trace and report every fault"),
+    "info": ("pks_emu.cli.info", "describe a trace file: header, record counts, address ranges"),
+    "gen": ("pks_emu.cli.gen", "generate a reproducible kernel-style workload trace"),
+    "convert": ("pks_emu.cli.convert", "convert a Valgrind lackey trace to the native format"),
+    "bench": ("pks_emu.cli.bench", "measure the core's throughput on this machine"),
+    "selftest": ("pks_emu.cli.selftest", "run the PKS series' test suite on the emulated kernel"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
     parser = argparse.ArgumentParser(
         prog="pks-emu",
         description="Emulate x86 protection keys (PKS and PKU): replay traces of memory accesses "

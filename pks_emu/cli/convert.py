@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from .convert import convert_lackey
+from ..trace.convert import convert_lackey
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -15,8 +15,8 @@ import numpy as np
 
 from ..constants import pf_error_code_str
 from ..errors import PksEmuError, TraceFormatError
-from .format import is_native_trace
-from .replay import KIND_NAMES, VECTOR_NAMES, ReplayResult, fault_to_dict, replay
+from ..trace.format import is_native_trace
+from ..trace.replay import KIND_NAMES, VECTOR_NAMES, ReplayResult, fault_to_dict, replay
 
 EXIT_FAULTS_FOUND = 3
 
@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"exit with status {EXIT_FAULTS_FOUND} when any fault was found")
     p.add_argument("--compat", choices=("sdm", "qemu"),
                    help="replay with these semantics instead of the trace's (e.g. to compare with QEMU 7.2)")
+    p.add_argument("--api", choices=("v6", "v7", "v10"),
+                   help="series version of the kernel's context-switch and exception rules "
+                        "(default: the trace header's; traces without one: v10)")
     p.add_argument("--stale-check", action="store_true",
                    help="report TLB hits on translations the page tables no longer hold "
                         "(PTE writes without INVLPG); slower")
@@ -153,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     tmp = None
     if not is_native_trace(path):
         # Not a native trace: read it as a lackey trace through the policy.
-        from .convert import convert_lackey
+        from ..trace.convert import convert_lackey
         fd, tmp = tempfile.mkstemp(suffix=".pkt", prefix="pks-emu-")
         os.close(fd)
         try:
@@ -169,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
     bar, update = _progress(args.quiet or args.json)
     try:
         result = replay(native, max_faults=args.max_faults, stop_on_fault=args.stop_on_fault,
-                        progress=update, compat=args.compat, stale_check=args.stale_check)
+                        progress=update, compat=args.compat, api=args.api,
+                        stale_check=args.stale_check)
     finally:
         if bar is not None:
             bar.close()

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 
 from ..errors import TraceFormatError
-from .format import RECORD, RecordType, is_native_trace, read_header, validate_records
+from ..trace.format import RECORD, RecordType, is_native_trace, read_header, validate_records
+from ..trace.replay import machine_from_header
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,11 +23,14 @@ def describe(path: str, chunk_records: int = 1 << 20) -> dict:
     if not is_native_trace(path):
         raise TraceFormatError(f"{path}: not a native pks_emu trace (use `pks-emu convert` for lackey traces)")
     h = read_header(path)
+    # The initial registers and memory image pass the checks replay applies.
+    machine_from_header(path, h)
     counts = np.zeros(RecordType.COUNT, dtype=np.int64)
     kinds = np.zeros(3, dtype=np.int64)
     per_cpu = np.zeros(h.ncpus, dtype=np.int64)
     lo = hi = None
     tasks: set[int] = set()
+    error = None
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if h.record_count else None
         try:
@@ -34,7 +38,12 @@ def describe(path: str, chunk_records: int = 1 << 20) -> dict:
                 n = min(chunk_records, h.record_count - start)
                 assert mm is not None
                 recs = np.frombuffer(mm, dtype=RECORD, count=n, offset=h.records_offset + start * 24)
-                validate_records(path, recs, start, h)
+                try:
+                    validate_records(path, recs, start, h)
+                except TraceFormatError as e:
+                    error = e
+                    del recs
+                    break
                 counts += np.bincount(recs["type"], minlength=RecordType.COUNT)
                 acc = recs[recs["type"] == RecordType.ACCESS]
                 kinds += np.bincount(acc["op"], minlength=3)[:3]
@@ -49,8 +58,10 @@ def describe(path: str, chunk_records: int = 1 << 20) -> dict:
         finally:
             if mm is not None:
                 mm.close()
+    if error is not None:
+        raise error
     return {
-        "trace": path, "version": h.version, "paging_levels": h.paging_levels, "ncpus": h.ncpus,
+        "trace": path, "version": h.version, "api": h.api, "paging_levels": h.paging_levels, "ncpus": h.ncpus,
         "compat": h.compat, "features": sorted(h.features), "maxphyaddr": h.maxphyaddr,
         "tlb_entries": h.tlb_entries, "pkrs_init": f"{h.pkrs_init:#x}",
         "memory_frames": h.memory_frames, "records": h.record_count,

@@ -1,0 +1,155 @@
+"""``pks-emu capture``: record a booting Linux kernel's memory accesses under QEMU.
+
+Wired into ``pks_emu.cli`` by ``add_arguments(parser)`` and ``run(args)``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..errors import PksEmuError
+
+DESCRIPTION = """\
+Boot a Linux kernel under QEMU TCG with pks_emu's plugin and record every guest
+data access (virtual and physical address, size, load/store, instruction pointer,
+vCPU) as a trace v2 stream. Default guest: Debian's cloud kernel and a busybox
+initramfs that runs a short workload, saves /proc/kallsyms and powers off.
+Needs: apt-get install -y qemu-system-x86 linux-image-cloud-amd64 busybox-static
+(and a C compiler). Give more QEMU arguments after '--'."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = DESCRIPTION
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("-o", "--output", metavar="TRACE",
+                     help="write the trace v2 here ('-': standard output, e.g. into "
+                          "'pks-emu replay -')")
+    out.add_argument("--count-only", action="store_true",
+                     help="load the counting plugin instead: count loads/stores by kernel/user "
+                          "instruction address, write no trace (the speed baseline)")
+    p.add_argument("--kernel", metavar="VMLINUZ",
+                   help="kernel image (default: the newest /boot/vmlinuz-*-cloud-amd64)")
+    p.add_argument("--initrd", metavar="FILE",
+                   help="your own initramfs instead of the built-in busybox guest")
+    p.add_argument("--append", metavar="CMDLINE",
+                   help="added to the kernel command line 'console=ttyS0 nokaslr panic=-1 quiet' "
+                        "(e.g. 'memmap=64M!1G')")
+    p.add_argument("--workload", metavar="SCRIPT",
+                   help="shell script the guest runs (busybox sh; default: a short file and "
+                        "process workload)")
+    p.add_argument("--module", action="append", default=[], metavar="NAME|FILE.ko",
+                   help="kernel module to load with insmod before the workload (repeat, in load "
+                        "order; a name is looked up under /lib/modules/RELEASE of the kernel)")
+    p.add_argument("-m", "--memory", default="512M", help="guest memory, QEMU -m syntax "
+                   "(default 512M)")
+    p.add_argument("--smp", type=int, default=1, help="guest vCPUs (default 1)")
+    p.add_argument("--fetches", action="store_true", help="record instruction fetches too")
+    p.add_argument("--no-pa", action="store_true",
+                   help="do not look up physical addresses (records carry none)")
+    p.add_argument("--start", choices=("boot", "kernel", "user"), default="boot",
+                   help="start recording at the first instruction (boot, default), at the "
+                        "first kernel-half instruction (kernel) or when user space starts (user)")
+    p.add_argument("--limit", type=int, metavar="N", help="stop recording after N records")
+    p.add_argument("--kallsyms", metavar="FILE",
+                   help="save the guest's /proc/kallsyms here (default TRACE.kallsyms)")
+    p.add_argument("--no-kallsyms", action="store_true",
+                   help="the built-in guest does not dump /proc/kallsyms (the dump costs about "
+                        "as many kernel accesses as the boot)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="stop QEMU after this long and fail")
+    p.add_argument("--json", action="store_true", help="print what the capture did as JSON")
+    p.add_argument("qemu_args", nargs="*", metavar="-- QEMU_ARG",
+                   help="more qemu-system-x86_64 arguments, verbatim, after '--'")
+
+
+def _modules(names: list[str], kernel: str | None) -> list[Path]:
+    from .guest import find_modules
+    from .qemu import find_default_kernel, kernel_release
+    paths, lookup = [], []
+    for n in names:
+        (paths if n.endswith(".ko") and os.path.exists(n) else lookup).append(n)
+    if not lookup:
+        return [Path(n) for n in names]
+    release = kernel_release(kernel or find_default_kernel())
+    if release is None:
+        raise PksEmuError(f"cannot tell the release of kernel {kernel}: give modules as "
+                          "FILE.ko paths")
+    found = dict(zip(lookup, find_modules(lookup, release)))
+    return [Path(n) if n not in found else found[n] for n in names]
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import capture
+    if not args.count_only and not args.output:
+        raise PksEmuError("give -o TRACE (or '-o -' for standard output), or --count-only")
+    to_stdout = args.output == "-"
+    if to_stdout and sys.stdout.isatty():
+        raise PksEmuError("refusing to write a binary trace to a terminal: redirect it or give "
+                          "-o FILE")
+    if to_stdout and args.json:
+        raise PksEmuError("--json and '-o -' both want standard output: give -o FILE")
+    qemu_args = list(args.qemu_args)
+    if qemu_args[:1] == ["--"]:
+        qemu_args = qemu_args[1:]
+    if to_stdout:
+        sys.stdout.flush()
+        out = sys.stdout.fileno()
+    else:
+        out = args.output
+    info = capture(out, kernel=args.kernel, initrd=args.initrd, append=args.append,
+                   workload=args.workload, memory=args.memory, smp=args.smp,
+                   fetches=args.fetches, extra_qemu_args=qemu_args,
+                   kallsyms_out=args.kallsyms, timeout=args.timeout,
+                   count_only=args.count_only, start=args.start, limit=args.limit,
+                   modules=_modules(args.module, args.kernel), pa=not args.no_pa,
+                   save_kallsyms=not args.no_kallsyms)
+    if args.json:
+        json.dump(info.to_dict(), sys.stdout, indent=2)
+        print()
+        return 0
+    report = sys.stderr if to_stdout else sys.stdout
+    c = info.counts
+    print(f"capture: QEMU ran {info.wall_time:.1f} s, {info.accesses:,} data accesses "
+          f"({info.accesses / max(info.wall_time, 1e-9) / 1e6:.1f} M/s)", file=report)
+    print(f"  kernel IP: {c.get('kernel_loads', 0):,} loads, {c.get('kernel_stores', 0):,} stores "
+          f"({c.get('kernel_user_accesses', 0):,} to user addresses, flagged AC)", file=report)
+    print(f"  user IP:   {c.get('user_loads', 0):,} loads, {c.get('user_stores', 0):,} stores",
+          file=report)
+    if c.get("kernel_fetches") or c.get("user_fetches"):
+        print(f"  fetches:   {c.get('kernel_fetches', 0):,} kernel, {c.get('user_fetches', 0):,} "
+              "user", file=report)
+    if "records" in c:
+        line = f"  trace: {c['records']:,} records"
+        if info.trace is not None:
+            line += f" in {info.trace} ({info.trace_bytes:,} bytes"
+            if c["records"]:
+                line += f", {info.trace_bytes / c['records']:.2f} bytes/record"
+            line += ")"
+        if c.get("limit_reached"):
+            line += f"; limit reached, {c.get('records_dropped', 0):,} not recorded"
+        print(line, file=report)
+    if info.kallsyms:
+        print(f"  kallsyms: {info.kallsyms}", file=report)
+    if info.workload_status not in (None, 0):
+        print(f"  warning: the workload script exited with status {info.workload_status}",
+              file=report)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pks_emu.capture.cli``: the subcommand on its own."""
+    p = argparse.ArgumentParser(prog="pks-emu capture")
+    add_arguments(p)
+    try:
+        return run(p.parse_args(argv))
+    except PksEmuError as e:
+        print(f"pks-emu capture: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+/*
+ * pks_capture.c: a QEMU TCG plugin that records every guest data access
+ * (and, with fetches=on, every instruction fetch) as trace-v2 records
+ * through the C writer of pks_trace.h.
+ *
+ * A record: type ACCESS, the vCPU index, kind (0 load, 1 store, 2 fetch),
+ * size (1 << qemu_plugin_mem_size_shift), the virtual address, the address of
+ * the instruction (taken at translation time and passed to the callback as its
+ * userdata), the CPL and flags of the classification in common.h, and the
+ * guest-physical address (PKS_TW_PA_NONE for MMIO, or where QEMU gives none).
+ *
+ * Concurrency (MTTCG runs each vCPU on its own host thread): a vCPU appends
+ * to its own buffer, touched by no other thread.  A full buffer is queued
+ * (FIFO, under a mutex) for the writer thread, which encodes and writes the
+ * buffers in queue order, so the records of one vCPU keep their order; the
+ * vCPU takes an empty buffer from a fixed pool (waiting when all are queued:
+ * memory stays bounded).  thread=off encodes on the vCPU thread instead,
+ * still under the mutex.  At exit every partial buffer is queued, the writer
+ * drains the queue and the stream is closed with its end marker.
+ *
+ * Options (-plugin pks_capture.so,OPT=VAL,...):
+ *   out=PATH | fd=N     where the v2 stream goes (one of them is required)
+ *   stats=PATH          totals at exit as one JSON object (default stderr)
+ *   fetches=on|off      record instruction fetches too (default off)
+ *   pa=on|off           look up physical addresses (default on)
+ *   start=boot|kernel|user   when recording starts (see common.h)
+ *   limit=N             stop recording after N records (counting goes on)
+ *   ram=BYTES,lowmem=BYTES   guest RAM size and the part below 4 GiB (pc
+ *                       machine): QEMU reports RAM addresses as offsets in
+ *                       its RAM block; these turn them into guest-physical
+ *                       addresses (an address past the RAM becomes PA_NONE)
+ *   levels=N, maxphyaddr=N, features=N, compat=N, pkrs=N, api=N, ncpus=N
+ *                       trace header fields (defaults 5, 40, 0x7f, 0,
+ *                       0x55555554, 0, the machine's vCPU count)
+ *   chunk=N             records per chunk (writer default when absent)
+ *   bufsize=N           records per vCPU buffer (default 65536)
+ *   thread=on|off       encode on a writer thread (default on)
+ */
+#include <pthread.h>
+
+#include "common.h"
+#include "pks_trace.h"
+
+PKS_PLUGIN_EXPORT int qemu_plugin_version = PKS_QEMU_PLUGIN_API;
+
+typedef struct buf {
+    struct buf *next;
+    size_t n;
+    pks_tw_rec *recs;
+} buf;
+
+typedef struct vstate {
+    buf *cur;
+    pks_vcounts cnt;
+} __attribute__((aligned(64))) vstate;
+
+static vstate *vs;
+static unsigned nvcpus;
+static size_t bufcap = 65536;
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t queued_cv = PTHREAD_COND_INITIALIZER;  /* queue non-empty or done */
+static pthread_cond_t free_cv = PTHREAD_COND_INITIALIZER;    /* pool non-empty */
+static buf *qhead, *qtail, *pool;
+static int done;                  /* exit: the writer drains the queue and ends */
+static pthread_t writer_thread;
+static int use_thread = 1, thread_started;
+
+static pks_tw *writer;
+static int write_err;             /* first -errno of the writer */
+static atomic_int stopped;        /* limit reached, writer failed or exiting */
+static uint64_t limit = UINT64_MAX, queued_records, written_records;
+
+static const char *out_path, *stats_path;
+static int out_fd = -1;
+static int want_fetches, want_pa = 1;
+static uint64_t ram_size, lowmem_size;
+static uint64_t pa_none_count;    /* summed from the vCPUs at exit */
+
+/* ---- buffers and the writer -------------------------------------------- */
+
+static void write_buf_locked(buf *b)
+{
+    if (!write_err && b->n) {
+        int r = pks_tw_records(writer, b->recs, b->n);
+        if (r) {
+            write_err = r;
+            atomic_store(&stopped, 1);
+        } else {
+            written_records += b->n;
+        }
+    }
+    b->n = 0;
+}
+
+static void *writer_main(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&lock);
+    for (;;) {
+        while (!qhead && !done)
+            pthread_cond_wait(&queued_cv, &lock);
+        if (!qhead)
+            break;
+        buf *b = qhead;
+        qhead = b->next;
+        if (!qhead)
+            qtail = NULL;
+        /* Encode outside the lock: vCPUs keep queueing meanwhile.  Only this
+         * thread touches the writer while it runs. */
+        pthread_mutex_unlock(&lock);
+        int r = write_err ? write_err : pks_tw_records(writer, b->recs, b->n);
+        pthread_mutex_lock(&lock);
+        if (r) {
+            if (!write_err)
+                write_err = r;
+            atomic_store(&stopped, 1);
+        } else {
+            written_records += b->n;
+        }
+        b->n = 0;
+        b->next = pool;
+        pool = b;
+        pthread_cond_signal(&free_cv);
+    }
+    pthread_mutex_unlock(&lock);
+    return NULL;
+}
+
+/* Hands the vCPU's full (or, at exit, partial) buffer to the writer; returns
+ * an empty one (NULL only at exit). */
+static buf *hand_off(buf *b, int want_new)
+{
+    pthread_mutex_lock(&lock);
+    if (queued_records + b->n > limit) {
+        b->n = (size_t)(limit - queued_records);
+        atomic_store(&stopped, 1);
+    }
+    queued_records += b->n;
+    buf *nb = NULL;
+    if (!use_thread || !thread_started) {
+        write_buf_locked(b);
+        nb = b;
+    } else {
+        b->next = NULL;
+        if (qtail)
+            qtail->next = b;
+        else
+            qhead = b;
+        qtail = b;
+        pthread_cond_signal(&queued_cv);
+        if (want_new) {
+            while (!pool)
+                pthread_cond_wait(&free_cv, &lock);
+            nb = pool;
+            pool = nb->next;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    return nb;
+}
+
+static inline void put(unsigned vcpu, unsigned op, unsigned size, unsigned cpl, unsigned flags,
+                       uint64_t va, uint64_t ip, uint64_t pa)
+{
+    buf *b = vs[vcpu].cur;
+    pks_tw_rec *r = &b->recs[b->n++];
+    r->type = PKS_TW_ACCESS;
+    r->cpu = (uint8_t)vcpu;
+    r->op = (uint8_t)op;
+    r->flags = (uint8_t)flags;
+    r->size = (uint16_t)size;
+    r->cpl = (uint8_t)cpl;
+    r->addr = va;
+    r->value = 0;
+    r->ip = ip;
+    r->pa = pa;
+    if (b->n == bufcap)
+        vs[vcpu].cur = hand_off(b, 1);
+}
+
+/* ---- callbacks ----------------------------------------------------------- */
+
+static inline uint64_t guest_pa(uint64_t raw)
+{
+    if (raw >> 63)
+        return PKS_TW_PA_NONE;
+    if (!ram_size)
+        return raw;
+    if (raw < lowmem_size)
+        return raw;
+    if (raw < ram_size)
+        return raw - lowmem_size + (UINT64_C(1) << 32);
+    return PKS_TW_PA_NONE;
+}
+
+static void on_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t va, void *udata)
+{
+    uint64_t ip = (uint64_t)(uintptr_t)udata;
+    if (!pks_window(ip) || vcpu >= nvcpus)
+        return;
+    uint64_t *c = vs[vcpu].cnt.c;
+    int st = qemu_plugin_mem_is_store(info);
+    int kern = pks_ip_is_kernel(ip);
+    unsigned flags = 0;
+    if (kern) {
+        c[st ? C_KSTORE : C_KLOAD]++;
+        if (!(va >> 63)) {
+            c[C_KUSER]++;
+            flags = PKS_CAP_FLAG_AC;
+        }
+    } else {
+        c[st ? C_USTORE : C_ULOAD]++;
+    }
+    if (atomic_load_explicit(&stopped, memory_order_relaxed))
+        return;
+    uint64_t pa = PKS_TW_PA_NONE;
+    if (want_pa) {
+        struct qemu_plugin_hwaddr *h = qemu_plugin_get_hwaddr(info, va);
+        if (h && !qemu_plugin_hwaddr_is_io(h))
+            pa = guest_pa(qemu_plugin_hwaddr_phys_addr(h));
+        if (pa == PKS_TW_PA_NONE)
+            c[C_PANONE]++;
+    }
+    put(vcpu, st ? PKS_TW_WRITE : PKS_TW_READ, 1u << qemu_plugin_mem_size_shift(info),
+        kern ? 0 : 3, flags, va, ip, pa);
+}
+
+static void on_fetch(unsigned int vcpu, void *udata)
+{
+    uint64_t packed = (uint64_t)(uintptr_t)udata;
+    uint64_t va = pks_insn_va(packed);
+    if (!pks_window(va) || vcpu >= nvcpus)
+        return;
+    int kern = pks_ip_is_kernel(va);
+    vs[vcpu].cnt.c[kern ? C_KFETCH : C_UFETCH]++;
+    if (atomic_load_explicit(&stopped, memory_order_relaxed))
+        return;
+    put(vcpu, PKS_TW_FETCH, pks_insn_len(packed), kern ? 0 : 3, 0, va, va, PKS_TW_PA_NONE);
+}
+
+static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
+{
+    (void)id;
+    size_t n = qemu_plugin_tb_n_insns(tb);
+    for (size_t i = 0; i < n; i++) {
+        struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
+        uint64_t va = qemu_plugin_insn_vaddr(insn);
+        if (want_fetches)
+            qemu_plugin_register_vcpu_insn_exec_cb(
+                insn, on_fetch, QEMU_PLUGIN_CB_NO_REGS,
+                (void *)(uintptr_t)pks_pack_insn(va, (unsigned)qemu_plugin_insn_size(insn)));
+        qemu_plugin_register_vcpu_mem_cb(insn, on_mem, QEMU_PLUGIN_CB_NO_REGS,
+                                         QEMU_PLUGIN_MEM_RW, (void *)(uintptr_t)va);
+    }
+}
+
+static void on_qemu_exit(qemu_plugin_id_t id, void *udata)
+{
+    (void)id; (void)udata;
+    /* QEMU has stopped the vCPUs: their buffers are ours now. */
+    atomic_store(&stopped, 1);
+    for (unsigned i = 0; i < nvcpus; i++) {
+        if (vs[i].cur && vs[i].cur->n) {
+            buf *b = hand_off(vs[i].cur, 0);
+            vs[i].cur = b;   /* NULL when the writer thread owns it now */
+        }
+        pa_none_count += vs[i].cnt.c[C_PANONE];
+    }
+    if (thread_started) {
+        pthread_mutex_lock(&lock);
+        done = 1;
+        pthread_cond_signal(&queued_cv);
+        pthread_mutex_unlock(&lock);
+        pthread_join(writer_thread, NULL);
+    }
+    int rc = pks_tw_close(writer);
+    writer = NULL;
+    if (rc && !write_err)
+        write_err = rc;
+
+    uint64_t tot[C_NCOUNT];
+    memset(tot, 0, sizeof(tot));
+    for (unsigned i = 0; i < nvcpus; i++)
+        for (int k = 0; k < C_NCOUNT; k++)
+            tot[k] += vs[i].cnt.c[k];
+    char extra[512];
+    snprintf(extra, sizeof(extra),
+             "\"records\": %llu, \"records_dropped\": %llu, \"pa_none\": %llu, "
+             "\"limit_reached\": %s, \"write_error\": %s%s%s",
+             (unsigned long long)written_records,
+             (unsigned long long)(tot[C_KLOAD] + tot[C_KSTORE] + tot[C_ULOAD] + tot[C_USTORE]
+                                  + tot[C_KFETCH] + tot[C_UFETCH] - written_records),
+             (unsigned long long)pa_none_count,
+             queued_records >= limit ? "true" : "false",
+             write_err ? "\"" : "null", write_err ? strerror(-write_err) : "",
+             write_err ? "\"" : "");
+    pks_write_stats(stats_path, "pks_capture", tot, nvcpus, extra);
+}
+
+/* ---- install ------------------------------------------------------------- */
+
+static int parse_uint(const char *key, const char *v, uint64_t max, uint64_t *out)
+{
+    if (pks_parse_u64(v, out) || *out > max) {
+        fprintf(stderr, "pks_capture: bad value %s=%s\n", key, v);
+        return -1;
+    }
+    return 0;
+}
+
+PKS_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info,
+                                          int argc, char **argv)
+{
+    pks_tw_config cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.paging_levels = 5;
+    cfg.maxphyaddr = 40;
+    cfg.features = 0x7f;
+    cfg.max_tasks = 65536;
+    cfg.tlb_entries = 1024;
+    cfg.pkrs_init = 0x55555554;
+    cfg.trace_flags = PKS_TF_KERNEL_CAPTURE;
+    uint64_t ncpus = info->system_emulation && info->system.max_vcpus > 0
+                         ? (uint64_t)info->system.max_vcpus : 1;
+    uint64_t u;
+    for (int i = 0; i < argc; i++) {
+        const char *v, *a = argv[i];
+#define UINT_OPT(name, max, dst) \
+        else if (pks_opt(a, name, &v)) { if (parse_uint(name, v, max, &u)) return -1; dst = u; }
+        if (pks_opt(a, "out", &v)) out_path = v;
+        else if (pks_opt(a, "stats", &v)) stats_path = v;
+        else if (pks_opt(a, "fd", &v)) { if (parse_uint("fd", v, 1 << 30, &u)) return -1; out_fd = (int)u; }
+        else if (pks_opt(a, "fetches", &v)) { if (pks_parse_bool(v, &want_fetches)) goto bad; }
+        else if (pks_opt(a, "pa", &v)) { if (pks_parse_bool(v, &want_pa)) goto bad; }
+        else if (pks_opt(a, "thread", &v)) { if (pks_parse_bool(v, &use_thread)) goto bad; }
+        else if (pks_opt(a, "start", &v)) { if (pks_parse_start(v)) goto bad; }
+        else if (pks_opt(a, "limit", &v)) { if (parse_uint("limit", v, UINT64_MAX, &limit)) return -1; }
+        UINT_OPT("ram", UINT64_MAX, ram_size)
+        UINT_OPT("lowmem", UINT64_MAX, lowmem_size)
+        UINT_OPT("levels", 5, cfg.paging_levels)
+        UINT_OPT("maxphyaddr", 52, cfg.maxphyaddr)
+        UINT_OPT("features", 0xffffffffu, cfg.features)
+        UINT_OPT("compat", 255, cfg.compat)
+        UINT_OPT("pkrs", 0xffffffffu, cfg.pkrs_init)
+        UINT_OPT("api", 0xffff, cfg.api)
+        UINT_OPT("ncpus", 255, ncpus)
+        UINT_OPT("chunk", PKS_TW_MAX_CHUNK, cfg.chunk_records)
+        UINT_OPT("bufsize", 1u << 24, bufcap)
+        else {
+        bad:
+            fprintf(stderr, "pks_capture: bad option '%s' (see the comment at the top of "
+                            "pks_capture.c)\n", a);
+            return -1;
+        }
+#undef UINT_OPT
+    }
+    if ((out_path == NULL) == (out_fd < 0)) {
+        fprintf(stderr, "pks_capture: give exactly one of out=PATH and fd=N\n");
+        return -1;
+    }
+    if (ncpus < 1 || ncpus > 255) {
+        fprintf(stderr, "pks_capture: %llu vCPUs: the trace holds at most 255\n",
+                (unsigned long long)ncpus);
+        return -1;
+    }
+    if (bufcap < 1)
+        bufcap = 1;
+    if (ram_size && (lowmem_size == 0 || lowmem_size > ram_size))
+        lowmem_size = ram_size;
+    nvcpus = (unsigned)ncpus;
+    cfg.ncpus = nvcpus;
+    if (want_pa)
+        cfg.trace_flags |= PKS_TF_HAS_PA;
+
+    writer = out_path ? pks_tw_open_path(out_path, &cfg) : pks_tw_open_fd(out_fd, &cfg);
+    if (!writer) {
+        if (out_path)
+            fprintf(stderr, "pks_capture: cannot open the trace %s: %s\n", out_path,
+                    strerror(errno));
+        else
+            fprintf(stderr, "pks_capture: cannot write the trace to fd %d: %s\n", out_fd,
+                    strerror(errno));
+        return -1;
+    }
+    vs = aligned_alloc(64, sizeof(vstate) * nvcpus);
+    if (!vs)
+        return -1;
+    memset(vs, 0, sizeof(vstate) * nvcpus);
+    /* one buffer per vCPU in use, plus a pool for the queue */
+    unsigned nbufs = nvcpus + (use_thread ? nvcpus + 2 : 0);
+    for (unsigned i = 0; i < nbufs; i++) {
+        buf *b = calloc(1, sizeof(buf));
+        if (!b || !(b->recs = malloc(sizeof(pks_tw_rec) * bufcap))) {
+            fprintf(stderr, "pks_capture: out of memory for %u buffers of %zu records\n",
+                    nbufs, bufcap);
+            return -1;
+        }
+        if (i < nvcpus) {
+            vs[i].cur = b;
+        } else {
+            b->next = pool;
+            pool = b;
+        }
+    }
+    if (use_thread) {
+        if (pthread_create(&writer_thread, NULL, writer_main, NULL) != 0) {
+            fprintf(stderr, "pks_capture: cannot start the writer thread; writing on the vCPUs\n");
+            use_thread = 0;
+        } else {
+            thread_started = 1;
+        }
+    }
+    qemu_plugin_register_vcpu_tb_trans_cb(id, on_translate);
+    qemu_plugin_register_atexit_cb(id, on_qemu_exit, NULL);
+    return 0;
+}

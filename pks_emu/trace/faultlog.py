@@ -1,0 +1,137 @@
+"""The per-fault log (``pks-emu replay --faults FILE``): every fault, none
+dropped, as CSV, JSON Lines or a numpy ``.npy`` file, chosen by suffix.
+
+The rows are formatted in compiled code (``pks_emu._core.format_fault_block``)
+block by block, so millions of faults take seconds, not minutes. The file
+appears atomically: it is written under a temporary name beside the target
+and renamed when complete (a failed or interrupted run leaves no half file).
+
+Columns (CSV header; the JSONL keys are the same, ``error_code_bits`` and
+``pkey`` only for #PF, ``error_code`` as a number, absent ``ip`` as null):
+``record,cpu,vector,kind,address,error_code,error_code_bits,pkey,ip``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .._core import FAULT_DTYPE_FIELDS, FAULT_TABLE_SLOT, format_fault_block
+from ..constants import pf_error_code_str
+from ..errors import PksEmuError
+
+FAULT_DTYPE = np.dtype(FAULT_DTYPE_FIELDS)
+#: The ``.npy`` log's dtype: the fault log plus the instruction pointer.
+FAULT_IP_DTYPE = np.dtype(FAULT_DTYPE_FIELDS + [("ip", "<u8")])
+CSV_HEADER = "record,cpu,vector,kind,address,error_code,error_code_bits,pkey,ip\n"
+VECTOR_NAMES = {6: "#UD", 13: "#GP", 14: "#PF"}
+KIND_NAMES = {0: "read", 1: "write", 2: "fetch", 255: "insn"}
+#: Faults formatted per call of the compiled formatter.
+BLOCK = 1 << 16
+
+
+def _table(texts: list[str]) -> np.ndarray:
+    out = np.zeros((256, FAULT_TABLE_SLOT), np.uint8)
+    for i, t in enumerate(texts):
+        b = t.encode()
+        assert len(b) < FAULT_TABLE_SLOT
+        out[i, 0] = len(b)
+        out[i, 1:1 + len(b)] = np.frombuffer(b, np.uint8)
+    return out.reshape(-1)
+
+
+def _bits_text(i: int) -> str:
+    # Table index: error-code bits 6:0, and bit 15 (SGX) as bit 7.
+    return pf_error_code_str((i & 0x7F) | ((i & 0x80) << 8))
+
+
+def _tables(json: bool):
+    if json:
+        vec = [f'"{VECTOR_NAMES[v]}"' if v in VECTOR_NAMES else str(v) for v in range(256)]
+        kind = [f'"{KIND_NAMES[k]}"' if k in KIND_NAMES else str(k) for k in range(256)]
+    else:
+        vec = [VECTOR_NAMES.get(v, str(v)) for v in range(256)]
+        kind = [KIND_NAMES.get(k, str(k)) for k in range(256)]
+    return _table(vec), _table(kind), _table([_bits_text(i) for i in range(256)])
+
+
+def _atomic_open(path: str):
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    return os.fdopen(fd, "wb"), tmp
+
+
+def write_faults_fast(path: str | os.PathLike, faults: np.ndarray, ips: np.ndarray | None = None) -> int:
+    """Write every fault of ``faults`` (a ``FAULT_DTYPE_FIELDS`` array), with
+    the instruction pointers ``ips`` (one per fault, 0 = unknown; None: no
+    IPs) to ``path``: ``.csv``, ``.jsonl``/``.json`` or ``.npy``. Returns the
+    number of rows. Raises PksEmuError for an unknown suffix or an I/O error."""
+    path = os.fspath(path)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in (".csv", ".jsonl", ".json", ".npy"):
+        raise PksEmuError(f"--faults {path}: unknown format {suffix!r}: expected .csv, .jsonl or .npy")
+    faults = np.ascontiguousarray(faults)
+    if faults.dtype != FAULT_DTYPE:
+        faults = np.ascontiguousarray(faults.astype(FAULT_DTYPE))
+    n = len(faults)
+    if ips is not None:
+        ips = np.ascontiguousarray(ips, dtype=np.uint64).reshape(-1)
+        if len(ips) != n:
+            raise ValueError(f"ips: {len(ips)} values for {n} faults")
+    try:
+        f, tmp = _atomic_open(path)
+    except OSError as e:
+        raise PksEmuError(f"--faults {path}: cannot write: {e.strerror or e}") from None
+    try:
+        with f:
+            if suffix == ".npy":
+                out = np.zeros(n, FAULT_IP_DTYPE)
+                for name in FAULT_DTYPE.names:
+                    out[name] = faults[name]
+                if ips is not None:
+                    out["ip"] = ips
+                np.save(f, out)
+            else:
+                json = suffix != ".csv"
+                vec, kind, bits = _tables(json)
+                if not json:
+                    f.write(CSV_HEADER.encode())
+                raw = faults.view(np.uint8).reshape(-1)
+                none = np.empty(0, np.uint64)
+                size = FAULT_DTYPE.itemsize
+
+                def block(lo: int) -> bytes:
+                    hi = min(n, lo + BLOCK)
+                    return format_fault_block(raw[lo * size:hi * size],
+                                              none if ips is None else ips[lo:hi], json, vec, kind, bits)
+                # The formatter runs without the GIL: format the next block in
+                # a thread while this one is written.
+                starts = range(0, n, BLOCK)
+                if len(starts) <= 1:
+                    for lo in starts:
+                        f.write(block(lo))
+                else:
+                    with ThreadPoolExecutor(max_workers=1) as pool:
+                        pending = pool.submit(block, starts[0])
+                        for nxt in starts[1:]:
+                            text = pending.result()
+                            pending = pool.submit(block, nxt)
+                            f.write(text)
+                        f.write(pending.result())
+        os.replace(tmp, path)
+    except OSError as e:
+        _unlink(tmp)
+        raise PksEmuError(f"--faults {path}: cannot write: {e.strerror or e}") from None
+    except BaseException:
+        _unlink(tmp)
+        raise
+    return n
+
+
+def _unlink(p: str) -> None:
+    try:
+        os.unlink(p)
+    except OSError:
+        pass

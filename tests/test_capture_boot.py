@@ -1,0 +1,139 @@
+"""End to end: boot the default guest under QEMU with the capture plugins.
+
+These need qemu-system-x86_64, a kernel in /boot, busybox-static and a C
+compiler; each skips (with the reason) only when one of them is absent.
+Each boot takes roughly 5-15 s of one core.
+"""
+import struct
+import zlib
+
+import pytest
+
+from capture_marks import needs_busybox, needs_cc, needs_kernel, needs_qemu
+from pks_emu.capture import capture
+from pks_emu.errors import PksEmuError
+
+pytestmark = [needs_qemu, needs_kernel, needs_busybox, needs_cc]
+
+PA_NONE = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def test_count_only_boot(tmp_path):
+    info = capture(None, count_only=True, kallsyms_out=tmp_path / "kallsyms", timeout=300)
+    c = info.counts
+    assert info.exit_status == 0 and info.workload_status == 0
+    assert info.plugin == "count" and c["plugin"] == "pks_count"
+    # a boot makes hundreds of millions of kernel accesses; a few million is a floor
+    assert c["kernel_loads"] > 5_000_000 and c["kernel_stores"] > 5_000_000
+    assert c["user_loads"] > 10_000 and c["user_stores"] > 10_000   # init, busybox
+    assert 0 < c["kernel_user_accesses"] < c["kernel_loads"] + c["kernel_stores"]
+    assert c["kernel_fetches"] == 0 and c["user_fetches"] == 0
+    assert info.kallsyms == tmp_path / "kallsyms"
+    syms = {}
+    for line in info.kallsyms.read_text().splitlines():
+        addr, typ, name = line.split()[:3]
+        syms[name] = int(addr, 16)
+    assert syms["_stext"] >> 63 == 1           # kernel half
+    assert syms["_stext"] == 0xFFFF_FFFF_8100_0000  # nokaslr: the link address
+    assert "\r" not in info.kallsyms.read_text()
+
+
+def _v2_frames(data):
+    """Framing check independent of the v2 decoder: header, CRCs, chunk and end totals."""
+    assert data[:8] == b"PKSEMUTR" and struct.unpack_from("<H", data, 8)[0] == 2
+    assert struct.unpack_from("<I", data, 48)[0] == zlib.crc32(data[:48])
+    pos, chunk_records, end = 128, 0, None
+    while pos < len(data):
+        tag, n, crc = struct.unpack_from("<4sII", data, pos)
+        payload = data[pos + 16:pos + 16 + n]
+        assert len(payload) == n and zlib.crc32(payload) == crc, (tag, pos)
+        if tag == b"PKSC":
+            chunk_records += struct.unpack_from("<I", payload, 8)[0]
+        elif tag == b"PKSE":
+            end = struct.unpack_from("<QQQ", payload)
+        pos += 16 + n
+    assert end is not None, "no end marker"
+    return chunk_records, end
+
+
+def test_record_boot_v2(tmp_path):
+    out = tmp_path / "boot.pkt2"
+    limit = 2_000_000
+    info = capture(out, smp=2, start="user", limit=limit, timeout=300, save_kallsyms=False)
+    c = info.counts
+    assert info.trace == out and out.exists() and not (tmp_path / "boot.pkt2.part").exists()
+    assert c["records"] == limit and c["limit_reached"] is True
+    assert c["records_dropped"] > 0 and c["write_error"] is None
+    assert c["vcpus"] == 2
+    data = out.read_bytes()
+    assert info.trace_bytes == len(data)
+    chunk_records, (total, chunks, frames) = _v2_frames(data)
+    assert chunk_records == total == limit and frames == 0
+
+    v2 = pytest.importorskip("pks_emu.trace.v2", reason="the trace v2 reader is not built in")
+    import numpy as np
+    with v2.open_trace_v2(out) as r:
+        assert r.header.ncpus == 2
+        n, cpus, kinds = 0, set(), set()
+        saw_ac = saw_pa = False
+        for first, recs, ip, pa in r.chunks():
+            assert first == n
+            n += len(recs)
+            assert pa is not None
+            assert (recs["type"] == 0).all()
+            cpus.update(np.unique(recs["cpu"]).tolist())
+            kinds.update(np.unique(recs["op"]).tolist())
+            kernel_ip = (ip >> np.uint64(63)) == 1
+            # classification: CPL from the instruction pointer's half
+            assert (recs["cpl"][kernel_ip] == 0).all() and (recs["cpl"][~kernel_ip] == 3).all()
+            user_va = (recs["addr"] >> np.uint64(63)) == 0
+            ac = (recs["flags"] & 2) != 0
+            assert (ac == (kernel_ip & user_va)).all()
+            saw_ac |= bool(ac.any())
+            assert np.isin(recs["size"], [1, 2, 4, 8, 16, 32, 64]).all()
+            has = pa != np.uint64(PA_NONE)
+            saw_pa |= bool(has.any())
+            # RAM accesses: the page offset survives translation; pa within guest RAM (512M)
+            assert ((pa[has] & np.uint64(0xFFF)) == (recs["addr"][has] & np.uint64(0xFFF))).all()
+            assert (pa[has] < np.uint64(512 << 20)).all()
+    assert n == limit
+    assert kinds == {0, 1}          # loads and stores, no fetches
+    assert cpus == {0, 1}           # both vCPUs are up once user space runs
+    assert saw_pa
+
+
+def test_qemu_failure_shows_its_output(tmp_path):
+    with pytest.raises(PksEmuError, match=r"QEMU exited with status 1(.|\n)*no-such-option"):
+        capture(None, count_only=True, extra_qemu_args=["-no-such-option"], timeout=120)
+
+
+def test_timeout(tmp_path):
+    with pytest.raises(PksEmuError, match="did not finish within 0.5 s"):
+        capture(tmp_path / "t.pkt2", timeout=0.5)
+    assert not (tmp_path / "t.pkt2").exists() and not (tmp_path / "t.pkt2.part").exists()
+
+
+def test_failing_workload_is_reported(tmp_path):
+    script = tmp_path / "w.sh"
+    script.write_text("exit 7\n")
+    info = capture(None, count_only=True, workload=script, save_kallsyms=False, timeout=300)
+    assert info.workload_status == 7 and info.kallsyms is None
+
+
+def test_record_into_a_pipe(tmp_path):
+    # the stream goes through a descriptor (as into 'pks-emu replay -'): no seeking back
+    import os
+    import threading
+    r, w = os.pipe()
+    chunks = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(r, 1 << 16), b"")))
+    reader.start()
+    try:
+        info = capture(w, start="user", limit=300_000, save_kallsyms=False, timeout=300)
+    finally:
+        os.close(w)
+        reader.join()
+        os.close(r)
+    assert info.trace is None and info.counts["records"] == 300_000
+    chunk_records, (total, _, _) = _v2_frames(b"".join(chunks))
+    assert chunk_records == total == 300_000
