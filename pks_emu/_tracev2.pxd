@@ -67,3 +67,6 @@ cdef int tv2_encode(const uint8_t* recs, const uint64_t* ip, const uint64_t* pa,
 
 cdef size_t tv2_main_bound(size_t n) noexcept nogil
 cdef size_t tv2_pa_bound(size_t n) noexcept nogil
+
+# CRC-32C (Castagnoli) of a block payload, continuing `crc` (0 to start).
+cdef uint32_t tv2_crc32c(uint32_t crc, const uint8_t* p, size_t n) noexcept nogil

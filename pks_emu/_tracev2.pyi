@@ -11,6 +11,9 @@ import numpy.typing as npt
 PA_NONE: int
 MAX_CHUNK_RECORDS: int
 ERRORS: dict[int, str]
+CRC32C_HARDWARE: bool
+
+def crc32c(data: bytes | bytearray | memoryview | Any, crc: int = 0, *, software: bool = False) -> int: ...
 
 @disjoint_base
 class Codec:

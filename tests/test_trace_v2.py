@@ -391,13 +391,14 @@ def test_end_marker_totals_are_checked(tmp_path):
 
 def test_newer_version_and_bad_header_fields(small_trace):
     import struct
-    import zlib
+
+    from pks_emu._tracev2 import crc32c
     data, _ = small_trace
 
     def patched(off, fmt, value):
         d = bytearray(data)
         struct.pack_into(fmt, d, off, value)
-        struct.pack_into("<I", d, 48, zlib.crc32(bytes(d[:48])))
+        struct.pack_into("<I", d, 48, crc32c(bytes(d[:48])))
         return bytes(d)
 
     with pytest.raises(TraceFormatError, match="version 3"):
@@ -524,3 +525,11 @@ def test_lackey_ip_carries_across_blocks(tmp_path):
     parts = list(_read(p, chunk_records=5, skip_bad=False, block_size=64, max_line=64))
     assert np.concatenate([c.ip for c in parts]).tolist() == whole.ip.tolist()
     assert whole.ip[1] == 0x400000 and whole.ip[-1] == 0x400000 + 4 * 299
+
+
+def test_crc32c_check_value_and_both_implementations():
+    from pks_emu._tracev2 import crc32c
+    assert crc32c(b"123456789") == crc32c(b"123456789", software=True) == 0xE3069283
+    data = np.random.default_rng(8).integers(0, 256, 100_003, dtype=np.uint8).tobytes()
+    assert crc32c(data) == crc32c(data, software=True) == crc32c(data[777:], crc32c(data[:777]))
+    assert crc32c(b"") == 0 and crc32c(b"", 5) == 5

@@ -15,7 +15,7 @@
  *   ...
  *   if (pks_tw_close(w) != 0) ...;
  *
- * Not thread-safe: callers serialize. Every function returns 0 or -errno
+ * Not thread-safe (the CRC table is built on first use, too): callers serialize. Every function returns 0 or -errno
  * (-EINVAL for a bad argument); after an error the writer stays failed and
  * pks_tw_close() still frees it (and returns the first error).
  */
@@ -91,7 +91,8 @@ typedef struct pks_tw {
 
 static inline uint32_t pks_tw_crc32_(const void *data, size_t n, uint32_t crc)
 {
-    /* CRC-32 (IEEE 802.3, reflected polynomial 0xEDB88320), as zlib.crc32 */
+    /* CRC-32C (Castagnoli, reflected polynomial 0x82F63B78; the iSCSI/ext4 CRC),
+     * register inverted before and after: crc(b, crc(a, 0)) == crc(a + b, 0) */
     static uint32_t table[256];
     static int ready = 0;
     const uint8_t *p = (const uint8_t *)data;
@@ -102,7 +103,7 @@ static inline uint32_t pks_tw_crc32_(const void *data, size_t n, uint32_t crc)
         for (k = 0; k < 256; k++) {
             c = k;
             for (j = 0; j < 8; j++)
-                c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+                c = (c & 1) ? 0x82F63B78u ^ (c >> 1) : c >> 1;
             table[k] = c;
         }
         ready = 1;
@@ -136,7 +137,7 @@ static inline int pks_tw_write_all_(pks_tw *w, const void *buf, size_t n)
     return 0;
 }
 
-/* one block: tag, payload length, CRC-32 of the payload, reserved 0; then the payload
+/* one block: tag, payload length, CRC-32C of the payload, reserved 0; then the payload
  * given as two pieces (the second may be empty) */
 static inline int pks_tw_block_(pks_tw *w, const char tag[4], const void *a, size_t na,
                          const void *b, size_t nb)

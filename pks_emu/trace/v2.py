@@ -2,14 +2,14 @@
 
 A v2 stream is, little-endian throughout::
 
-    header (128 bytes, magic PKSEMUTR, version 2, CRC-32)
+    header (128 bytes, magic PKSEMUTR, version 2, CRC-32C)
     [PKSS block: the initial state of each CPU]
     [PKSM blocks: the initial physical memory, frame by frame]
     PKSC blocks: chunks of records, each decodable on its own
     PKSE block: end marker with the totals
 
-Every block is ``tag[4], u32 length, u32 CRC-32 of the payload, u32 0`` then
-its payload, so a reader on a pipe needs no seek. The record codec (tag
+Every block is ``tag[4], u32 length, u32 CRC-32C of the payload, u32 0`` then
+its payload (CRC-32C, Castagnoli), so a reader on a pipe needs no seek. The record codec (tag
 bytes, varint deltas of addresses and IPs per CPU, physical addresses
 relative to the virtual ones) is compiled: ``pks_emu/_tracev2.pyx``.
 
@@ -23,14 +23,13 @@ import os
 import struct
 import sys
 import tempfile
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import numpy as np
 
-from .._tracev2 import MAX_CHUNK_RECORDS, PA_NONE, Codec
+from .._tracev2 import MAX_CHUNK_RECORDS, PA_NONE, Codec, crc32c
 from ..errors import TraceFormatError
 from .format import (COMPAT_CODES, CPU_STATE, CPU_STATE_SIZE, FEATURE_CODES, FRAME_SIZE, KEEP_CPL,
                      MAGIC, MAX_TASKS_LIMIT, RECORD, RecordType, TraceHeader, read_header,
@@ -53,10 +52,10 @@ APIS = (0, 6, 7, 10)
 
 #: magic, version, header_size, record_size, reserved, paging_levels, ncpus, compat,
 #: maxphyaddr, features, max_tasks, tlb_entries, pkrs_init, api, reserved, trace_flags,
-#: cpu_states (0 or 1); then u32 CRC-32 of these 48 bytes at offset 48
+#: cpu_states (0 or 1); then u32 CRC-32C of these 48 bytes at offset 48
 HEADER2 = struct.Struct("<8sHHHHBBBBIIIIHHII")
 assert HEADER2.size == 48
-BLOCK = struct.Struct("<4sIII")       # tag, payload length, CRC-32 of the payload, reserved
+BLOCK = struct.Struct("<4sIII")       # tag, payload length, CRC-32C of the payload, reserved
 CHUNK = struct.Struct("<QIIIBBH")     # first_index, nrec, raw_len, main_len, codec, flags, reserved
 END = struct.Struct("<QQQ")           # records, chunks, memory frames
 TAG_STATES, TAG_MEMORY, TAG_CHUNK, TAG_END = b"PKSS", b"PKSM", b"PKSC", b"PKSE"
@@ -90,7 +89,7 @@ class TraceHeaderV2(TraceHeader):
                            self.ncpus, COMPAT_CODES[self.compat], self.maxphyaddr, feats,
                            self.max_tasks, self.tlb_entries, self.pkrs_init, self.api, 0,
                            self.trace_flags, 1 if self.cpu_states else 0)
-        return (raw + struct.pack("<I", zlib.crc32(raw))).ljust(HEADER_SIZE, b"\0")
+        return (raw + struct.pack("<I", crc32c(raw))).ljust(HEADER_SIZE, b"\0")
 
     @classmethod
     def from_header(cls, h: TraceHeader, **kw: Any) -> TraceHeaderV2:
@@ -209,7 +208,7 @@ class V2Writer:
         crc = 0
         n = 0
         for p in parts:
-            crc = zlib.crc32(p, crc)
+            crc = crc32c(p, crc)
             n += len(p)
         self._out(BLOCK.pack(tag, n, crc, 0))
         for p in parts:
@@ -455,7 +454,7 @@ class V2Reader:
             raise TraceFormatError(f"{name}: trace format version {version}: this reader reads version "
                                    f"{VERSION} (version 1 is read by pks_emu.trace.format)")
         (crc,) = struct.unpack_from("<I", raw, 48)
-        if crc != zlib.crc32(raw[:48]):
+        if crc != crc32c(raw[:48]):
             raise TraceFormatError(f"{name}: damaged pks_emu trace: header checksum mismatch")
         if any(raw[52:]):
             raise TraceFormatError(f"{name}: damaged pks_emu trace: reserved header bytes 52..127 are not zero")
@@ -521,7 +520,7 @@ class V2Reader:
             raise TraceFormatError(
                 f"{self.name}: truncated inside {label} at offset {off}: {len(payload)} of "
                 f"{length} payload bytes; no end marker")
-        if zlib.crc32(payload) != crc:
+        if crc32c(payload) != crc:
             label = self._what_next() if tag == TAG_CHUNK else f"{what} block"
             raise TraceFormatError(f"{self.name}: {label} at offset {off}: checksum mismatch "
                                    "(damaged pks_emu trace)")
