@@ -31,5 +31,13 @@ __all__ = [
     "PKR_WD_BIT", "PKR_WD_KEY", "PKS_INIT_VALUE", "PageFault", "PhysicalMemory", "PksEmuError",
     "RecordType", "ReplayResult", "TraceFormatError", "TraceWriter", "Translation", "_PAGE_PKEY",
     "access_batch", "get_cython_include", "get_include", "pf_error_code_str", "pkey_update_pkval",
-    "pte_pkey", "replay", "replay_records", "__version__",
+    "pte_pkey", "replay", "replay_records", "sweep", "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # pks_emu.sweep (Dask) is imported on first use: the core needs no Dask.
+    if name == "sweep":
+        from .sweep import sweep
+        return sweep
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -164,9 +164,18 @@ def iter_lackey(path: str | os.PathLike[str], *, chunk_records: int = 1 << 20,
 
 # --- reading ------------------------------------------------------------------
 
-def _open(fspath: str) -> tuple[io.BufferedIOBase, io.BufferedIOBase, str]:
-    """Open ``fspath``; return (file, stream to read, compression)."""
-    raw = open(fspath, "rb")
+def looks_like_lackey(head: bytes) -> bool:
+    """Whether the first bytes of an input can start a lackey trace: text
+    (no control bytes but tab, CR, LF), or a gzip, xz or bzip2 stream."""
+    if _MAGIC.match(head[:10]):
+        return True
+    return not any(b < 9 or 13 < b < 32 or b == 127 for b in head if b != 10 and b != 13)
+
+
+def _open(fspath) -> tuple[io.BufferedIOBase, io.BufferedIOBase, str]:
+    """Open ``fspath`` (or take an open buffered binary stream, such as
+    standard input); return (file, stream to read, compression)."""
+    raw = fspath if hasattr(fspath, "peek") else open(fspath, "rb")
     try:
         m = _MAGIC.match(raw.peek(10)[:10])
         if m is not None:
@@ -221,15 +230,21 @@ def _read(path: str | os.PathLike[str], *, chunk_records: int | None, skip_bad: 
     ``block_size``/``max_line`` are parameters only so that the tests can put
     block boundaries everywhere.
     """
-    fspath = os.fspath(path)
-    raw, stream, compression = _open(fspath)
+    if hasattr(path, "peek"):        # an open stream (standard input)
+        fspath = getattr(path, "name", "<stream>")
+        fspath = "<stdin>" if fspath in ("<stdin>", 0) else str(fspath)
+        raw, stream, compression = _open(path)
+    else:
+        fspath = os.fspath(path)
+        raw, stream, compression = _open(fspath)
     with raw, stream:
         reader = _Reader(fspath, stream, compression)
         grow = chunk_records is None
         if grow:
             # A guess from the file size (about 14 bytes a line) saves most
             # regrowths; the untouched tail of an overestimate costs no memory.
-            cap = max(1024, os.fstat(raw.fileno()).st_size // 12) if compression == "none" else 1 << 16
+            cap = (max(1024, os.fstat(raw.fileno()).st_size // 12)
+                   if compression == "none" and not hasattr(path, "peek") else 1 << 16)
         else:
             assert chunk_records is not None
             cap = chunk_records

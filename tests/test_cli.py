@@ -67,7 +67,7 @@ def test_replay_summary_and_json(pmem_trace, capsys):
     assert "faults" in out and "0x23 P|W|PK" in out and "key 1" in out
     code, out, _ = run(capsys, "replay", pmem_trace, "--json")
     d = json.loads(out)
-    assert code == 0 and d["schema"] == "pks-emu-replay/1"
+    assert code == 0 and d["schema"] == "pks-emu-replay/2"
     assert d["fault_count"] == len(d["faults"]) > 0
     assert d["faults_by_pkey"] == {"1": d["fault_count"]}
     assert set(d["faults"][0]) >= {"record", "cpu", "vector", "kind", "address", "error_code", "pkey"}

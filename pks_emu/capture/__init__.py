@@ -9,8 +9,8 @@ a descriptor. See docs/capture.md.
 from .build import plugin_path
 from .guest import DEFAULT_WORKLOAD, build_initramfs, find_busybox, find_modules, read_cpio
 from .qemu import find_default_kernel, find_qemu, kernel_release
-from .session import CaptureInfo, capture
+from .session import CaptureInfo, CaptureJob, capture, capture_pipe
 
-__all__ = ["CaptureInfo", "DEFAULT_WORKLOAD", "build_initramfs", "capture", "find_busybox",
+__all__ = ["CaptureInfo", "CaptureJob", "capture_pipe", "DEFAULT_WORKLOAD", "build_initramfs", "capture", "find_busybox",
            "find_default_kernel", "find_modules", "find_qemu", "kernel_release", "plugin_path",
            "read_cpio"]

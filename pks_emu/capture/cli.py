@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default 512M)")
     p.add_argument("--smp", type=int, default=1, help="guest vCPUs (default 1)")
     p.add_argument("--fetches", action="store_true", help="record instruction fetches too")
+    p.add_argument("--coalesce", action="store_true",
+                   help="merge runs: an access continuing the previous one of the same kind by the "
+                        "same instruction in the same page extends its record (rep movs/stos)")
     p.add_argument("--no-pa", action="store_true",
                    help="do not look up physical addresses (records carry none)")
     p.add_argument("--start", choices=("boot", "kernel", "user"), default="boot",
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
                    kallsyms_out=args.kallsyms, timeout=args.timeout,
                    count_only=args.count_only, start=args.start, limit=args.limit,
                    modules=_modules(args.module, args.kernel), pa=not args.no_pa,
-                   save_kallsyms=not args.no_kallsyms)
+                   save_kallsyms=not args.no_kallsyms, coalesce=args.coalesce)
     if args.json:
         json.dump(info.to_dict(), sys.stdout, indent=2)
         print()
@@ -129,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
             if c["records"]:
                 line += f", {info.trace_bytes / c['records']:.2f} bytes/record"
             line += ")"
+        if c.get("merged"):
+            line += f"; {c['merged']:,} accesses merged into runs"
         if c.get("limit_reached"):
             line += f"; limit reached, {c.get('records_dropped', 0):,} not recorded"
         print(line, file=report)

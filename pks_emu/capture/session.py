@@ -5,10 +5,13 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import PksEmuError
 from . import guest as _guest
@@ -92,7 +95,8 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
             kallsyms_out: str | os.PathLike | None = None, timeout: float | None = None,
             count_only: bool = False, start: str = "boot", limit: int | None = None,
             modules: Sequence[str | os.PathLike] = (), pa: bool = True,
-            writer_thread: bool = True, save_kallsyms: bool = True) -> CaptureInfo:
+            writer_thread: bool = True, save_kallsyms: bool = True,
+            coalesce: bool = False) -> CaptureInfo:
     """Boot a kernel under QEMU TCG with the capture plugin; return what happened.
 
     ``out``: where the trace-v2 stream goes: a path (written as ``PATH.part``,
@@ -112,7 +116,10 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
     "kernel" from the first access by kernel-half code, "user" from the first
     user-space access after the kernel ran (init starting). ``limit``: stop
     recording after that many records (QEMU runs on; the counts stay complete).
-    ``pa``: look up physical addresses. ``writer_thread``: encode on the
+    ``coalesce``: merge an access that continues the previous one of the same
+    kind by the same instruction (next bytes, same page) into its record, as
+    ``rep movs``/``rep stos`` make; counts stay per access. ``pa``: look up
+    physical addresses. ``writer_thread``: encode on the
     plugin's writer thread (else on the vCPU threads). ``save_kallsyms``: the
     built-in guest dumps ``/proc/kallsyms`` after the workload (in the trace:
     about as many kernel accesses as the boot itself; off saves that).
@@ -158,6 +165,7 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
                 raise PksEmuError(f"output folder {out_path.parent} does not exist")
 
     work = Path(tempfile.mkdtemp(prefix="pks-emu-capture-"))
+    part = None
     try:
         if initrd is None:
             initrd = _guest.build_initramfs(workload, work / "initrd.cpio.gz", modules,
@@ -169,7 +177,6 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
         args: dict[str, object] = {"stats": stats, "start": start}
         if fetches:
             args["fetches"] = "on"
-        part = None
         if not count_only:
             if out_path is not None:
                 part = out_path.with_name(out_path.name + ".part")
@@ -183,6 +190,8 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
                 args["pa"] = "off"
             if not writer_thread:
                 args["thread"] = "off"
+            if coalesce:
+                args["coalesce"] = "on"
             if limit is not None:
                 args["limit"] = limit
         console, serial2, log = work / "console.log", work / "ttyS1.raw", work / "qemu.log"
@@ -206,6 +215,13 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
         if timed_out:
             raise fail(f"QEMU did not finish within {timeout:g} s and was stopped",
                        qemu_output=True)
+        if rc < 0:
+            try:
+                name = signal.Signals(-rc).name
+            except ValueError:
+                name = f"signal {-rc}"
+            hint = " (the trace's reader went away)" if -rc == signal.SIGPIPE else ""
+            raise fail(f"QEMU was killed by {name}{hint}", qemu_output=True)
         if rc != 0:
             raise fail(f"QEMU exited with status {rc}", qemu_output=True)
         try:
@@ -252,6 +268,60 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
                            workload_status=workload_status, kallsyms=kallsyms, trace=trace,
                            trace_bytes=trace_bytes, console_tail=con_tail)
     finally:
+        if part is not None:
+            part.unlink(missing_ok=True)   # still there: the capture failed
         if out_fd is not None:
             os.close(out_fd)
         shutil.rmtree(work, ignore_errors=True)
+
+
+class CaptureJob:
+    """A capture running on a background thread (see :func:`capture_pipe`)."""
+
+    def __init__(self, fn, close_fd: int | None = None) -> None:
+        self._result: CaptureInfo | None = None
+        self._error: BaseException | None = None
+
+        def target() -> None:
+            try:
+                self._result = fn()
+            except BaseException as e:  # handed to wait()
+                self._error = e
+            finally:
+                if close_fd is not None:
+                    os.close(close_fd)  # the reader sees the end of the stream
+
+        self._thread = threading.Thread(target=target, name="pks-emu-capture", daemon=True)
+        self._thread.start()
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> CaptureInfo:
+        """The capture's :class:`CaptureInfo`; raises what :func:`capture` raised."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise PksEmuError(f"the capture is still running after {timeout:g} s")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+
+def capture_pipe(**kwargs) -> tuple[BinaryIO, CaptureJob]:
+    """Start a capture whose trace comes through a pipe: ``(reader, job)``.
+
+    ``reader`` is a binary file object with the trace-v2 stream (for
+    ``open_trace_v2``), ending when QEMU exits; ``job.wait()`` then gives the
+    :class:`CaptureInfo` (or raises the capture's error). Keyword arguments are
+    those of :func:`capture`. Read steadily: QEMU waits while the pipe is full.
+    Closing the reader early makes the capture fail ("Broken pipe").
+    """
+    r, w = os.pipe()
+    try:
+        job = CaptureJob(lambda: capture(w, **kwargs), close_fd=w)
+    except BaseException:
+        os.close(r)
+        os.close(w)
+        raise
+    return os.fdopen(r, "rb", buffering=1 << 20), job

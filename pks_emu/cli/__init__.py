@@ -21,8 +21,11 @@ COMMANDS = {
     "info": ("pks_emu.cli.info", "describe a trace file: header, record counts, address ranges"),
     "gen": ("pks_emu.cli.gen", "generate a reproducible kernel-style workload trace"),
     "convert": ("pks_emu.cli.convert", "convert a Valgrind lackey trace to the native format"),
+    "capture": ("pks_emu.capture.cli", "boot a Linux kernel under QEMU and record its memory accesses"),
+    "report": ("pks_emu.report", "turn a replay's JSON result into a self-contained HTML report"),
     "bench": ("pks_emu.cli.bench", "measure the core's throughput on this machine"),
     "selftest": ("pks_emu.cli.selftest", "run the PKS series' test suite on the emulated kernel"),
+    "sweep": ("pks_emu.cli.sweep", "replay traces x policies x compat x api on Dask, one table row each"),
 }
 
 

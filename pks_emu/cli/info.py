@@ -42,7 +42,7 @@ def describe(path: str, chunk_records: int = 1 << 20) -> dict:
                     validate_records(path, recs, start, h)
                 except TraceFormatError as e:
                     error = e
-                    del recs
+                    recs = None  # no view of the map may outlive it
                     break
                 counts += np.bincount(recs["type"], minlength=RecordType.COUNT)
                 acc = recs[recs["type"] == RecordType.ACCESS]

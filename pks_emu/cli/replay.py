@@ -9,25 +9,30 @@ import argparse
 import json
 import os
 import sys
-import tempfile
-
-import numpy as np
 
 from ..constants import pf_error_code_str
 from ..errors import PksEmuError, TraceFormatError
-from ..trace.format import is_native_trace
-from ..trace.replay import KIND_NAMES, VECTOR_NAMES, ReplayResult, fault_to_dict, replay
+from ..trace.replay import ReplayResult, replay
 
 EXIT_FAULTS_FOUND = 3
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("trace", help="native trace (.pkt), or a Valgrind lackey trace (plain, .gz, .xz)")
+    p.add_argument("trace", help="native trace (v1 or v2), a Valgrind lackey trace (plain, .gz, .xz, "
+                                 ".bz2), a kernel captured by 'pks-emu capture', or - for standard input")
     p.add_argument("--policy", metavar="FILE",
-                   help="address-space policy (TOML) for a lackey trace; default: all plain user pages")
-    p.add_argument("--json", action="store_true", help="print the result as JSON (schema pks-emu-replay/1)")
+                   help="address-space policy (TOML) for a lackey trace, or kernel policy for a "
+                        "kernel capture; default: all plain user pages / no keys")
+    p.add_argument("--symbols", action="append", default=[], metavar="FILE[@BASE]",
+                   help="name fault sites function+offset from an ELF file (loaded at BASE) or a "
+                        "kallsyms-format file; repeatable")
+    p.add_argument("--kallsyms", metavar="FILE",
+                   help="kernel capture: the guest's /proc/kallsyms (default TRACE.kallsyms)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (schema pks-emu-replay/2)")
     p.add_argument("--faults", metavar="OUT",
-                   help="write every fault to OUT (.csv, .jsonl or .npy, chosen by suffix)")
+                   help="write every fault to OUT (.csv, .jsonl or .npy, chosen by suffix), "
+                        "streamed as the replay goes")
+    p.add_argument("--report", metavar="HTML", help="also write the HTML report of the result")
     p.add_argument("--max-faults", type=int, metavar="N",
                    help="stop the replay after N faults (all N are reported)")
     p.add_argument("--stop-on-fault", action="store_true", help="stop at the first fault")
@@ -43,54 +48,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(PTE writes without INVLPG); slower")
     p.add_argument("--skip-bad", action="store_true",
                    help="lackey input: count and skip malformed lines instead of stopping")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     p.add_argument("--list", type=int, default=10, metavar="N",
-                   help="faults listed in the summary (default 10; all are in --faults/--json)")
+                   help="fault sites listed in the summary (default 10; all are in --json)")
 
 
 def _progress(quiet: bool):
-    """A tqdm bar on a terminal, nothing otherwise."""
+    """A tqdm display of records and records/s on a terminal, nothing otherwise."""
     if quiet or not sys.stderr.isatty():
         return None, None
     try:
         from tqdm import tqdm  # type: ignore[import-untyped]
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return None, None
-    bar = tqdm(total=0, unit="rec", unit_scale=True, file=sys.stderr, leave=False)
+    bar = tqdm(total=None, unit="rec", unit_scale=True, file=sys.stderr, leave=False)
 
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+    def update(done: int, total: int | None) -> None:
+        if total is not None and bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
     return bar, update
 
 
-def write_faults(path: str, faults: np.ndarray) -> None:
-    suffix = os.path.splitext(path)[1].lower()
-    try:
-        if suffix == ".npy":
-            np.save(path, faults)
-        elif suffix == ".csv":
-            with open(path, "w") as f:
-                f.write("record,cpu,vector,kind,address,error_code,error_code_bits,pkey\n")
-                for x in faults:
-                    vec = int(x["vector"])
-                    code = int(x["error_code"])
-                    f.write(f"{int(x['record'])},{int(x['cpu'])},{VECTOR_NAMES.get(vec, vec)},"
-                            f"{KIND_NAMES.get(int(x['kind']), int(x['kind']))},{int(x['address']):#x},"
-                            f"{code:#x},{pf_error_code_str(code) if vec == 14 else ''},"
-                            f"{int(x['pkey']) if int(x['pkey']) >= 0 else ''}\n")
-        elif suffix in (".jsonl", ".json"):
-            with open(path, "w") as f:
-                for x in faults:
-                    f.write(json.dumps(fault_to_dict(x)) + "\n")
-        else:
-            raise PksEmuError(f"--faults {path}: unknown format {suffix!r}: expected .csv, .jsonl or .npy")
-    except OSError as e:
-        raise PksEmuError(f"--faults {path}: cannot write: {e.strerror or e}") from None
-
-
-def summary(r: ReplayResult, listed: int) -> str:
+def summary(r: ReplayResult, listed: int, doc: dict | None = None) -> str:
     c = r.counters
     acc = {k: v for k, v in c.items() if k.startswith(("reads_", "writes_", "fetches_"))}
     n_acc = sum(acc.values())
@@ -123,7 +103,7 @@ def summary(r: ReplayResult, listed: int) -> str:
             fresh = (f"now {u['fresh_pa']:#x} key {u['fresh_pkey']}" if u["fresh_error"] is None
                      else f"now faults ({u['fresh_error']:#x})")
             lines.append(f"    cpu {u['cpu']} va {u['va']:#x}: cached {u['cached_pa']:#x} key {u['cached_pkey']}, {fresh}")
-    nf = len(r.faults)
+    nf = r.fault_count
     by_vec = ", ".join(f"{k} {v:,}" for k, v in r.faults_by_vector().items())
     lines.append(f"  faults      {nf:,}" + (f"  ({by_vec})" if nf else ""))
     if nf:
@@ -134,59 +114,55 @@ def summary(r: ReplayResult, listed: int) -> str:
         keys = r.faults_by_pkey()
         if keys:
             lines.append("    by pkey (PK faults): " + ", ".join(f"key {k} {n:,}" for k, n in sorted(keys.items())))
-        show = r.faults[:listed]
-        if len(show):
-            lines.append(f"    first {len(show)}:")
-            lines.append(f"      {'record':>10}  cpu  {'fault':<5} {'kind':<5}  {'address':<18}  error code      pkey")
-            for x in show:
-                d = fault_to_dict(x)
-                code = f"{d['error_code']:#x} {d.get('error_code_bits', '')}".strip()
-                pkey = d.get("pkey")
-                lines.append(f"      {d['record']:>10}  {d['cpu']:>3}  {d['vector']:<5} {d['kind']:<5}  "
-                             f"{d['address']:<18}  {code:<14}  {'' if pkey is None else pkey}")
+        doc = doc if doc is not None else r.to_dict()
+        sites = doc.get("sites", [])[:listed]
+        if sites:
+            lines.append(f"    top {len(sites)} of {doc.get('sites_total', len(sites)):,} fault sites "
+                         "(instruction, key, error code, kind):")
+            lines.append(f"      {'count':>9}  {'site':<40} {'fault':<5} {'kind':<5} pkey  error code     "
+                         f"{'records':<21} sample address")
+            for st in sites:
+                where = st["symbol"] or st["ip"]
+                if st.get("source"):
+                    where += f" ({st['source']})"
+                if st["symbol"]:
+                    where += f" [{st['ip']}]"
+                code = f"{st['error_code']:#x} {st.get('error_code_bits') or ''}".strip()
+                pkey = "" if st["pkey"] is None else st["pkey"]
+                span = f"{st['first_record']:,}..{st['last_record']:,}"
+                sample = st["sample_addresses"][0] if st["sample_addresses"] else ""
+                lines.append(f"      {st['count']:>9,}  {where:<40} {st['vector']:<5} {st['kind']:<5} "
+                             f"{pkey!s:>4}  {code:<14} {span:<21} {sample}")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     path = args.trace
-    if not os.path.exists(path):
+    if path != "-" and not os.path.exists(path):
         raise TraceFormatError(f"{path}: no such file")
     if args.max_faults is not None and args.max_faults < 1:
         raise PksEmuError(f"--max-faults {args.max_faults}: expected a positive number")
-    tmp = None
-    if not is_native_trace(path):
-        # Not a native trace: read it as a lackey trace through the policy.
-        from ..trace.convert import convert_lackey
-        fd, tmp = tempfile.mkstemp(suffix=".pkt", prefix="pks-emu-")
-        os.close(fd)
-        try:
-            convert_lackey(path, tmp, policy=args.policy, skip_bad=args.skip_bad)
-        except Exception:
-            os.unlink(tmp)
-            raise
-        native = tmp
-    else:
-        if args.policy:
-            raise PksEmuError(f"{path}: --policy applies to lackey traces; a native trace carries its page tables")
-        native = path
+    if args.list < 0:
+        raise PksEmuError(f"--list {args.list}: expected 0 or more")
     bar, update = _progress(args.quiet or args.json)
     try:
-        result = replay(native, max_faults=args.max_faults, stop_on_fault=args.stop_on_fault,
-                        progress=update, compat=args.compat, api=args.api,
-                        stale_check=args.stale_check)
+        result = replay(path, policy=args.policy, max_faults=args.max_faults,
+                        stop_on_fault=args.stop_on_fault, progress=update, compat=args.compat,
+                        api=args.api, stale_check=args.stale_check, symbols=args.symbols,
+                        kallsyms=args.kallsyms, faults_out=args.faults, skip_bad=args.skip_bad,
+                        log_limit=1000)
     finally:
         if bar is not None:
             bar.close()
-        if tmp is not None:
-            os.unlink(tmp)
-    result.path = path
-    if args.faults:
-        write_faults(args.faults, result.faults)
+    doc = result.to_dict()
+    if args.report:
+        from ..report import render_report
+        render_report(doc, args.report)
     if args.json:
-        json.dump(result.to_dict(), sys.stdout, indent=1)
+        json.dump(doc, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        print(summary(result, args.list))
-    if args.fail_on_fault and len(result.faults):
+        print(summary(result, args.list, doc))
+    if args.fail_on_fault and result.fault_count:
         return EXIT_FAULTS_FOUND
     return 0

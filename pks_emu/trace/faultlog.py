@@ -135,3 +135,80 @@ def _unlink(p: str) -> None:
         os.unlink(p)
     except OSError:
         pass
+
+
+class FaultLogStream:
+    """The per-fault log written as the replay goes (bounded memory): rows
+    are appended block by block under a temporary name beside ``path``;
+    ``close()`` renames it into place, ``abort()`` removes it, so a failed or
+    interrupted run leaves no file that looks complete. A ``.npy`` log needs
+    its length up front: its rows wait in a temporary raw file until close."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        self.suffix = os.path.splitext(self.path)[1].lower()
+        if self.suffix not in (".csv", ".jsonl", ".json", ".npy"):
+            raise PksEmuError(f"--faults {self.path}: unknown format {self.suffix!r}: "
+                              "expected .csv, .jsonl or .npy")
+        try:
+            self._f, self._tmp = _atomic_open(self.path)
+        except OSError as e:
+            raise PksEmuError(f"--faults {self.path}: cannot write: {e.strerror or e}") from None
+        self.rows = 0
+        self._json = self.suffix != ".csv"
+        self._tables = _tables(self._json)
+        if self.suffix == ".csv":
+            self._write(CSV_HEADER.encode())
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self._f.write(data)
+        except OSError as e:
+            self.abort()
+            raise PksEmuError(f"--faults {self.path}: cannot write: {e.strerror or e}") from None
+
+    def write(self, faults: np.ndarray, ips: np.ndarray | None = None) -> None:
+        n = len(faults)
+        if not n:
+            return
+        faults = np.ascontiguousarray(faults.astype(FAULT_DTYPE, copy=False))
+        ips = (np.zeros(n, np.uint64) if ips is None
+               else np.ascontiguousarray(ips, dtype=np.uint64).reshape(-1))
+        if self.suffix == ".npy":
+            out = np.zeros(n, FAULT_IP_DTYPE)
+            for name in FAULT_DTYPE.names:
+                out[name] = faults[name]
+            out["ip"] = ips
+            self._write(out.tobytes())
+        else:
+            vec, kind, bits = self._tables
+            raw = faults.view(np.uint8).reshape(-1)
+            size = FAULT_DTYPE.itemsize
+            for lo in range(0, n, BLOCK):
+                hi = min(n, lo + BLOCK)
+                self._write(format_fault_block(raw[lo * size:hi * size], ips[lo:hi], self._json,
+                                               vec, kind, bits))
+        self.rows += n
+
+    def close(self) -> int:
+        """Finish the file and rename it into place; the number of rows."""
+        try:
+            if self.suffix == ".npy":
+                self._f.close()
+                data = np.fromfile(self._tmp, dtype=FAULT_IP_DTYPE)
+                with open(self._tmp, "wb") as f:
+                    np.save(f, data)
+            else:
+                self._f.close()
+            os.replace(self._tmp, self.path)
+        except OSError as e:
+            _unlink(self._tmp)
+            raise PksEmuError(f"--faults {self.path}: cannot write: {e.strerror or e}") from None
+        return self.rows
+
+    def abort(self) -> None:
+        try:
+            self._f.close()
+        except OSError:
+            pass
+        _unlink(self._tmp)

@@ -179,36 +179,65 @@ def load_policy(path: str | os.PathLike | None) -> Policy:
     return p
 
 
-def build_machine(policy: Policy, pages: np.ndarray) -> tuple[Machine, dict[str, int]]:
-    """A machine whose page tables map ``pages`` (sorted unique page numbers,
-    va >> 12) as the policy says, with the policy's registers in force."""
-    m = Machine(paging_levels=policy.paging_levels)
+class PolicyMapper:
+    """Maps pages into a policy machine's address space as a trace reaches
+    them: ``map_pages(pages)`` maps those of ``pages`` (page numbers,
+    va >> 12) not mapped yet, as the policy says. Mapping a page before its
+    first access is all "mapped on first touch" means for a replay (that
+    access misses the TLB either way), so mapping chunk by chunk gives the
+    results of mapping the whole trace first."""
+
+    def __init__(self, policy: Policy, aspace) -> None:
+        self.policy = policy
+        self.aspace = aspace
+        self.bits = 57 if policy.paging_levels == 5 else 48
+        self.next_pa = DATA_BASE
+        self.mapped = np.empty(0, dtype=np.uint64)
+        self.stats = {"pages_mapped": 0, "pages_unmapped": 0}
+
+    def map_pages(self, pages: np.ndarray) -> None:
+        pages = np.setdiff1d(np.asarray(pages, dtype=np.uint64), self.mapped, assume_unique=False)
+        if not len(pages):
+            return
+        self.mapped = np.union1d(self.mapped, pages)
+        policy, stats = self.policy, self.stats
+        # Group runs of consecutive pages under the same rule: map_range fills
+        # whole page-table pages at once.
+        i = 0
+        n = len(pages)
+        while i < n:
+            va = int(pages[i]) << 12
+            rule = policy.rule_for(va)
+            j = i + 1
+            while (j < n and int(pages[j]) == int(pages[j - 1]) + 1
+                   and policy.rule_for(int(pages[j]) << 12) is rule):
+                j += 1
+            top = va >> (self.bits - 1)
+            canonical = top in (0, (1 << (65 - self.bits)) - 1)
+            if rule.map == "unmapped" or not canonical:
+                stats["pages_unmapped"] += j - i
+            else:
+                length = (j - i) << 12
+                self.aspace.map_range(va, self.next_pa, length, writable=rule.writable,
+                                      user=rule.map == "user", nx=not rule.executable,
+                                      pkey=rule.pkey)
+                self.next_pa += length
+                stats["pages_mapped"] += j - i
+            i = j
+
+
+def touched(va: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """Page numbers the accesses touch (both pages of one that crosses)."""
+    first = va >> np.uint64(12)
+    last = (va + size.astype(np.uint64) - np.uint64(1)) >> np.uint64(12)
+    return np.union1d(np.unique(first), np.unique(last))
+
+
+def policy_machine(policy: Policy, compat: str = "sdm") -> tuple[Machine, PolicyMapper]:
+    """A machine with the policy's registers in force and an empty address
+    space, and the mapper that fills it."""
+    m = Machine(paging_levels=policy.paging_levels, compat=compat)
     aspace = m.address_space()
-    stats = {"pages_mapped": 0, "pages_unmapped": 0}
-    bits = 57 if policy.paging_levels == 5 else 48
-    # Group runs of consecutive pages under the same rule: map_range fills
-    # whole page-table pages at once.
-    next_pa = DATA_BASE
-    i = 0
-    n = len(pages)
-    while i < n:
-        va = int(pages[i]) << 12
-        rule = policy.rule_for(va)
-        j = i + 1
-        while (j < n and int(pages[j]) == int(pages[j - 1]) + 1
-               and policy.rule_for(int(pages[j]) << 12) is rule):
-            j += 1
-        top = va >> (bits - 1)
-        canonical = top in (0, (1 << (65 - bits)) - 1)
-        if rule.map == "unmapped" or not canonical:
-            stats["pages_unmapped"] += j - i
-        else:
-            length = (j - i) << 12
-            aspace.map_range(va, next_pa, length, writable=rule.writable,
-                             user=rule.map == "user", nx=not rule.executable, pkey=rule.pkey)
-            next_pa += length
-            stats["pages_mapped"] += j - i
-        i = j
     cpu = m.cpus[0]
     aspace.activate()
     cpu.efer = cpu.efer | (EFER_NXE if policy.nxe else 0)
@@ -224,4 +253,12 @@ def build_machine(policy: Policy, pages: np.ndarray) -> tuple[Machine, dict[str,
     elif policy.pkru:
         raise TraceFormatError(f"{policy.source}: pkru is set but cr4 does not include 'pke'")
     cpu.cpl = policy.cpl
-    return m, stats
+    return m, PolicyMapper(policy, aspace)
+
+
+def build_machine(policy: Policy, pages: np.ndarray) -> tuple[Machine, dict[str, int]]:
+    """A machine whose page tables map ``pages`` (sorted unique page numbers,
+    va >> 12) as the policy says, with the policy's registers in force."""
+    m, mapper = policy_machine(policy)
+    mapper.map_pages(pages)
+    return m, mapper.stats

@@ -33,8 +33,16 @@
  *                       trace header fields (defaults 5, 40, 0x7f, 0,
  *                       0x55555554, 0, the machine's vCPU count)
  *   chunk=N             records per chunk (writer default when absent)
- *   bufsize=N           records per vCPU buffer (default 65536)
+ *   bufsize=N           records per vCPU buffer (default 8192)
  *   thread=on|off       encode on a writer thread (default on)
+ *   coalesce=on|off     merge runs (default off): an access that continues the
+ *                       previous access of the same kind by the same instruction
+ *                       (the next bytes, same page, physically contiguous too)
+ *                       extends that record's size instead of adding one, up to
+ *                       4096 bytes.  rep movs/stos, which QEMU reports a byte or
+ *                       a word at a time, become one record per page and stream;
+ *                       the two streams of a rep movs are merged separately.
+ *                       Counts stay per access.
  */
 #include <pthread.h>
 
@@ -56,7 +64,7 @@ typedef struct vstate {
 
 static vstate *vs;
 static unsigned nvcpus;
-static size_t bufcap = 65536;
+static size_t bufcap = 8192;   /* 320 KiB: stays in cache between the two threads */
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t queued_cv = PTHREAD_COND_INITIALIZER;  /* queue non-empty or done */
@@ -73,7 +81,7 @@ static uint64_t limit = UINT64_MAX, queued_records, written_records;
 
 static const char *out_path, *stats_path;
 static int out_fd = -1;
-static int want_fetches, want_pa = 1;
+static int want_fetches, want_pa = 1, want_coalesce;
 static uint64_t ram_size, lowmem_size;
 static uint64_t pa_none_count;    /* summed from the vCPUs at exit */
 
@@ -160,10 +168,38 @@ static buf *hand_off(buf *b, int want_new)
     return nb;
 }
 
+/* Whether the access (op, size, va, ip, pa) continues record r: the next bytes
+ * of the same page by the same instruction, physically contiguous. */
+static inline int continues(const pks_tw_rec *r, unsigned op, unsigned size, uint64_t va,
+                            uint64_t ip, uint64_t pa)
+{
+    return r->ip == ip && r->op == op && r->addr + r->size == va
+        && ((va ^ r->addr) >> 12) == 0 && ((va + size - 1) ^ r->addr) >> 12 == 0
+        && (pa == PKS_TW_PA_NONE ? r->pa == PKS_TW_PA_NONE
+                                 : r->pa != PKS_TW_PA_NONE && r->pa + r->size == pa);
+}
+
 static inline void put(unsigned vcpu, unsigned op, unsigned size, unsigned cpl, unsigned flags,
                        uint64_t va, uint64_t ip, uint64_t pa)
 {
     buf *b = vs[vcpu].cur;
+    if (want_coalesce && b->n) {
+        /* cpl and flags follow from ip and the page (same half): equal too */
+        pks_tw_rec *last = &b->recs[b->n - 1];
+        if (continues(last, op, size, va, ip, pa)) {
+            last->size = (uint16_t)(last->size + size);
+            vs[vcpu].cnt.c[C_MERGED]++;
+            return;
+        }
+        if (b->n >= 2 && last->ip == ip && last->op != op) {
+            pks_tw_rec *prev = &b->recs[b->n - 2];
+            if (continues(prev, op, size, va, ip, pa)) {
+                prev->size = (uint16_t)(prev->size + size);
+                vs[vcpu].cnt.c[C_MERGED]++;
+                return;
+            }
+        }
+    }
     pks_tw_rec *r = &b->recs[b->n++];
     r->type = PKS_TW_ACCESS;
     r->cpu = (uint8_t)vcpu;
@@ -286,12 +322,13 @@ static void on_qemu_exit(qemu_plugin_id_t id, void *udata)
             tot[k] += vs[i].cnt.c[k];
     char extra[512];
     snprintf(extra, sizeof(extra),
-             "\"records\": %llu, \"records_dropped\": %llu, \"pa_none\": %llu, "
+             "\"records\": %llu, \"records_dropped\": %llu, \"merged\": %llu, \"pa_none\": %llu, "
              "\"limit_reached\": %s, \"write_error\": %s%s%s",
              (unsigned long long)written_records,
              (unsigned long long)(tot[C_KLOAD] + tot[C_KSTORE] + tot[C_ULOAD] + tot[C_USTORE]
-                                  + tot[C_KFETCH] + tot[C_UFETCH] - written_records),
-             (unsigned long long)pa_none_count,
+                                  + tot[C_KFETCH] + tot[C_UFETCH] - written_records
+                                  - tot[C_MERGED]),
+             (unsigned long long)tot[C_MERGED], (unsigned long long)pa_none_count,
              queued_records >= limit ? "true" : "false",
              write_err ? "\"" : "null", write_err ? strerror(-write_err) : "",
              write_err ? "\"" : "");
@@ -334,6 +371,7 @@ PKS_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t
         else if (pks_opt(a, "fetches", &v)) { if (pks_parse_bool(v, &want_fetches)) goto bad; }
         else if (pks_opt(a, "pa", &v)) { if (pks_parse_bool(v, &want_pa)) goto bad; }
         else if (pks_opt(a, "thread", &v)) { if (pks_parse_bool(v, &use_thread)) goto bad; }
+        else if (pks_opt(a, "coalesce", &v)) { if (pks_parse_bool(v, &want_coalesce)) goto bad; }
         else if (pks_opt(a, "start", &v)) { if (pks_parse_start(v)) goto bad; }
         else if (pks_opt(a, "limit", &v)) { if (parse_uint("limit", v, UINT64_MAX, &limit)) return -1; }
         UINT_OPT("ram", UINT64_MAX, ram_size)
@@ -388,7 +426,7 @@ PKS_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t
         return -1;
     memset(vs, 0, sizeof(vstate) * nvcpus);
     /* one buffer per vCPU in use, plus a pool for the queue */
-    unsigned nbufs = nvcpus + (use_thread ? nvcpus + 2 : 0);
+    unsigned nbufs = nvcpus + (use_thread ? 3 * nvcpus + 4 : 0);
     for (unsigned i = 0; i < nbufs; i++) {
         buf *b = calloc(1, sizeof(buf));
         if (!b || !(b->recs = malloc(sizeof(pks_tw_rec) * bufcap))) {
