@@ -246,8 +246,9 @@ class FaultSites:
     def to_dict(self, symbolizer: Any = None, *, records: int = 0, max_sites: int = 1000,
                 max_pages: int = 4096) -> dict[str, Any]: ...
 
-def format_fault_block(faults: Buffer, ip: Buffer, json: bool, vectors: Buffer, kinds: Buffer,
-                       bits: Buffer) -> bytes: ...
+def format_fault_block(faults: Buffer | npt.NDArray[Any], ip: Buffer | npt.NDArray[Any], json: bool,
+                       vectors: Buffer | npt.NDArray[Any], kinds: Buffer | npt.NDArray[Any],
+                       bits: Buffer | npt.NDArray[Any]) -> bytes: ...
 
 PA_UNKNOWN: int
 MAX_WINDOWS: int

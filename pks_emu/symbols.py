@@ -28,6 +28,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from typing import Any
+
 import numpy as np
 
 from .errors import PksEmuError
@@ -86,8 +88,8 @@ class _LineTable:
     """DWARF line rows of one ELF file, read one compilation unit at a time."""
 
     elf: object
-    dwarf: object
-    aranges: object
+    dwarf: Any
+    aranges: Any
     ranges: list[tuple[int, int, int]] = field(default_factory=list)   # (lo, hi, cu offset)
     cus: dict[int, tuple[list[int], list[str | None]]] = field(default_factory=dict)
     whole: tuple[list[int], list[str | None]] | None = None
@@ -127,7 +129,7 @@ class _LineTable:
             if self.whole is None:
                 addrs: list[int] = []
                 where: list[str | None] = []
-                merged = []
+                merged: list = []
                 for cu in self.dwarf.iter_CUs():
                     a, w = self._rows(cu)
                     merged.extend(zip(a, w))

@@ -88,7 +88,7 @@ def write_faults_fast(path: str | os.PathLike, faults: np.ndarray, ips: np.ndarr
         with f:
             if suffix == ".npy":
                 out = np.zeros(n, FAULT_IP_DTYPE)
-                for name in FAULT_DTYPE.names:
+                for name in FAULT_DTYPE.names or ():
                     out[name] = faults[name]
                 if ips is not None:
                     out["ip"] = ips
@@ -176,7 +176,7 @@ class FaultLogStream:
                else np.ascontiguousarray(ips, dtype=np.uint64).reshape(-1))
         if self.suffix == ".npy":
             out = np.zeros(n, FAULT_IP_DTYPE)
-            for name in FAULT_DTYPE.names:
+            for name in FAULT_DTYPE.names or ():
                 out[name] = faults[name]
             out["ip"] = ips
             self._write(out.tobytes())

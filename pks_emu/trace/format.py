@@ -122,8 +122,8 @@ class TraceHeader:
     max_tasks: int = 65536
     tlb_entries: int = 1024
     pkrs_init: int = PKS_INIT_VALUE
-    #: series version of the kernel rules: "v6", "v7" or "v10"
-    api: str = "v10"
+    #: series version of the kernel rules: "v6", "v7" or "v10" (v2 headers: the code 0, 6, 7, 10)
+    api: Any = "v10"
     version: int = VERSION
     cpu_states: list[tuple[int, ...]] = field(default_factory=list)
 

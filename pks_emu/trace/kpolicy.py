@@ -331,11 +331,11 @@ def window_ranges(policy: KernelPolicy) -> list[tuple[int, int, int, int]]:
             e[0] = w_index
         for lo, hi in w.callee_ranges:
             points.setdefault((lo, hi), [-1, 0])[1] |= 1 << w_index
-    out = []
-    for (lo, hi), (w, mask) in sorted(points.items()):
+    out: list[tuple[int, int, int, int]] = []
+    for (lo, hi), (window, mask) in sorted(points.items()):
         if out and lo < out[-1][1]:
             raise TraceFormatError(f"{policy.source}: window functions overlap at {lo:#x}")
-        out.append((lo, hi, w, mask))
+        out.append((lo, hi, window, mask))
     return out
 
 

@@ -418,7 +418,8 @@ def _replay_v2(run: _Run, name: str, stream, policy, compat, api, kallsyms) -> R
     from .v2 import TF_KERNEL_CAPTURE, V2Reader
     reader = V2Reader(stream, name)
     h = reader.header
-    h.api = api or api_name(h.api)
+    api_v = api or api_name(h.api)
+    h.api = API_CODES[api_v]
     info: dict = {}
     mapper = None
     if h.trace_flags & TF_KERNEL_CAPTURE:
@@ -435,10 +436,10 @@ def _replay_v2(run: _Run, name: str, stream, policy, compat, api, kallsyms) -> R
             problem = load_cpu_state(m.cpus[i], *state)
             if problem:
                 raise TraceFormatError(f"{name}: initial state of CPU {i}: {problem}")
-        for pa, frame in reader.memory():
-            m.memory.write(pa, frame)
+        for frame_pa, frame in reader.memory():
+            m.memory.write(frame_pa, frame)
         fmt = "native v2"
-    engine = run.engine(m, h, h.api, mapper=mapper)
+    engine = run.engine(m, h, api_v, mapper=mapper)
     status = REPLAY_STATUS["done"]
     start = time.perf_counter()
     done = 0
@@ -472,7 +473,7 @@ def _replay_lackey(run: _Run, name: str, stream, policy, compat, api, skip_bad) 
     recs["type"] = RecordType.ACCESS
     recs["cpl"] = KEEP_CPL
     status = REPLAY_STATUS["done"]
-    stats = {"lines": 0, "skipped_lines": 0, "bad_lines": 0, "bad_examples": []}
+    stats: dict[str, Any] = {"lines": 0, "skipped_lines": 0, "bad_lines": 0, "bad_examples": []}
     start = time.perf_counter()
     done = 0
     for chunk in iter_lackey(stream, chunk_records=1 << 20, skip_bad=skip_bad):

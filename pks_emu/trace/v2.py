@@ -109,7 +109,7 @@ class TraceHeaderV2(TraceHeader):
                    features=frozenset(machine.features), max_tasks=max_tasks,
                    tlb_entries=machine.cpus[0].tlb_entries,
                    pkrs_init=PKS_INIT_VALUE if pkrs_init is None else pkrs_init,
-                   cpu_states=states, **kw)
+                   cpu_states=[tuple(s) for s in states], **kw)
 
 
 def is_v2_magic(first_bytes: bytes) -> bool:
@@ -349,7 +349,7 @@ def _compressor(codec: str, level: int | None):
         import zstandard
         c = zstandard.ZstdCompressor(level=1 if level is None else level)
         return c.compress
-    import lz4.block
+    import lz4.block  # type: ignore[import-untyped]
     lvl = 0 if level is None else level
 
     def lz4c(raw):
@@ -367,7 +367,7 @@ def _decompressor(codec: int):
             return d.decompress(data, max_output_size=raw_len)
         return zd
     if codec == 2:
-        import lz4.block
+        import lz4.block  # type: ignore[import-untyped]
 
         def ld(data, raw_len):
             return lz4.block.decompress(data, uncompressed_size=raw_len)
@@ -553,7 +553,7 @@ class V2Reader:
                 self.frames += 1
                 yield pa, mv[i + 8:i + FRAME_ENTRY]
 
-    def raw_chunks(self) -> Iterator[tuple[int, int, int, bytes]]:
+    def raw_chunks(self) -> Iterator[tuple[int, int, int, int, int, Any]]:
         """Yield ``(chunk_index, first_index, nrec, flags, main_len, raw)`` undecoded
         (decompressed) chunks, checking order and the end marker."""
         if self._phase == 0:
