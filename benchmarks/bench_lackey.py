@@ -89,3 +89,44 @@ class LackeyImport:
         return t.lines / (time.perf_counter() - t0) / 1e6
 
     track_xz_mlines_per_s.unit = "M lines/s"  # type: ignore[attr-defined]
+
+
+class LackeyReplayStreaming:
+    """``pks_emu.replay`` of a lackey file end to end (parse a chunk, map its
+    new pages, replay it; no temporary file), against parsing alone."""
+
+    timeout = 300
+    number = 1
+    repeat = (3, 10, 20.0)
+
+    def setup_cache(self) -> dict[str, str]:
+        data = _make_trace()
+        paths = {}
+        for name, blob in (("plain", data), ("xz", lzma.compress(data, preset=1))):
+            path = os.path.abspath(f"bench-replay-{name}.lackey")
+            with open(path, "wb") as f:
+                f.write(blob)
+            paths[name] = path
+        return paths
+
+    def time_replay_plain(self, paths: dict[str, str]) -> None:
+        import pks_emu
+        pks_emu.replay(paths["plain"])
+
+    def time_replay_xz(self, paths: dict[str, str]) -> None:
+        import pks_emu
+        pks_emu.replay(paths["xz"])
+
+    def track_replay_mlines_per_s(self, paths: dict[str, str]) -> float:
+        import pks_emu
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            pks_emu.replay(paths["plain"])
+            best = min(best, time.perf_counter() - t)
+        return N_LINES / best / 1e6
+    track_replay_mlines_per_s.unit = "M lines/s"  # type: ignore[attr-defined]
+
+    def peakmem_replay_plain(self, paths: dict[str, str]) -> None:
+        import pks_emu
+        pks_emu.replay(paths["plain"])

@@ -436,19 +436,11 @@ cdef class CPU:
         """The paging-structure entries that translate ``va``, top level first,
         as ``(level, entry_address, entry)`` tuples; no side effects, no TLB.
         The list stops at the leaf or at the first not-present entry."""
-        out = []
-        cdef uint64_t table = self.st.cr3 & self.st.addr_mask
-        cdef int level = self.st.levels
-        cdef uint64_t e, ea
-        while level >= 1:
-            ea = table + (((va >> (12 + 9 * (level - 1))) & 511) << 3)
-            e = pks_mem_read_u64(self.st.mem, ea)
-            out.append((level, ea, e))
-            if not (e & PKS_PTE_P) or level == 1 or (e & PKS_PTE_PS and level <= 3):
-                break
-            table = e & self.st.addr_mask
-            level -= 1
-        return out
+        cdef uint64_t eas[5]
+        cdef uint64_t es[5]
+        cdef int n = _walk_entries(self.st.mem, self.st.cr3, <int>self.st.levels, self.st.addr_mask,
+                                   va, eas, es)
+        return [(<int>self.st.levels - i, eas[i], es[i]) for i in range(n)]
 
     # --- statistics --------------------------------------------------------
     def counters(self):

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ._core import is_canonical, walk_entries
+
 from .constants import (PAGE_SIZE, PAGE_SIZE_1G, PAGE_SIZE_2M, PTE_G, PTE_P, PTE_PKEY_MASK,
                         PTE_PKEY_SHIFT, PTE_PS, PTE_RW, PTE_US, PTE_XD, _PAGE_PKEY)
 
@@ -42,9 +44,7 @@ class AddressSpace:
 
     # --- helpers -------------------------------------------------------------
     def _check_va(self, va: int, size: int) -> None:
-        bits = 57 if self.levels == 5 else 48
-        top = va >> (bits - 1)
-        if va < 0 or va >= 1 << 64 or top not in (0, (1 << (65 - bits)) - 1):
+        if va < 0 or va >= 1 << 64 or not is_canonical(va, self.levels):
             raise ValueError(f"virtual address {va:#x} is not canonical for {self.levels}-level paging")
         if va % size:
             raise ValueError(f"virtual address {va:#x} is not aligned to the page size {size:#x}")
@@ -72,31 +72,29 @@ class AddressSpace:
         return table
 
     # --- queries -------------------------------------------------------------
+    def walk(self, va: int) -> list[tuple[int, int, int]]:
+        """``(level, entry_address, entry)`` of each entry the walk of ``va``
+        reads, top level first (the compiled walk, as ``CPU.walk``)."""
+        return walk_entries(self.memory, self.cr3, self.levels, va & ((1 << 64) - 1),
+                            self.machine.maxphyaddr)
+
     def entry_address(self, va: int, level: int) -> int | None:
         """Physical address of the entry for ``va`` at ``level`` (5 = PML5E ...
         1 = PTE), or None if a table on the way is missing."""
         if not 1 <= level <= self.levels:
             raise ValueError(f"level {level} out of range: expected 1..{self.levels}")
-        table = self.cr3 & _ADDR_MASK
-        for lv in range(self.levels, level, -1):
-            e = self.memory.read_u64(table + 8 * self._index(va, lv))
-            if not e & PTE_P or (e & PTE_PS and lv <= 3):
-                return None
-            table = e & _ADDR_MASK
-        return table + 8 * self._index(va, level)
+        for lv, ea, e in self.walk(va):
+            if lv == level:
+                return ea
+        return None
 
     def lookup(self, va: int) -> tuple[int, int, int] | None:
         """``(entry_address, entry, page_size)`` of the leaf mapping ``va``, or None."""
-        table = self.cr3 & _ADDR_MASK
-        for level in range(self.levels, 0, -1):
-            ea = table + 8 * self._index(va, level)
-            e = self.memory.read_u64(ea)
-            if not e & PTE_P:
-                return None
-            if level == 1 or (e & PTE_PS and level <= 3):
-                return ea, e, 1 << _level_shift(level)
-            table = e & _ADDR_MASK
-        return None
+        entries = self.walk(va)
+        level, ea, e = entries[-1]
+        if not e & PTE_P:
+            return None
+        return ea, e, 1 << _level_shift(level)
 
     # --- changes -------------------------------------------------------------
     def map(self, va: int, pa: int, size: int = PAGE_SIZE, *, writable: bool = True,

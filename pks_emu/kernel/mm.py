@@ -97,18 +97,11 @@ class MmMixin(KernelPart):
         the way ``pks_handle_key_fault`` does (V10 16/44): the top entry must be
         present; below it a large entry is checked *before* present; the PTE
         is read without a present check. None when the walk stops early."""
-        mem = self.machine.memory
-        levels = self.machine.paging_levels
-        table = self.init_mm.cr3 & _ADDR_MASK
-        for level in range(levels, 0, -1):
-            e = mem.read_u64(table + 8 * ((address >> (12 + 9 * (level - 1))) & 511))
-            if level == 1:
-                return pte_pkey(e)
-            if level <= 3 and e & PTE_PS:
+        for level, _ea, e in self.init_mm.walk(address):
+            if level == 1 or (level <= 3 and e & PTE_PS):
                 return pte_pkey(e)
             if not e & PTE_P:
                 return None
-            table = e & _ADDR_MASK
         return None
 
     # --- memcpy through the CPU --------------------------------------------------------

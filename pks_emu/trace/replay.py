@@ -443,7 +443,7 @@ def _replay_v2(run: _Run, name: str, stream, policy, compat, api, kallsyms) -> R
     status = REPLAY_STATUS["done"]
     start = time.perf_counter()
     done = 0
-    for first, recs, ip, pa in reader.chunks(reuse=True, validate=False):
+    for first, recs, ip, pa in reader.chunks(prefetch=2, validate=False):
         status = _run_chunk(run, name, engine, h, recs, first, ip, pa)
         done = first + len(recs) if status != REPLAY_STATUS["stopped"] else engine.records_done
         run.after_chunk(engine, done, None)
