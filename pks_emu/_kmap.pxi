@@ -168,9 +168,13 @@ cdef class KernelMapper:
         free(self.w_opened)
 
     # --- the page tables ------------------------------------------------------------
-    cdef uint64_t leaf_for(self, uint64_t va, uint64_t pa) noexcept nogil:
+    cdef uint64_t leaf_for(self, uint64_t va, uint64_t pa, bint user_mode=False) noexcept nogil:
         """Leaf flags of the page holding ``va`` (physical ``pa``): the first
-        region that holds either, else the default of its half."""
+        region that holds either, else the default of its half. A physical
+        region's frames are kernel memory: a lower-half alias of them that
+        kernel code touches (text_poke's poking_mm maps the page it patches
+        at a user address with PAGE_KERNEL) is a supervisor page; only a
+        user-mode access (``user_mode``) makes it a user page."""
         cdef int i
         cdef pks_kregion_t *r
         cdef bint user = (va >> 63) == 0
@@ -178,7 +182,7 @@ cdef class KernelMapper:
             r = &self.regions[i]
             if r.by_pa:
                 if pa != _PA_UNKNOWN and r.start <= pa < r.end:
-                    return r.leaf | (<uint64_t>user << 2)
+                    return r.leaf | (<uint64_t>(user and user_mode) << 2)
             elif r.start <= va < r.end:
                 return r.leaf | (<uint64_t>user << 2)
         return self.user_leaf if user else self.kernel_leaf
@@ -218,7 +222,7 @@ cdef class KernelMapper:
         cdef uint64_t frame = 0 if pa == _PA_UNKNOWN else (pa & c.addr_mask)
         if slot == NULL:
             return -1
-        slot[0] = (frame & ~<uint64_t>0xFFF) | self.leaf_for(va, pa)
+        slot[0] = (frame & ~<uint64_t>0xFFF) | self.leaf_for(va, pa, c.cpl == 3)
         self.pages_mapped += 1
         return 0
 
@@ -230,7 +234,7 @@ cdef class KernelMapper:
         cdef uint64_t want
         if slot == NULL:
             return -1
-        want = (pa & c.addr_mask & ~<uint64_t>0xFFF) | self.leaf_for(va, pa)
+        want = (pa & c.addr_mask & ~<uint64_t>0xFFF) | self.leaf_for(va, pa, c.cpl == 3)
         if (slot[0] & ~(PKS_PTE_A | PKS_PTE_D)) != want:
             slot[0] = want
             self.pages_remapped += 1
@@ -305,9 +309,9 @@ cdef class KernelMapper:
                 "window_opens": self.window_opens, "window_closes": self.window_closes,
                 "window_ip_lookups": self.window_ip_lookups}
 
-    def py_leaf_for(self, uint64_t va, uint64_t pa=0xFFFFFFFFFFFFFFFF):
+    def py_leaf_for(self, uint64_t va, uint64_t pa=0xFFFFFFFFFFFFFFFF, bint user_mode=False):
         """The leaf flags a first touch of ``va`` (at ``pa``) would get."""
-        return self.leaf_for(va, pa)
+        return self.leaf_for(va, pa, user_mode)
 
 
 cdef uint64_t _leaf_flags(int pkey, bint writable, bint executable, bint user, bint nxe) except? 0:

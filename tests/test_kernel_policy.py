@@ -307,3 +307,35 @@ def test_unknown_pa_gets_frame_zero(tmp_path, kallsyms):
     rows = [(0, 0, 0xffffc90000001000, FUNC["other_func"], v2.PA_NONE)]
     r = replay(tmp_path, kallsyms, rows, RODATA_POLICY)
     assert faults(r) == [] and r.input_info["mapper"]["pages_mapped"] == 1
+
+
+ALIAS_POLICY = """
+[kernel]
+pkrs = { 1 = "read-only", 2 = "read-only" }
+[[region]]
+section = "rodata"
+pkey = 1
+[[region]]
+phys_start = 0x2000000          # the same pages, any other alias
+phys_end = 0x2002000
+pkey = 2
+"""
+
+
+def test_pa_region_catches_a_text_poke_alias(tmp_path, kallsyms):
+    """text_poke writes through a lower-half address of its temporary mm
+    (PAGE_KERNEL): the capture flags it AC; the physical region's page is a
+    supervisor page there, under the region's key."""
+    poke = 0x7f0000001000
+    rows = [(0, 1, poke + 8, FUNC["text_poke"], kva_pa(RODATA) + 8, 0, v2.FLAG_AC),
+            (0, 1, DIRECT_MAP + kva_pa(RODATA) + 0x1000, FUNC["other_func"], kva_pa(RODATA) + 0x1000),
+            (0, 1, RODATA + 0x10, FUNC["other_func"], kva_pa(RODATA) + 0x10)]
+    r = replay(tmp_path, kallsyms, rows, ALIAS_POLICY)
+    assert faults(r) == [(0, 14, 2), (1, 14, 2), (2, 14, 1)]
+    assert r.faults[0]["error_code"] == 0x23           # P|W|PK: a supervisor page
+
+
+def test_pa_region_user_mode_alias_is_a_user_page(tmp_path, kallsyms):
+    rows = [(0, 1, 0x7f0000001000, 0x401000, kva_pa(RODATA), 3, 0)]
+    r = replay(tmp_path, kallsyms, rows, ALIAS_POLICY)
+    assert faults(r) == []                    # a user page: PKRU decides, and allows
