@@ -20,6 +20,9 @@ ffffffff81001100 T pmem_do_read
 ffffffff81001200 T memcpy_flushcache
 ffffffff81001300 T other_func
 ffffffff81001400 T text_poke
+ffffffff81c00000 T __entry_text_start
+ffffffff81c00100 T native_irq_return_iret
+ffffffff81c01000 T __entry_text_end
 ffffffff81e00000 T _etext
 ffffffff82000000 D __start_rodata
 ffffffff82001000 D some_table
@@ -339,3 +342,23 @@ def test_pa_region_user_mode_alias_is_a_user_page(tmp_path, kallsyms):
     rows = [(0, 1, 0x7f0000001000, 0x401000, kva_pa(RODATA), 3, 0)]
     r = replay(tmp_path, kallsyms, rows, ALIAS_POLICY)
     assert faults(r) == []                    # a user page: PKRU decides, and allows
+
+
+def test_interrupt_inside_a_window(tmp_path, kallsyms):
+    """An interrupt in a window's callee suspends the window (the handler
+    runs closed); the return into the callee reopens it. A callee entered
+    later from outside stays closed."""
+    a = DIRECT_MAP + PMEM_PA
+    entry, iret = 0xffffffff81c00010, 0xffffffff81c00100
+    rows = [(0, 1, a, FUNC["pmem_do_write"], PMEM_PA),                # 0 opens
+            (0, 1, a + 8, FUNC["memcpy_flushcache"], PMEM_PA + 8),      # 1 callee
+            (0, 1, DIRECT_MAP + 0x9000, entry, 0x9000),               # 2 interrupt entry
+            (0, 0, a, FUNC["other_func"], PMEM_PA),                   # 3 handler: closed
+            (0, 0, DIRECT_MAP + 0x9000, iret, 0x9000),                # 4 iret
+            (0, 1, a + 16, FUNC["memcpy_flushcache"], PMEM_PA + 16),    # 5 back: reopened
+            (0, 0, DIRECT_MAP + 0x9000, FUNC["other_func"], 0x9000),  # 6 returned: closed
+            (0, 1, a, FUNC["memcpy_flushcache"], PMEM_PA)]            # 7 callee from outside
+    r = replay(tmp_path, kallsyms, rows, WINDOW_POLICY)
+    assert faults(r) == [(3, 14, 4), (7, 14, 4)]
+    m = r.input_info["mapper"]
+    assert m["window_opens"] == 2 and m["window_closes"] == 2
