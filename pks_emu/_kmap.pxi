@@ -80,6 +80,9 @@ cdef class KernelMapper:
     cdef int32_t *ivl_w
     cdef uint64_t *ivl_mask
     cdef uint64_t *w_opened
+    cdef int32_t *saved_w          # per CPU: the window an interrupt closed, or -1
+    cdef uint8_t *prev_entry       # per CPU: the previous IP was in the entry text
+    cdef uint64_t entry_lo, entry_hi
     cdef readonly uint64_t pages_mapped, pages_remapped, tlb_refreshes, table_frames
     cdef readonly uint64_t window_opens, window_closes, window_ip_lookups
 
@@ -93,9 +96,11 @@ cdef class KernelMapper:
         self.ivl_w = NULL
         self.ivl_mask = NULL
         self.w_opened = NULL
+        self.saved_w = NULL
+        self.prev_entry = NULL
 
     def __init__(self, int ncpus, regions, kernel_default, user_default, tables,
-                 windows=(), ranges=(), bint nxe=True):
+                 windows=(), ranges=(), bint nxe=True, entry=(0, 0)):
         cdef int i
         cdef uint64_t prev_hi = 0
         if ncpus < 1:
@@ -115,9 +120,13 @@ cdef class KernelMapper:
         self.ivl_w = <int32_t *>calloc(ncpus, sizeof(int32_t))
         self.ivl_mask = <uint64_t *>calloc(ncpus, sizeof(uint64_t))
         self.w_opened = <uint64_t *>calloc(max(len(windows), 1), sizeof(uint64_t))
+        self.saved_w = <int32_t *>malloc(ncpus * sizeof(int32_t))
+        self.prev_entry = <uint8_t *>calloc(ncpus, sizeof(uint8_t))
+        self.entry_lo, self.entry_hi = entry
         if (self.regions == NULL or self.windows == NULL or self.ranges == NULL
                 or self.open_w == NULL or self.ivl_lo == NULL or self.ivl_hi == NULL
-                or self.ivl_w == NULL or self.ivl_mask == NULL or self.w_opened == NULL):
+                or self.ivl_w == NULL or self.ivl_mask == NULL or self.w_opened == NULL
+                or self.saved_w == NULL or self.prev_entry == NULL):
             raise MemoryError("cannot allocate the kernel mapper")
         for i, (start, end, by_pa, pkey, writable, executable) in enumerate(regions):
             if not 0 <= start < end <= 1 << 64:
@@ -153,6 +162,7 @@ cdef class KernelMapper:
         self.n_ranges = len(ranges)
         for i in range(ncpus):
             self.open_w[i] = -1
+            self.saved_w[i] = -1
             self.ivl_lo[i] = 1
             self.ivl_hi[i] = 0          # empty: the first IP looks up
 
@@ -166,11 +176,17 @@ cdef class KernelMapper:
         free(self.ivl_w)
         free(self.ivl_mask)
         free(self.w_opened)
+        free(self.saved_w)
+        free(self.prev_entry)
 
     # --- the page tables ------------------------------------------------------------
-    cdef uint64_t leaf_for(self, uint64_t va, uint64_t pa) noexcept nogil:
+    cdef uint64_t leaf_for(self, uint64_t va, uint64_t pa, bint user_mode=False) noexcept nogil:
         """Leaf flags of the page holding ``va`` (physical ``pa``): the first
-        region that holds either, else the default of its half."""
+        region that holds either, else the default of its half. A physical
+        region's frames are kernel memory: a lower-half alias of them that
+        kernel code touches (text_poke's poking_mm maps the page it patches
+        at a user address with PAGE_KERNEL) is a supervisor page; only a
+        user-mode access (``user_mode``) makes it a user page."""
         cdef int i
         cdef pks_kregion_t *r
         cdef bint user = (va >> 63) == 0
@@ -178,7 +194,7 @@ cdef class KernelMapper:
             r = &self.regions[i]
             if r.by_pa:
                 if pa != _PA_UNKNOWN and r.start <= pa < r.end:
-                    return r.leaf | (<uint64_t>user << 2)
+                    return r.leaf | (<uint64_t>(user and user_mode) << 2)
             elif r.start <= va < r.end:
                 return r.leaf | (<uint64_t>user << 2)
         return self.user_leaf if user else self.kernel_leaf
@@ -218,7 +234,7 @@ cdef class KernelMapper:
         cdef uint64_t frame = 0 if pa == _PA_UNKNOWN else (pa & c.addr_mask)
         if slot == NULL:
             return -1
-        slot[0] = (frame & ~<uint64_t>0xFFF) | self.leaf_for(va, pa)
+        slot[0] = (frame & ~<uint64_t>0xFFF) | self.leaf_for(va, pa, c.cpl == 3)
         self.pages_mapped += 1
         return 0
 
@@ -230,7 +246,7 @@ cdef class KernelMapper:
         cdef uint64_t want
         if slot == NULL:
             return -1
-        want = (pa & c.addr_mask & ~<uint64_t>0xFFF) | self.leaf_for(va, pa)
+        want = (pa & c.addr_mask & ~<uint64_t>0xFFF) | self.leaf_for(va, pa, c.cpl == 3)
         if (slot[0] & ~(PKS_PTE_A | PKS_PTE_D)) != want:
             slot[0] = want
             self.pages_remapped += 1
@@ -263,14 +279,32 @@ cdef class KernelMapper:
             self.ivl_mask[cpu] = 0
 
     cdef inline int32_t window_at(self, int cpu, uint64_t ip) noexcept nogil:
-        """The window that should be open on ``cpu`` when it runs ``ip``."""
+        """The window that should be open on ``cpu`` when it runs ``ip``.
+
+        An interrupt or exception taken inside a window (the IP goes to the
+        kernel's entry text, ``entry``) closes it, as the handler runs with
+        the kernel's PKRS; the return from it (the entry text, then the
+        callee it interrupted) reopens it, as the series' exception exit
+        restores the interrupted PKRS. A callee entered from anywhere else
+        with no window open stays outside."""
         cdef int32_t cur = self.open_w[cpu]
+        cdef int32_t saved
+        cdef bint in_entry = self.entry_lo <= ip < self.entry_hi
+        cdef bint after_entry = self.prev_entry[cpu]
+        self.prev_entry[cpu] = in_entry
         if not (self.ivl_lo[cpu] <= ip < self.ivl_hi[cpu]):
             self._lookup(cpu, ip)
         if self.ivl_w[cpu] >= 0:
+            self.saved_w[cpu] = -1
             return self.ivl_w[cpu]
         if cur >= 0 and (self.ivl_mask[cpu] >> cur) & 1:
             return cur
+        if cur >= 0 and in_entry:
+            self.saved_w[cpu] = cur
+        saved = self.saved_w[cpu]
+        if cur < 0 and saved >= 0 and after_entry and (self.ivl_mask[cpu] >> saved) & 1:
+            self.saved_w[cpu] = -1
+            return saved
         return -1
 
     cdef int32_t switch_window(self, KernelState k, int cpu, int32_t to) noexcept nogil:
@@ -305,9 +339,9 @@ cdef class KernelMapper:
                 "window_opens": self.window_opens, "window_closes": self.window_closes,
                 "window_ip_lookups": self.window_ip_lookups}
 
-    def py_leaf_for(self, uint64_t va, uint64_t pa=0xFFFFFFFFFFFFFFFF):
+    def py_leaf_for(self, uint64_t va, uint64_t pa=0xFFFFFFFFFFFFFFFF, bint user_mode=False):
         """The leaf flags a first touch of ``va`` (at ``pa``) would get."""
-        return self.leaf_for(va, pa)
+        return self.leaf_for(va, pa, user_mode)
 
 
 cdef uint64_t _leaf_flags(int pkey, bint writable, bint executable, bint user, bint nxe) except? 0:

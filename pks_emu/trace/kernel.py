@@ -30,6 +30,14 @@ def find_kallsyms(name: str, explicit, policy: KernelPolicy) -> str | None:
     return guess if os.path.isfile(guess) else None
 
 
+def entry_text(syms: Kallsyms | None) -> tuple[int, int]:
+    """[__entry_text_start, __entry_text_end): the interrupt and exception
+    entry code (arch/x86/entry/entry_64.S), where windows are suspended."""
+    if syms is None or "__entry_text_start" not in syms or "__entry_text_end" not in syms:
+        return (0, 0)
+    return (syms.addr["__entry_text_start"], syms.addr["__entry_text_end"])
+
+
 def kernel_machine_for(name: str, header, policy, kallsyms, compat):
     """(machine, mapper, info) for the captured trace ``name``."""
     if not isinstance(policy, KernelPolicy):
@@ -45,7 +53,8 @@ def kernel_machine_for(name: str, header, policy, kallsyms, compat):
     regions = [(r.start, r.end, r.by_pa, r.pkey, r.writable, r.executable) for r in policy.regions]
     windows = [(w.pkey, w.rights, closed_rights(policy, w.pkey)) for w in policy.windows]
     mapper = KernelMapper(header.ncpus, regions, (policy.default_pkey, True, True), (0, True, True),
-                          (base, TABLE_FRAMES), windows, window_ranges(policy), nxe=True)
+                          (base, TABLE_FRAMES), windows, window_ranges(policy), nxe=True,
+                          entry=entry_text(syms))
     info = {"policy": policy.source, "kallsyms": path, "pkrs": f"{policy.pkrs:#010x}",
             "regions": [{"name": r.name, "start": f"{r.start:#x}", "end": f"{r.end:#x}",
                          "physical": r.by_pa, "pkey": r.pkey} for r in policy.regions],
