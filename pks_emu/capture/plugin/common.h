@@ -25,6 +25,7 @@
 #include "qemu_api.h"
 
 #define PKS_CAP_FLAG_AC 0x2u   /* access flag bit 1: EFLAGS.AC was 1 */
+#define PKS_CAP_FLAG_IMPLICIT 0x1u   /* access flag bit 0: implicit supervisor access */
 
 static inline int pks_ip_is_kernel(uint64_t ip) { return (int)(ip >> 63); }
 

@@ -247,6 +247,12 @@ static void on_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t va, v
         }
     } else {
         c[st ? C_USTORE : C_ULOAD]++;
+        /* A user instruction cannot reach kernel memory itself (it would
+         * fault and not be recorded): such an access is the CPU's own, made
+         * while delivering an event (IDT, GDT, TSS, the entry stack), an
+         * implicit supervisor access (SDM Vol. 3A §4.6.1). */
+        if (va >> 63)
+            flags = PKS_CAP_FLAG_IMPLICIT;
     }
     if (atomic_load_explicit(&stopped, memory_order_relaxed))
         return;
