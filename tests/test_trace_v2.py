@@ -533,3 +533,13 @@ def test_crc32c_check_value_and_both_implementations():
     data = np.random.default_rng(8).integers(0, 256, 100_003, dtype=np.uint8).tobytes()
     assert crc32c(data) == crc32c(data, software=True) == crc32c(data[777:], crc32c(data[:777]))
     assert crc32c(b"") == 0 and crc32c(b"", 5) == 5
+
+
+def test_api_names_and_codes(tmp_path):
+    for api, code in (("v6", 6), (7, 7), ("v10", 10), (0, 0)):
+        f = io.BytesIO()
+        with v2.V2Writer(f, header(api=api)) as w:
+            pass
+        assert v2.open_trace_v2(io.BytesIO(f.getvalue())).header.api == code
+    with pytest.raises(ValueError):
+        v2.V2Writer(io.BytesIO(), header(api="v8"))

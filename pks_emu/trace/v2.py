@@ -76,9 +76,10 @@ DEFAULT_CODEC = "lz4"
 @dataclass
 class TraceHeaderV2(TraceHeader):
     """The v1 header fields (the v1-only offsets and counts are unused) plus
-    ``api`` (0 = unspecified/V10, 6, 7, 10) and ``trace_flags``."""
+    ``api`` (the header code 0 = unspecified/V10, 6, 7, 10; a writer also takes
+    the names "v6", "v7", "v10") and ``trace_flags``."""
 
-    api: int = 0
+    api: int = 0  # type: ignore[assignment]  # v1's TraceHeader holds the name; v2 the code
     trace_flags: int = 0
     version: int = VERSION
     cpu_states: list[tuple[int, ...]] = field(default_factory=list)
@@ -87,12 +88,14 @@ class TraceHeaderV2(TraceHeader):
         feats = sum(FEATURE_CODES[f] for f in self.features)
         raw = HEADER2.pack(MAGIC, VERSION, HEADER_SIZE, RECORD.itemsize, 0, self.paging_levels,
                            self.ncpus, COMPAT_CODES[self.compat], self.maxphyaddr, feats,
-                           self.max_tasks, self.tlb_entries, self.pkrs_init, self.api, 0,
+                           self.max_tasks, self.tlb_entries, self.pkrs_init, _api_code(self.api), 0,
                            self.trace_flags, 1 if self.cpu_states else 0)
         return (raw + struct.pack("<I", crc32c(raw))).ljust(HEADER_SIZE, b"\0")
 
     @classmethod
     def from_header(cls, h: TraceHeader, **kw: Any) -> TraceHeaderV2:
+        """A v2 header with the machine of ``h`` (a v1 header keeps its api)."""
+        kw.setdefault("api", _api_code(getattr(h, "api", 0) or 0))
         return cls(paging_levels=h.paging_levels, ncpus=h.ncpus, compat=h.compat,
                    maxphyaddr=h.maxphyaddr, features=h.features, max_tasks=h.max_tasks,
                    tlb_entries=h.tlb_entries, pkrs_init=h.pkrs_init,
@@ -102,14 +105,25 @@ class TraceHeaderV2(TraceHeader):
     def from_machine(cls, machine, *, max_tasks: int = 65536, pkrs_init: int | None = None,
                      **kw: Any) -> TraceHeaderV2:
         from ..constants import PKS_INIT_VALUE
-        states = [(c.cr0, c.cr3, c.cr4, c.efer, c.rflags, c.cpl, c.pkru, c.pkrs)
-                  for c in machine.cpus]
+        states: list[tuple[int, ...]] = [(c.cr0, c.cr3, c.cr4, c.efer, c.rflags, c.cpl, c.pkru, c.pkrs)
+                                         for c in machine.cpus]
         return cls(paging_levels=machine.paging_levels, ncpus=machine.ncpus,
                    compat=machine.compat, maxphyaddr=machine.maxphyaddr,
                    features=frozenset(machine.features), max_tasks=max_tasks,
                    tlb_entries=machine.cpus[0].tlb_entries,
                    pkrs_init=PKS_INIT_VALUE if pkrs_init is None else pkrs_init,
                    cpu_states=[tuple(s) for s in states], **kw)
+
+
+def _api_code(api) -> int:
+    """Header api code of a code (0, 6, 7, 10) or a name ("v6", "v7", "v10")."""
+    if isinstance(api, str):
+        codes = {"v6": 6, "v7": 7, "v10": 10}
+        if api in codes:
+            return codes[api]
+    elif api in APIS:
+        return int(api)
+    raise ValueError(f"api {api!r}: expected one of {APIS} or 'v6', 'v7', 'v10'")
 
 
 def is_v2_magic(first_bytes: bytes) -> bool:
@@ -149,8 +163,7 @@ class V2Writer:
             raise ValueError(f"codec {codec!r}: expected one of {', '.join(CODECS)}")
         if not 1 <= chunk_records <= MAX_CHUNK_RECORDS:
             raise ValueError(f"chunk_records {chunk_records}: expected 1..{MAX_CHUNK_RECORDS}")
-        if header.api not in APIS:
-            raise ValueError(f"api {header.api}: expected one of {APIS}")
+        _api_code(header.api)     # raises ValueError for an unknown api
         if header.trace_flags & ~TF_KNOWN:
             raise ValueError(f"trace_flags {header.trace_flags:#x}: unknown bits")
         if header.cpu_states and len(header.cpu_states) != header.ncpus:
