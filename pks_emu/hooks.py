@@ -15,7 +15,7 @@ The callback decides what happens next:
 * raise: the batch stops and the exception propagates.
 
 The loop between faults runs compiled and without the GIL
-(``pks_emu._capi``), so a batch with few faults costs about what
+(``pks_emu._hooks``), so a batch with few faults costs about what
 ``pks_emu.access_batch`` costs. ``FaultLog`` is a ready-made callback that
 collects the faults.
 """
@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import _capi
+from . import _hooks
 from ._core import access_batch as _access_batch
 from .errors import CPUException, GeneralProtectionFault, PageFault
 
@@ -46,7 +46,7 @@ class FaultLog(list):
 def _fault_exception(cpu: Any, code: int, va: int) -> CPUException:
     if code == -2:
         return GeneralProtectionFault(f"non-canonical address {va:#x}")
-    address, pkey = _capi.last_fault(cpu)
+    address, pkey = _hooks.last_fault(cpu)
     return PageFault(address, code, pkey=pkey, cpu=cpu.index)
 
 
@@ -99,7 +99,7 @@ def access_batch(cpu: Any, va: Any, kind: Any, size: Any = 1, implicit: Any = Fa
     i = 0
     retries = 0
     while i < n:
-        j = _capi._run_until_fault(cpu, vas, kinds, sizes, impl, i, pa, err)
+        j = _hooks._run_until_fault(cpu, vas, kinds, sizes, impl, i, pa, err)
         if j >= n:
             break
         exc = _fault_exception(cpu, int(err[j]), int(vas[j]))
