@@ -5,7 +5,7 @@ import argparse
 import os
 
 from ..errors import PksEmuError
-from ..trace.generators import GENERATORS
+from ..trace.generators import _INT_RANGES, _PAGE_RANGES, GENERATORS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,8 +20,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.records < 1:
-        raise PksEmuError(f"--records {args.records}: expected a positive number")
+    lo, hi = _INT_RANGES["records"]
+    if not lo <= args.records <= hi:
+        raise PksEmuError(f"--records {args.records}: expected {lo}..{hi}")
+    lo, hi = _INT_RANGES["seed"]
+    if not lo <= args.seed <= hi:
+        raise PksEmuError(f"--seed {args.seed}: expected {lo}..{hi}")
+    if args.pages is not None and args.name in ("tlb-miss-scan", "pmem-stray"):
+        lo, hi = _PAGE_RANGES["gen_" + args.name.replace("-", "_")]
+        if not lo <= args.pages <= hi:
+            raise PksEmuError(f"--pages {args.pages}: expected {lo}..{hi} for {args.name}")
     kw: dict = {"records": args.records, "seed": args.seed}
     if args.name == "tlb-miss-scan":
         if args.cpus is not None:

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from ..atomic import atomic_output
 from ..constants import PKS_INIT_VALUE
 from ..errors import PksEmuError
 from .format import (CPU_STATE, FLAG_FROM_USER, FLAG_IMPLICIT, FRAME_SIZE, KEEP_CPL, MAX_TASKS_LIMIT, RECORD,
@@ -36,10 +37,18 @@ class TraceWriter:
 
     Records are buffered and written in blocks; ``accesses()`` appends a whole
     numpy batch at once.
+
+    The file is written atomically (:mod:`pks_emu.atomic`): it appears at
+    ``path`` only when ``close()`` succeeds; an exception inside the ``with``
+    block, or ``abort()``, removes what was written. ``inputs`` are files the
+    output must not be (``convert X X``), refused before anything is written.
+    Write errors raise :class:`~pks_emu.atomic.OutputError` naming ``path``.
     """
 
     def __init__(self, path: str | os.PathLike, machine, *, max_tasks: int = 65536,
-                 pkrs_init: int = PKS_INIT_VALUE, buffer_records: int = 1 << 16) -> None:
+                 pkrs_init: int = PKS_INIT_VALUE, buffer_records: int = 1 << 16,
+                 inputs=()) -> None:
+        self._closed = True
         self.path = os.fspath(path)
         if not 1 <= max_tasks <= MAX_TASKS_LIMIT:
             raise ValueError(f"max_tasks {max_tasks}: expected 1..{MAX_TASKS_LIMIT}")
@@ -52,15 +61,20 @@ class TraceWriter:
         self.header.cpu_state_offset, self.header.memory_offset = cpu_off, mem_off
         self.header.records_offset, self.header.memory_frames = rec_off, len(frames)
         self._ncpus = machine.ncpus
-        self._f = open(self.path, "wb")
+        self._out = atomic_output(self.path, "wb", inputs=inputs)
+        self._f = self._out.__enter__()
         self._closed = False
-        self._f.write(self.header.pack())
-        for c in machine.cpus:
-            self._f.write(CPU_STATE.pack(c.cr0, c.cr3, c.cr4, c.efer, c.rflags, c.cpl, c.pkru, c.pkrs))
-        for pa in frames:
-            self._f.write(int(pa).to_bytes(8, "little"))
-            self._f.write(machine.memory.read(pa, FRAME_SIZE))
-        self._f.write(b"\0" * (rec_off - self._f.tell()))
+        try:
+            self._f.write(self.header.pack())
+            for c in machine.cpus:
+                self._f.write(CPU_STATE.pack(c.cr0, c.cr3, c.cr4, c.efer, c.rflags, c.cpl, c.pkru, c.pkrs))
+            for pa in frames:
+                self._f.write(int(pa).to_bytes(8, "little"))
+                self._f.write(machine.memory.read(pa, FRAME_SIZE))
+            self._f.write(b"\0" * (rec_off - self._f.tell()))
+        except BaseException as e:
+            self.abort(e)
+            raise
         self._buf = np.zeros(buffer_records, dtype=RECORD)
         self._n = 0
         self.count = 0
@@ -174,18 +188,42 @@ class TraceWriter:
 
     # --- end ---------------------------------------------------------------------
     def close(self) -> None:
+        """Write the record count into the header and put the file in place."""
         if self._closed:
             return
-        self._flush()
-        self.header.record_count = self.count
-        self._f.seek(0)
-        self._f.write(self.header.pack())
-        self._f.close()
+        try:
+            self._flush()
+            self.header.record_count = self.count
+            self._f.seek(0)
+            self._f.write(self.header.pack())
+        except BaseException as e:
+            self.abort(e)
+            raise
         self._closed = True
+        self._out.__exit__(None, None, None)
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        """Drop the output: the temporary file is removed, nothing appears at ``path``."""
+        if self._closed:
+            return
+        self._closed = True
+        e = exc if exc is not None else RuntimeError("trace writer aborted")
+        self._out.__exit__(type(e), e, e.__traceback__)
+
+    def __del__(self) -> None:
+        # A writer dropped without close() is incomplete: never leave it behind.
+        if not getattr(self, "_closed", True):
+            try:
+                self.abort()
+            except Exception:  # pragma: no cover - interpreter shutdown
+                pass
 
     def __enter__(self) -> TraceWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close()
+        if exc is not None:
+            self.abort(exc)
+        else:
+            self.close()
 
