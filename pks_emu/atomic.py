@@ -35,7 +35,20 @@ PARTIAL_MARK = ".partial-"
 
 
 class OutputError(PksEmuError, OSError):
-    """An output file cannot be written; the message names the file and why."""
+    """An output file cannot be written; the message names the file and why
+    (``filename`` and ``strerror`` hold them separately)."""
+
+    def __init__(self, message: str, *, path: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.filename = path
+        self.strerror = reason
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _fail(path: str, what: str, reason: str) -> OutputError:
+    return OutputError(f"{path}: {what}: {reason}", path=path, reason=reason)
 
 
 def _describe(e: OSError) -> str:
@@ -78,7 +91,7 @@ class _Guarded:
         try:
             return getattr(self._f, name)(*a)
         except OSError as e:
-            raise OutputError(f"{self._path}: cannot write: {_describe(e)}") from None
+            raise _fail(self._path, "cannot write", _describe(e)) from None
 
     def write(self, data: Any) -> Any:
         return self._call("write", data)
@@ -104,7 +117,7 @@ class _Guarded:
             try:
                 return attr(*a, **kw)
             except OSError as e:
-                raise OutputError(f"{self._path}: cannot write: {_describe(e)}") from None
+                raise _fail(self._path, "cannot write", _describe(e)) from None
         return call
 
 
@@ -126,13 +139,13 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb", *,
         try:
             f = open(path, mode, **kw)
         except OSError as e:
-            raise OutputError(f"{path}: cannot write: {_describe(e)}") from None
+            raise _fail(path, "cannot write", _describe(e)) from None
         try:
             yield _Guarded(f, path)
             try:
                 f.flush()
             except OSError as e:
-                raise OutputError(f"{path}: cannot write: {_describe(e)}") from None
+                raise _fail(path, "cannot write", _describe(e)) from None
         finally:
             with contextlib.suppress(OSError):
                 f.close()
@@ -142,7 +155,7 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb", *,
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}{PARTIAL_MARK}", dir=folder)
     except OSError as e:
         reason = "no such folder" if isinstance(e, FileNotFoundError) else _describe(e)
-        raise OutputError(f"{path}: cannot create the output: {reason}") from None
+        raise _fail(path, "cannot create the output", reason) from None
     ok = False
     try:
         f = os.fdopen(fd, mode, **kw)
@@ -164,7 +177,7 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb", *,
         except OSError as e:
             with contextlib.suppress(OSError):
                 f.close()
-            raise OutputError(f"{path}: cannot write: {_describe(e)}") from None
+            raise _fail(path, "cannot write", _describe(e)) from None
         ok = True
     finally:
         if not ok:

@@ -363,3 +363,68 @@ def test_policy_booleans_still_work(tmp_path):
     assert pol.nxe is False and pol.cpl == 0
     m, _ = build_machine(pol, np.array([0x400], dtype=np.uint64))
     assert not m.cpus[0].efer & (1 << 11)
+
+
+# --- replay: silent wrong answers, --faults, interrupts --------------------------------------
+
+def test_replay_refuses_a_machine_that_does_not_match_the_trace(tmp_path):
+    from pks_emu import replay
+    t = small_trace(tmp_path, ncpus=2, records=6)
+    with pytest.raises(ValueError, match="needs 2 CPU"):
+        replay(t, machine=Machine())
+    with pytest.raises(ValueError, match="4-level"):
+        replay(t, machine=Machine(ncpus=2, paging_levels=5))
+    assert replay(t).records_replayed == 6
+
+
+def test_replay_list_must_not_be_negative(tmp_path, capsys):
+    t = small_trace(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["replay", str(t), "--list", "-1"])
+    assert e.value.code == 2
+    assert "--list" in capsys.readouterr().err
+    assert run(capsys, "replay", t, "--list", "0")[0] == 0
+
+
+def test_faults_file_is_atomic(tmp_path, capsys, monkeypatch):
+    from pks_emu.cli import replay as cli_replay
+    t = small_trace(tmp_path)
+    out = tmp_path / "f.csv"
+    full = tmp_path / "full.csv"
+    full.symlink_to("/dev/full")
+    code, _, err = run(capsys, "replay", t, "--faults", full)
+    assert code == 2
+    one_error_line(err, "full.csv", "No space left")
+    code, _, err = run(capsys, "replay", t, "--faults", tmp_path / "no" / "f.csv")
+    assert code == 2
+    one_error_line(err, "no such folder")
+    # interrupted while writing: nothing at the target
+    real = cli_replay.fault_to_dict
+    monkeypatch.setattr(cli_replay, "fault_to_dict",
+                        lambda x: (_ for _ in ()).throw(KeyboardInterrupt()))
+    lk = lackey(tmp_path, "I  0401ab70,3\n")
+    pol = tmp_path / "p.toml"
+    pol.write_text('[default]\nmap = "unmapped"\n')
+    code, _, err = run(capsys, "replay", lk, "--policy", pol, "--faults", tmp_path / "f.jsonl")
+    assert code == 130
+    assert not (tmp_path / "f.jsonl").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    monkeypatch.setattr(cli_replay, "fault_to_dict", real)
+    assert run(capsys, "replay", lk, "--policy", pol, "--faults", out)[0] == 0
+    assert out.read_text().count("\n") == 2
+
+
+def test_lackey_replay_interrupted_leaves_no_temporary(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    import pks_emu.trace.convert as conv
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    lk = lackey(tmp_path, "I  0401ab70,3\n")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(conv, "build_machine", interrupted)
+    code, _, err = run(capsys, "replay", lk)
+    assert code == 130
+    one_error_line(err, "interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.lackey"]

@@ -13,6 +13,8 @@ import tempfile
 
 import numpy as np
 
+from . import nonnegative_int
+from ..atomic import atomic_output
 from ..constants import pf_error_code_str
 from ..errors import PksEmuError, TraceFormatError
 from ..trace.format import is_native_trace
@@ -41,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="lackey input: count and skip malformed lines instead of stopping")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    p.add_argument("--list", type=int, default=10, metavar="N",
+    p.add_argument("--list", type=nonnegative_int, default=10, metavar="N",
                    help="faults listed in the summary (default 10; all are in --faults/--json)")
 
 
@@ -66,9 +68,10 @@ def write_faults(path: str, faults: np.ndarray) -> None:
     suffix = os.path.splitext(path)[1].lower()
     try:
         if suffix == ".npy":
-            np.save(path, faults)
+            with atomic_output(path, "wb") as f:
+                np.save(f, faults)
         elif suffix == ".csv":
-            with open(path, "w") as f:
+            with atomic_output(path, "w") as f:
                 f.write("record,cpu,vector,kind,address,error_code,error_code_bits,pkey\n")
                 for x in faults:
                     vec = int(x["vector"])
@@ -78,7 +81,7 @@ def write_faults(path: str, faults: np.ndarray) -> None:
                             f"{code:#x},{pf_error_code_str(code) if vec == 14 else ''},"
                             f"{int(x['pkey']) if int(x['pkey']) >= 0 else ''}\n")
         elif suffix in (".jsonl", ".json"):
-            with open(path, "w") as f:
+            with atomic_output(path, "w") as f:
                 for x in faults:
                     f.write(json.dumps(fault_to_dict(x)) + "\n")
         else:
@@ -158,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         os.close(fd)
         try:
             convert_lackey(path, tmp, policy=args.policy, skip_bad=args.skip_bad)
-        except Exception:
+        except BaseException:  # Ctrl-C too: never leave the temporary trace behind
             os.unlink(tmp)
             raise
         native = tmp

@@ -152,6 +152,9 @@ def replay(path: str | os.PathLike, *, max_faults: int | None = None, stop_on_fa
     """
     path = os.fspath(path)
     header = read_header(path)
+    if machine is not None and (machine.ncpus, machine.paging_levels) != (header.ncpus, header.paging_levels):
+        raise ValueError(f"{path}: the trace needs {header.ncpus} CPU(s) and {header.paging_levels}-level "
+                         f"paging; the machine given has {machine.ncpus} and {machine.paging_levels}-level")
     if chunk_records < 1:
         raise ValueError(f"chunk_records {chunk_records} must be positive")
     if compat is not None and compat not in ("sdm", "qemu"):
