@@ -219,7 +219,7 @@ cdef class ReplayEngine:
             self.max_exception_depth = self.aux_depth[cpu]
         return 0
 
-    def run(self, const uint8_t[::1] data, uint64_t first_index):
+    def run(self, const uint8_t[::1] data not None, uint64_t first_index):
         """Replay the records in ``data`` (a multiple of 24 bytes, already
         validated). Returns a status code (REPLAY_*)."""
         if data.shape[0] % sizeof(pks_record_t):
@@ -407,7 +407,7 @@ cdef class ReplayEngine:
         return [self.pkrs_cache[i] for i in range(self.ncpus)]
 
 
-def load_cpu_state(CPU cpu, uint64_t cr0, uint64_t cr3, uint64_t cr4, uint64_t efer,
+def load_cpu_state(CPU cpu not None, uint64_t cr0, uint64_t cr3, uint64_t cr4, uint64_t efer,
                    uint64_t rflags, uint64_t cpl, uint64_t pkru, uint64_t pkrs):
     """Set a CPU's registers from a saved state, checking that the hardware
     could hold them; returns None or a string saying what is wrong."""
@@ -444,7 +444,7 @@ def load_cpu_state(CPU cpu, uint64_t cr0, uint64_t cr3, uint64_t cr4, uint64_t e
     return None
 
 
-def first_invalid_record(const uint8_t[::1] data, int ncpus, uint64_t max_tasks):
+def first_invalid_record(const uint8_t[::1] data not None, int ncpus, uint64_t max_tasks):
     """Index of the first record in ``data`` that the replay loop must not
     see (unknown type, CPU out of range, bad kind/size/CPL/CR/task/PTE
     address/MSR number), or -1. pks_emu.trace.format explains the reason."""
