@@ -83,9 +83,16 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line (docs/cli.md: exit 2, one line on stderr)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pks-emu",
         description="Emulate x86 protection keys (PKS and PKU): replay traces of memory accesses "
                     "and events, generate kernel-style workloads, run the PKS series' self-tests.",
@@ -93,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                "with replay --fail-on-fault, 130 interrupted. "
                "Run 'pks-emu COMMAND --help' for a command's options.")
     parser.add_argument("--version", action="version", version=f"pks-emu {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         try:

@@ -149,8 +149,12 @@ def summary(r: ReplayResult, listed: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     path = args.trace
-    if not os.path.exists(path):
-        raise TraceFormatError(f"{path}: no such file")
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise TraceFormatError(f"{path}: no such file") from None
+    except OSError as e:
+        raise TraceFormatError(f"{path}: cannot read: {e.strerror or e}") from None
     if args.max_faults is not None and args.max_faults < 1:
         raise PksEmuError(f"--max-faults {args.max_faults}: expected a positive number")
     tmp = None
