@@ -276,6 +276,19 @@ def test_gzip_trailing_garbage_says_so(tmp_path):
         parse_lackey(p)
 
 
+def test_error_lines_keep_the_format_text(tmp_path, capsys):
+    # one_line() joins lines but must not squeeze the two spaces of 'I  ADDR,SIZE'
+    code, _, err = run(capsys, "info", lackey(tmp_path, "hello\n"))
+    assert code == 2
+    one_error_line(err, "expected 'I  ADDR,SIZE'")
+
+
+def test_info_on_dev_null_is_refused(capsys):
+    code, _, err = run(capsys, "info", "/dev/null")
+    assert code == 2
+    one_error_line(err, "/dev/null: empty input")
+
+
 def test_empty_input_is_refused(tmp_path, capsys):
     e = lackey(tmp_path, b"", "empty")
     for cmd in (["info", e], ["replay", e], ["convert", e, tmp_path / "o.pkt"]):

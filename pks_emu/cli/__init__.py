@@ -50,7 +50,7 @@ def nonnegative_int(text: str) -> int:
 
 def one_line(text: str) -> str:
     """Error text on one line (TOML and numpy messages may span several)."""
-    return " ".join(str(text).split())
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
 def os_error_text(e: OSError) -> str:

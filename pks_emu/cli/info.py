@@ -110,6 +110,8 @@ def describe_lackey(path: str) -> dict:
             lo = a if lo is None else min(lo, a)
             hi = b if hi is None else max(hi, b)
             pages = np.union1d(pages, np.unique(chunk.va >> np.uint64(12)))
+    if lines == 0:
+        raise TraceFormatError(f"{path}: empty input: expected a native pks_emu trace or a lackey trace")
     return {"trace": path, "format": "lackey", "compression": compression, "lines": lines,
             "skipped_lines": skipped, "records": records,
             "access_kinds": {"read": int(kinds[0]), "write": int(kinds[1]), "fetch": int(kinds[2])},
