@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import pks_emu
-from pks_emu import GeneralProtectionFault, Machine, PageFault
+from pks_emu import GeneralProtectionFault, Machine, PageFault, TraceWriter
 
 NONE_CALLS = [
     "pks_emu.access_batch(None, np.zeros(4, np.uint64), 0)",
@@ -116,3 +116,80 @@ def test_wrap_past_2_64_is_named(cpu):
         cpu.access(0x8000_0000_0000, "read", size=1)
     with pytest.raises(PageFault):        # canonical top of memory, no wrap: an ordinary #PF
         cpu.access(2**64 - 8, "read", size=8)
+
+
+# --- Python layer: Machine, AddressSpace, TraceWriter, replay_records ------------------------
+
+@pytest.mark.parametrize("kw", [{"paging_levels": 4.0}, {"ncpus": True}, {"ncpus": 2.0},
+                                {"maxphyaddr": 52.0}, {"tlb_entries": 1024.0},
+                                {"features": "pks"}, {"features": None}, {"compat": 1}])
+def test_machine_refuses_wrong_types(kw):
+    with pytest.raises(TypeError):
+        Machine(**kw)
+
+
+def test_machine_takes_numpy_integers():
+    m = Machine(ncpus=np.int64(2), paging_levels=np.uint8(5))
+    assert m.ncpus == 2 and m.paging_levels == 5 and type(m.paging_levels) is int
+
+
+@pytest.mark.parametrize("call", [
+    lambda a: a.map(0x1000, 0x2000, pkey=True),
+    lambda a: a.map(0x1000, 0x2000, pkey=1.0),
+    lambda a: a.map(0x1000, 8192.0),
+    lambda a: a.map_range(0x1000, 0x2000, 4096, pkey=1.5),
+    lambda a: a.map_range(0x1000, 0x2000, 4096.0),
+    lambda a: a.protect(0x1000, pkey=1.5),
+])
+def test_address_space_refuses_floats_and_bool_keys(call):
+    m = Machine()
+    a = m.address_space()
+    a.map(0x1000, 0x9000)
+    with pytest.raises(TypeError):
+        call(a)
+
+
+def test_address_space_needs_a_machine():
+    with pytest.raises(TypeError, match="needs a pks_emu.Machine"):
+        pks_emu.AddressSpace(None)
+
+
+@pytest.mark.parametrize("call,exc", [
+    (lambda w: w.access(0, 1.5, "read"), TypeError),
+    (lambda w: w.access(0, 0x1000, "read", size=2.5), TypeError),
+    (lambda w: w.access(0, 0x1000, "read", cpl=True), TypeError),
+    (lambda w: w.accesses(0, [1.5], 0), TypeError),
+    (lambda w: w.accesses(0, np.array([4096.0]), 0), TypeError),
+    (lambda w: w.accesses(0, [1], 0, size=[2.5]), TypeError),
+    (lambda w: w.accesses(0, [-1], 0), (ValueError, OverflowError)),
+    (lambda w: w.wrmsr(0, 0x6E1, 1.5), TypeError),
+    (lambda w: w.wrmsr(0, 1 << 40, 0), ValueError),          # not an MSR number: unreadable file
+    (lambda w: w.rdmsr(0, -1), ValueError),
+    (lambda w: w.wrpkru(0, 1.5), TypeError),
+    (lambda w: w.context_switch(0, -1), ValueError),
+    (lambda w: w.context_switch(0, 1 << 30), ValueError),     # above max_tasks
+    (lambda w: w.exception_entry(0, 300), ValueError),
+    (lambda w: w.pte_write(1 << 52, 0), ValueError),
+    (lambda w: w.invlpg(0, 2 ** 64), ValueError),
+    (lambda w: w.access(1, 0x1000, "read"), ValueError),      # CPU 1 of 1
+])
+def test_trace_writer_refuses_what_the_reader_would(tmp_path, call, exc):
+    from pks_emu import replay
+    path = tmp_path / "t.pkt"
+    with TraceWriter(path, Machine()) as w:
+        with pytest.raises(exc):
+            call(w)
+        w.access(0, 0x1000, "read")
+    assert replay(path).records == 1          # what was written stays readable
+
+
+def test_trace_writer_and_replay_records_need_a_machine(tmp_path):
+    from pks_emu import replay_records
+    from pks_emu.trace.format import RECORD
+    with pytest.raises(TypeError, match="needs a pks_emu.Machine"):
+        TraceWriter(tmp_path / "t.pkt", None)
+    with pytest.raises(TypeError, match="needs a pks_emu.Machine"):
+        replay_records(None, np.zeros(1, RECORD))
+    with pytest.raises(TypeError):
+        TraceWriter(tmp_path / "t.pkt", Machine(), max_tasks=1.5)
+    assert list(tmp_path.iterdir()) == []

@@ -233,6 +233,8 @@ def replay_records(machine: Machine, records: np.ndarray, *, max_faults: int | N
     go. The machine keeps its state afterwards, so chunks can follow one
     another; each call starts with fresh task and exception bookkeeping and
     resets the CPUs' counters."""
+    if not isinstance(machine, Machine):
+        raise TypeError(f"replay_records needs a pks_emu.Machine, got {type(machine).__name__}")
     recs = np.ascontiguousarray(records, dtype=RECORD)
     if recs.ndim != 1:
         raise ValueError(f"records must be one-dimensional, got shape {recs.shape}")
