@@ -130,6 +130,8 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb", *,
     ``inputs`` are refused as targets (:func:`check_not_input`).
     """
     path = os.fspath(path)
+    if not path:
+        raise OutputError("output file name is empty: expected a file name to write", reason="empty name")
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_output mode {mode!r}: expected 'w' or 'wb'")
     check_not_input(path, inputs)

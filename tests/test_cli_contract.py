@@ -126,6 +126,8 @@ CASES = [
     (["gen", "tlb-miss-scan", "-o", "{out}", "--records", "x"], "--records"),
     (["gen", "nope", "-o", "{out}"], "invalid choice"),
     (["gen", "pmem-stray", "-o", "{dir}"], "is a directory"),
+    (["gen", "pmem-stray", "-o", ""], "output file name is empty"),
+    (["gen", "pmem-stray", "-o", "{out}", "--levels", "5"], "--levels applies to tlb-miss-scan only"),
     # selftest, bench
     (["selftest", "--ncpus", "300"], "--ncpus 300"),
     (["selftest", "--ncpus", "0"], "--ncpus 0"),

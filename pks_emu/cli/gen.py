@@ -15,7 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same file)")
     p.add_argument("--cpus", type=int, help="CPU count (not for tlb-miss-scan)")
     p.add_argument("--pages", type=int, help="pages to scan (tlb-miss-scan; default 1,048,576)")
-    p.add_argument("--levels", type=int, choices=(4, 5), default=4, help="paging depth (tlb-miss-scan)")
+    p.add_argument("--levels", type=int, choices=(4, 5), default=None,
+                   help="paging depth (tlb-miss-scan; default 4)")
     p.add_argument("--random", action="store_true", help="tlb-miss-scan: visit pages in random order")
 
 
@@ -36,11 +37,13 @@ def run(args: argparse.Namespace) -> int:
             raise PksEmuError("--cpus does not apply to tlb-miss-scan (one CPU)")
         if args.pages is not None:
             kw["pages"] = args.pages
-        kw["paging_levels"] = args.levels
+        kw["paging_levels"] = 4 if args.levels is None else args.levels
         kw["random"] = args.random
     else:
         if args.random:
             raise PksEmuError("--random applies to tlb-miss-scan only")
+        if args.levels is not None:
+            raise PksEmuError(f"--levels applies to tlb-miss-scan only ({args.name} uses 4-level paging)")
         if args.pages is not None and args.name != "pmem-stray":
             raise PksEmuError(f"--pages does not apply to {args.name}")
         if args.pages is not None:
