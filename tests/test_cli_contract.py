@@ -188,7 +188,7 @@ def test_unreadable_file(cmd):
 
 # --- interrupts ------------------------------------------------------------------------------
 
-def interrupt_when_writing(argv, folder: Path, env=None, timeout=120):
+def interrupt_when_writing(argv, folder: Path, env=None, timeout=120, sig=signal.SIGINT):
     """Start pks-emu, wait until its temporary output exists, send SIGINT."""
     e = dict(os.environ, **(env or {}))
     proc = subprocess.Popen([*PKS_EMU, *map(str, argv)], stdout=subprocess.PIPE,
@@ -201,7 +201,7 @@ def interrupt_when_writing(argv, folder: Path, env=None, timeout=120):
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "finished before it could be interrupted: use a bigger input"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -215,6 +215,15 @@ def test_ctrl_c_during_gen(tmp_path):
                                         tmp_path)
     assert rc == 130, err
     assert len(err.splitlines()) == 1 and "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_during_gen_cleans_up_too(tmp_path):
+    out = tmp_path / "big.pkt"
+    rc, _, err = interrupt_when_writing(["gen", "pmem-stray", "-o", out, "--records", "20000000"],
+                                        tmp_path, sig=signal.SIGTERM)
+    assert rc == 143, err
+    assert len(err.splitlines()) == 1 and "terminated" in err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -7,8 +7,8 @@ This file only wires them.
 Exit status (docs/cli.md): 0 when the command ran, 2 for bad input or an
 I/O error (one line on stderr naming the file, record or value and what was
 expected; never a traceback), 3 for ``replay --fail-on-fault`` with faults,
-130 when interrupted (Ctrl-C; outputs are written atomically, so an interrupt
-leaves no file that looks complete). A closed stdout pipe (``| head``) ends
+130 when interrupted (Ctrl-C; 143 for SIGTERM; outputs are written
+atomically, so an interrupt leaves no file that looks complete). A closed stdout pipe (``| head``) ends
 the command quietly.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import argparse
 import errno
 import importlib
 import os
+import signal
 import sys
 
 from ..errors import PksEmuError
@@ -24,6 +25,15 @@ from ..errors import PksEmuError
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143      # 128 + SIGTERM
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that atomic outputs clean up."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
 
 
 def positive_int(text: str) -> int:
@@ -125,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     prog = f"pks-emu {args.command}"
+    old_term = None
+    try:
+        old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):  # not the main thread (embedded use)
+        pass
     try:
         rc = int(args._run(args) or 0)
         sys.stdout.flush()
@@ -132,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; no output was left that looks complete", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except _Terminated:
+        print(f"{prog}: terminated (SIGTERM); no output was left that looks complete", file=sys.stderr)
+        return EXIT_TERMINATED
     except BrokenPipeError:  # e.g. piped into head: quiet, as cat and grep are
         _quiet_stdout()
         return EXIT_OK
@@ -150,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         what = "out of memory" if isinstance(e, MemoryError) else ""
         print(f"{prog}: error: {one_line(str(e) or what or type(e).__name__)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 if __name__ == "__main__":
