@@ -1,9 +1,11 @@
 """Fuzz the native trace reader v2 (``pks_emu.trace.v2``, docs/trace-format.md).
 
-TODO(v2): the v2 module is not on main yet. Until it is, this target exits
-0 with a notice (fuzz/run.sh reports it as skipped); once
-``pks_emu.trace.v2`` imports, it reads every chunk of the input through
-``open_trace_v2`` and checks the record counts against the end marker.
+TODO(v2): ``pks_emu.trace.v2`` is on main but not yet merged into this
+branch. While the module is absent this target exits 0 with a notice
+(fuzz/run.sh reports it as skipped); when ``pks_emu.trace.v2`` imports, it
+reads the memory image and every chunk of the input through
+``open_trace_v2`` (the end marker is checked after the last chunk). Seeds:
+fuzz/corpus/native_v2/ (the native seeds converted with convert_v1_to_v2).
 
 Run: python fuzz/fuzz_native_v2.py [libFuzzer flags] CORPUS_DIR...
 """
@@ -31,14 +33,14 @@ from _common import main, write  # noqa: E402
 
 def check(data: bytes) -> None:
     path = write("t.pkt2", data)
-    reader = open_trace_v2(path)
-    total = 0
-    for _pa, frame in reader.memory():
-        assert len(frame) == 4096
-    for first, records, ip, pa in reader.chunks():
-        assert first == total
-        assert len(ip) == len(records) and (pa is None or len(pa) == len(records))
-        total += len(records)
+    with open_trace_v2(path) as reader:
+        total = 0
+        for _pa, frame in reader.memory():
+            assert len(frame) == 4096
+        for first, records, ip, pa in reader.chunks():
+            assert first == total
+            assert len(ip) == len(records) and (pa is None or len(pa) == len(records))
+            total += len(records)
 
 
 if __name__ == "__main__":

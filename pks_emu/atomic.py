@@ -156,7 +156,8 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb", *,
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}{PARTIAL_MARK}", dir=folder)
     except OSError as e:
-        reason = "no such folder" if isinstance(e, FileNotFoundError) else _describe(e)
+        reason = ("no such folder" if isinstance(e, FileNotFoundError) and not os.path.isdir(folder)
+                  else _describe(e))
         raise _fail(path, "cannot create the output", reason) from None
     ok = False
     try:

@@ -113,6 +113,8 @@ CASES = [
     (["replay", "{lk}", "--policy", "{policy-type}"], "nxe"),
     (["replay", "{good}", "--list", "-1"], "--list"),
     (["replay", "{good}", "--max-faults", "0"], "--max-faults 0"),
+    (["replay", "{good}", "--max-faults", str(1 << 70)], "--max-faults 1180591620717411303424"),
+    (["info", "{good}", "-o", "/proc/x.txt"], "/proc/x.txt: cannot create the output: No such file"),
     (["replay", "{good}", "--faults", "{dir}/none/f.csv"], "no such folder"),
     (["replay", "{good}", "--faults", "{out}.txt"], "unknown format"),
     # gen

@@ -155,8 +155,8 @@ def run(args: argparse.Namespace) -> int:
         raise TraceFormatError(f"{path}: no such file") from None
     except OSError as e:
         raise TraceFormatError(f"{path}: cannot read: {e.strerror or e}") from None
-    if args.max_faults is not None and args.max_faults < 1:
-        raise PksEmuError(f"--max-faults {args.max_faults}: expected a positive number")
+    if args.max_faults is not None and not 1 <= args.max_faults < 1 << 64:
+        raise PksEmuError(f"--max-faults {args.max_faults}: expected a positive number below 2**64")
     tmp = None
     if not is_native_trace(path):
         # Not a native trace: read it as a lackey trace through the policy.
