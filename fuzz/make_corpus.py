@@ -7,7 +7,6 @@ import gzip
 import lzma
 import os
 import shutil
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -116,5 +115,16 @@ if __name__ == "__main__":
         os.makedirs(d)
         make(d)
         print(d, sorted(os.listdir(d)))
-    os.makedirs(os.path.join(HERE, "corpus", "native_v2"), exist_ok=True)
-    tempfile.gettempdir()
+    v2 = os.path.join(HERE, "corpus", "native_v2")
+    os.makedirs(v2, exist_ok=True)
+    try:
+        from pks_emu.trace.v2 import convert_v1_to_v2
+    except ImportError:
+        print(v2, "kept: pks_emu.trace.v2 is not in this build")
+    else:
+        src = os.path.join(HERE, "corpus", "native")
+        for name in sorted(os.listdir(src)):
+            if name.endswith(".pkt"):
+                convert_v1_to_v2(os.path.join(src, name),
+                                 os.path.join(v2, name[:-4] + ".none.pkt2"), codec="none")
+        print(v2, sorted(os.listdir(v2)))
