@@ -190,15 +190,19 @@ def test_unreadable_file(cmd):
 
 # --- interrupts ------------------------------------------------------------------------------
 
-def interrupt_when_writing(argv, folder: Path, env=None, timeout=120, sig=signal.SIGINT):
-    """Start pks-emu, wait until its temporary output exists, send SIGINT."""
+def interrupt_when_writing(argv, folder: Path, env=None, timeout=120, sig=signal.SIGINT,
+                           marker=None):
+    """Start pks-emu, wait until its temporary output exists (a name in
+    ``folder`` containing ``marker``, default any temporary), send SIGINT."""
     e = dict(os.environ, **(env or {}))
     proc = subprocess.Popen([*PKS_EMU, *map(str, argv)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=e)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if any(".partial-" in q.name or q.name.startswith("pks-emu-") for q in folder.iterdir()):
+            names = [q.name for q in folder.iterdir()]
+            if any(marker in n if marker else (".partial-" in n or n.startswith("pks-emu-"))
+                   for n in names):
                 time.sleep(0.3)
                 break
             time.sleep(0.05)
@@ -255,6 +259,26 @@ def test_ctrl_c_during_lackey_replay_leaves_no_temporary(tmp_path):
     assert rc == 130, err
     assert len(err.splitlines()) == 1
     assert list(tmp.iterdir()) == []
+
+
+def test_ctrl_c_while_writing_faults_leaves_no_fault_file(tmp_path):
+    # every access faults (all pages unmapped): millions of faults to write
+    src = tmp_path / "big.lk"
+    line = b"".join(b" S %08x,8\n" % (0x600000 + 8 * i) for i in range(50000))
+    with open(src, "wb") as f:
+        for _ in range(60):
+            f.write(line)
+    pol = tmp_path / "unmapped.toml"
+    pol.write_text('[default]\nmap = "unmapped"\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    faults = out / "faults.jsonl"
+    rc, _, err = interrupt_when_writing(["replay", src, "--policy", pol, "-q", "--faults", faults],
+                                        out, env={"TMPDIR": str(out)},
+                                        marker=".faults.jsonl.partial-")
+    assert rc == 130, err
+    assert len(err.splitlines()) == 1 and "interrupted" in err
+    assert list(out.iterdir()) == []
 
 
 def test_broken_pipe_is_quiet(inputs):
