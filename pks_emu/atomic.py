@@ -152,9 +152,11 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb", *,
             with contextlib.suppress(OSError):
                 f.close()
         return
-    folder = os.path.dirname(os.path.abspath(path))
+    # A symlink stays a symlink: the file it points to is the one replaced.
+    real = os.path.realpath(path) if os.path.islink(path) else path
+    folder = os.path.dirname(os.path.abspath(real))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}{PARTIAL_MARK}", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(real)}{PARTIAL_MARK}", dir=folder)
     except OSError as e:
         reason = ("no such folder" if isinstance(e, FileNotFoundError) and not os.path.isdir(folder)
                   else _describe(e))
@@ -176,7 +178,7 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb", *,
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, path)
+            os.replace(tmp, real)
         except OSError as e:
             with contextlib.suppress(OSError):
                 f.close()

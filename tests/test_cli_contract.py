@@ -281,6 +281,18 @@ def test_ctrl_c_while_writing_faults_leaves_no_fault_file(tmp_path):
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv", [["info", "{good}"], ["info", "--json", "{good}"],
+                                  ["replay", "{good}"], ["selftest", "--api", "v10", "single"]])
+def test_stdout_on_a_full_disk(inputs, argv):
+    argv = [a.format(good=inputs["good"]) for a in argv]
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([*PKS_EMU, *argv], stdout=full, stderr=subprocess.PIPE, text=True,
+                           timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.splitlines() == [f"pks-emu {argv[0]}: error: <stdout>: cannot write: "
+                                     "No space left on device"], p.stderr
+
+
 def test_broken_pipe_is_quiet(inputs):
     # `pks-emu info --json X | head -c 1`: no BrokenPipeError traceback
     p = subprocess.run(f"{sys.executable} -m pks_emu.cli info --json {inputs['good']} | head -c 1",

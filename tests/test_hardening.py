@@ -433,3 +433,13 @@ def test_lackey_replay_interrupted_leaves_no_temporary(tmp_path, capsys, monkeyp
     assert code == 130
     one_error_line(err, "interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.lackey"]
+
+
+def test_atomic_output_through_a_symlink_replaces_the_file_it_points_to(tmp_path):
+    real = tmp_path / "real.bin"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.bin"
+    link.symlink_to(real)
+    with atomic_output(link) as f:
+        f.write(b"new")
+    assert link.is_symlink() and real.read_bytes() == b"new"

@@ -73,6 +73,34 @@ def os_error_text(e: OSError) -> str:
     return reason
 
 
+class _StdoutGuard:
+    """sys.stdout during a command: a write error other than a closed pipe
+    (a full disk: ``> /dev/full``) becomes an error naming standard output."""
+
+    def __init__(self, stream) -> None:
+        self._s = stream
+
+    def _fail(self, e: OSError):
+        if e.errno == errno.EPIPE:
+            return e
+        return PksEmuError(f"<stdout>: cannot write: {e.strerror or e}")
+
+    def write(self, text):
+        try:
+            return self._s.write(text)
+        except OSError as e:
+            raise self._fail(e) from None
+
+    def flush(self):
+        try:
+            return self._s.flush()
+        except OSError as e:
+            raise self._fail(e) from None
+
+    def __getattr__(self, name):
+        return getattr(self._s, name)
+
+
 def _quiet_stdout() -> None:
     """After EPIPE, point stdout at /dev/null so the interpreter's final flush stays quiet."""
     try:
@@ -140,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     except (ValueError, OSError):  # not the main thread (embedded use)
         pass
+    real_stdout = sys.stdout
+    sys.stdout = _StdoutGuard(real_stdout)  # type: ignore[assignment]
     try:
         rc = int(args._run(args) or 0)
         sys.stdout.flush()
@@ -169,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: error: {one_line(str(e) or what or type(e).__name__)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:
+        sys.stdout = real_stdout
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
 
