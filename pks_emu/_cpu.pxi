@@ -404,17 +404,18 @@ cdef class CPU:
         ``implicit`` marks an implicit supervisor-mode access (descriptor
         tables, IDT, TSS), which is supervisor-mode even at CPL 3.
         """
-        va, size = _u64(va, "va"), _int(size, "size")
+        cdef uint64_t v = _c_u64(va, "va")
+        cdef uint32_t sz = _c_u32(size, "size")
         cdef uint64_t pa = 0
         cdef int k = _kind_of(kind)
-        if size == 0 or size > 4096:
+        if sz == 0 or sz > 4096:
             raise ValueError(f"access size {size} out of range: expected 1..4096")
         _check_writable(self.st.mem)
-        cdef int32_t r = pks_access(&self.st, va, k, size, implicit, &pa)
+        cdef int32_t r = pks_access(&self.st, v, k, sz, implicit, &pa)
         if r == PKS_OK:
             return pa
         if r == PKS_GP:
-            raise GeneralProtectionFault(_gp_text(va, size))
+            raise GeneralProtectionFault(_gp_text(v, sz))
         raise PageFault(self.st.last_fault_va, r,
                         pkey=self.st.last_pkey if self.st.last_pkey >= 0 else None, cpu=self.index)
 
@@ -427,13 +428,14 @@ cdef class CPU:
     def translate(self, va, kind, size=8, bint implicit=False):
         """Like ``access`` (same checks, TLB use and A/D updates) but returns a
         ``Translation`` instead of raising."""
-        va, size = _u64(va, "va"), _int(size, "size")
+        cdef uint64_t v = _c_u64(va, "va")
+        cdef uint32_t sz = _c_u32(size, "size")
         cdef uint64_t pa = 0
         cdef int k = _kind_of(kind)
-        if size == 0 or size > 4096:
+        if sz == 0 or sz > 4096:
             raise ValueError(f"access size {size} out of range: expected 1..4096")
         _check_writable(self.st.mem)
-        cdef int32_t r = pks_access(&self.st, va, k, size, implicit, &pa)
+        cdef int32_t r = pks_access(&self.st, v, k, sz, implicit, &pa)
         cdef Translation t = Translation.__new__(Translation)
         t.cpu = self.index
         t.pkey = self.st.last_pkey if self.st.last_pkey >= 0 else None

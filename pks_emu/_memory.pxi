@@ -175,11 +175,15 @@ cdef int _check_range(uint64_t pa, uint64_t n) except -1:
     return 0
 
 
+cdef int _no_memory() except -1:
+    raise TypeError("this CPU was made without __init__: create it as CPU(memory, ...)")
+
+
 cdef int _check_writable(pks_mem_t *m) except -1:
     # A GIL-free loop may allocate frames (PTE-write records), which can move
     # the frame table: no other thread may touch the memory meanwhile.
     if m == NULL:
-        raise TypeError("this CPU was made without __init__: create it as CPU(memory, ...)")
+        return _no_memory()
     if m.busy:
         raise MachineBusyError(
             "physical memory is in use by a GIL-free batch call on another thread")
