@@ -17,7 +17,7 @@ cdef inline void _leave_nogil(CPU cpu):
     cpu.st.mem.busy -= 1
 
 
-def access_batch(CPU cpu, va, kind, size=1, implicit=False, *, out=None):
+def access_batch(CPU cpu not None, va, kind, size=1, implicit=False, *, out=None):
     """Check many accesses with ``cpu``'s current registers, in order, through its TLB.
 
     ``va``: uint64 array; ``kind``: uint8 array (0 read, 1 write, 2 fetch) or
@@ -101,6 +101,10 @@ def _batch_va(va):
             bad = int(np.argmax(va < 0))
             raise ValueError(f"va[{bad}] = {int(va.flat[bad])}: expected 0..2**64-1")
     else:
+        if not isinstance(va, (list, tuple, range)) or not all(
+                isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) for x in va):
+            # np.array([1.5], dtype=np.uint64) would truncate to 1
+            raise TypeError("va must be an integer array (uint64) or a list of ints")
         va = np.array(va, dtype=np.uint64)     # exact for Python ints; OverflowError if < 0
     if va.ndim != 1:
         raise ValueError(f"va must be one-dimensional, got shape {va.shape}")

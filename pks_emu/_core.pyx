@@ -22,6 +22,7 @@ cdef extern from *:
 #: True in a debug build (PKS_EMU_DEBUG=1: bounds checks and assertions on).
 DEBUG_BUILD = bool(PKS_EMU_DEBUG)
 
+include "_args.pxi"
 include "_memory.pxi"
 include "_paging.pxi"
 include "_tlb.pxi"

@@ -77,6 +77,13 @@ cdef str _cr_reason(CPU cpu, int n, uint64_t value, str otherwise):
     return f"MOV to CR{n} of {value:#x}: {otherwise}"
 
 
+cdef str _gp_text(object va, object size):
+    # #GP of an access: its last byte wraps past 2**64, or an end is non-canonical.
+    if va + size > (1 << 64):
+        return f"the access of {size} bytes at {va:#x} wraps past 2**64"
+    return f"non-canonical address {va:#x} (size {size})"
+
+
 cdef int _raise(int32_t r, str what) except -1:
     if r == PKS_GP:
         raise GeneralProtectionFault(what)
@@ -150,7 +157,8 @@ cdef class CPU:
         return self.st.cr0
 
     @cr0.setter
-    def cr0(self, uint64_t value):
+    def cr0(self, value):
+        value = _u64(value, "cr0")
         _raise(pks_write_cr0(&self.st, value), _cr_reason(self, 0, value,
                "bits 63:32 set, PG without PE, NW without CD, or PG cleared in IA-32e mode"))
 
@@ -159,7 +167,8 @@ cdef class CPU:
         return self.st.cr3
 
     @cr3.setter
-    def cr3(self, uint64_t value):
+    def cr3(self, value):
+        value = _u64(value, "cr3")
         _raise(pks_write_cr3(&self.st, value), _cr_reason(self, 3, value,
                f"bits above MAXPHYADDR ({self.st.maxphyaddr}) set"))
 
@@ -168,7 +177,8 @@ cdef class CPU:
         return self.st.cr4
 
     @cr4.setter
-    def cr4(self, uint64_t value):
+    def cr4(self, value):
+        value = _u64(value, "cr4")
         _raise(pks_write_cr4(&self.st, value), _cr_reason(self, 4, value,
                "reserved bit, absent feature, or PAE/LA57 change in IA-32e mode"))
 
@@ -177,7 +187,8 @@ cdef class CPU:
         return self.st.efer
 
     @efer.setter
-    def efer(self, uint64_t value):
+    def efer(self, value):
+        value = _u64(value, "efer")
         _raise(_write_efer(&self.st, value),
                f"WRMSR IA32_EFER at CPL {self.st.cpl}" if self.st.cpl else
                f"write of IA32_EFER {value:#x}: reserved bit, absent feature, or LME change with paging on")
@@ -187,7 +198,8 @@ cdef class CPU:
         return self.st.rflags
 
     @rflags.setter
-    def rflags(self, uint64_t value):
+    def rflags(self, value):
+        value = _u64(value, "rflags")
         # Bit 1 reads as 1; bits 3, 5, 15 and 63:22 read as 0 (SDM §3.4.3).
         self.st.rflags = (value & PKS_RFLAGS_KNOWN) | PKS_RFLAGS_FIXED
 
@@ -196,7 +208,8 @@ cdef class CPU:
         return self.st.cpl
 
     @cpl.setter
-    def cpl(self, int value):
+    def cpl(self, value):
+        value = _int(value, "cpl")
         if not 0 <= value <= 3:
             raise ValueError(f"CPL {value} out of range: expected 0..3")
         self.st.cpl = value
@@ -233,6 +246,7 @@ cdef class CPU:
 
     def wrmsr(self, msr, value):
         """WRMSR. #GP at CPL>0, for unknown MSRs, for IA32_PKRS without PKS or with bits 63:32 set."""
+        msr, value = _int(msr, "msr"), _int(value, "value")
         if not 0 <= msr < (1 << 32):
             raise ValueError(f"MSR number {msr!r} does not fit in ECX (32 bits)")
         if not 0 <= value < (1 << 64):
@@ -244,6 +258,7 @@ cdef class CPU:
     def rdmsr(self, msr):
         """RDMSR. #GP at CPL>0, for unknown MSRs, for IA32_PKRS without PKS."""
         cdef uint64_t v = 0
+        msr = _int(msr, "msr")
         if not 0 <= msr < (1 << 32):
             raise ValueError(f"MSR number {msr!r} does not fit in ECX (32 bits)")
         if pks_rdmsr(&self.st, msr, &v) != PKS_OK:
@@ -265,6 +280,7 @@ cdef class CPU:
         """WRPKRU with EAX=value. #UD if CR4.PKE=0; #GP if ECX or EDX is not 0.
         Bits 63:32 of RAX, RCX and RDX are ignored, as on hardware."""
         for name, v in (("value", value), ("ecx", ecx), ("edx", edx)):
+            _int(v, name)
             if not 0 <= v < (1 << 64):
                 raise ValueError(f"{name} {v!r} does not fit in a 64-bit register")
         r = pks_wrpkru(&self.st, value & 0xFFFFFFFF, ecx & 0xFFFFFFFF, edx & 0xFFFFFFFF)
@@ -273,13 +289,15 @@ cdef class CPU:
     def rdpkru(self, ecx=0):
         """RDPKRU: returns PKRU. #UD if CR4.PKE=0; #GP if ECX is not 0."""
         cdef uint32_t v = 0
+        ecx = _int(ecx, "ecx")
         if not 0 <= ecx < (1 << 64):
             raise ValueError(f"ecx {ecx!r} does not fit in a 64-bit register")
         r = pks_rdpkru(&self.st, ecx & 0xFFFFFFFF, &v)
         _raise(r, "RDPKRU with CR4.PKE=0" if r == PKS_UD else "RDPKRU with ECX not 0")
         return v
 
-    def cpuid(self, uint32_t leaf, uint32_t subleaf=0):
+    def cpuid(self, leaf, subleaf=0):
+        leaf, subleaf = _int(leaf, "leaf"), _int(subleaf, "subleaf")
         """CPUID: (eax, ebx, ecx, edx) for the leaves that describe paging and keys."""
         cdef uint32_t f = self.st.features
         cdef uint32_t ecx7 = 0, ebx7 = 1  # EBX[0] FSGSBASE
@@ -321,7 +339,8 @@ cdef class CPU:
         return (0, 0, 0, 0)
 
     # --- TLB ---------------------------------------------------------------
-    def invlpg(self, uint64_t va):
+    def invlpg(self, va):
+        va = _u64(va, "va")
         """INVLPG: drop the TLB entries of the page that contains ``va``."""
         pks_invlpg(&self.st, va)
 
@@ -377,7 +396,7 @@ cdef class CPU:
         return out
 
     # --- accesses ----------------------------------------------------------
-    def access(self, uint64_t va, kind, uint32_t size=8, bint implicit=False):
+    def access(self, va, kind, size=8, bint implicit=False):
         """Check an access of ``size`` bytes at ``va`` and return its physical
         address, or raise ``PageFault`` / ``GeneralProtectionFault``.
 
@@ -385,16 +404,18 @@ cdef class CPU:
         ``implicit`` marks an implicit supervisor-mode access (descriptor
         tables, IDT, TSS), which is supervisor-mode even at CPL 3.
         """
+        cdef uint64_t v = _c_u64(va, "va")
+        cdef uint32_t sz = _c_u32(size, "size")
         cdef uint64_t pa = 0
         cdef int k = _kind_of(kind)
-        if size == 0 or size > 4096:
+        if sz == 0 or sz > 4096:
             raise ValueError(f"access size {size} out of range: expected 1..4096")
         _check_writable(self.st.mem)
-        cdef int32_t r = pks_access(&self.st, va, k, size, implicit, &pa)
+        cdef int32_t r = pks_access(&self.st, v, k, sz, implicit, &pa)
         if r == PKS_OK:
             return pa
         if r == PKS_GP:
-            raise GeneralProtectionFault(f"non-canonical address {va:#x} (size {size})")
+            raise GeneralProtectionFault(_gp_text(v, sz))
         raise PageFault(self.st.last_fault_va, r,
                         pkey=self.st.last_pkey if self.st.last_pkey >= 0 else None, cpu=self.index)
 
@@ -404,15 +425,17 @@ cdef class CPU:
         access succeeded, -2 for #GP. See ``pks_emu.access_batch``."""
         return access_batch(self, va, kind, size, implicit, out=out)
 
-    def translate(self, uint64_t va, kind, uint32_t size=8, bint implicit=False):
+    def translate(self, va, kind, size=8, bint implicit=False):
         """Like ``access`` (same checks, TLB use and A/D updates) but returns a
         ``Translation`` instead of raising."""
+        cdef uint64_t v = _c_u64(va, "va")
+        cdef uint32_t sz = _c_u32(size, "size")
         cdef uint64_t pa = 0
         cdef int k = _kind_of(kind)
-        if size == 0 or size > 4096:
+        if sz == 0 or sz > 4096:
             raise ValueError(f"access size {size} out of range: expected 1..4096")
         _check_writable(self.st.mem)
-        cdef int32_t r = pks_access(&self.st, va, k, size, implicit, &pa)
+        cdef int32_t r = pks_access(&self.st, v, k, sz, implicit, &pa)
         cdef Translation t = Translation.__new__(Translation)
         t.cpu = self.index
         t.pkey = self.st.last_pkey if self.st.last_pkey >= 0 else None
@@ -432,10 +455,12 @@ cdef class CPU:
             t.address = self.st.last_fault_va
         return t
 
-    def walk(self, uint64_t va):
+    def walk(self, va):
         """The paging-structure entries that translate ``va``, top level first,
         as ``(level, entry_address, entry)`` tuples; no side effects, no TLB.
         The list stops at the leaf or at the first not-present entry."""
+        va = _u64(va, "va")
+        _check_writable(self.st.mem)
         cdef uint64_t eas[5]
         cdef uint64_t es[5]
         cdef int n = _walk_entries(self.st.mem, self.st.cr3, <int>self.st.levels, self.st.addr_mask,

@@ -15,9 +15,9 @@ def last_fault(CPU cpu not None):
     return c.last_fault_va, (c.last_pkey if c.last_pkey >= 0 else None)
 
 
-def _run_until_fault(CPU cpu not None, const uint64_t[::1] va, const uint8_t[::1] kind,
-                     const uint16_t[::1] size, const uint8_t[::1] implicit,
-                     Py_ssize_t start, uint64_t[::1] pa_out, int32_t[::1] err_out):
+def _run_until_fault(CPU cpu not None, const uint64_t[::1] va not None, const uint8_t[::1] kind not None,
+                     const uint16_t[::1] size not None, const uint8_t[::1] implicit not None,
+                     Py_ssize_t start, uint64_t[::1] pa_out not None, int32_t[::1] err_out not None):
     """Run accesses ``start..n-1`` in order and stop after the first fault.
 
     Returns the index of the faulting access, or n. The arrays are validated

@@ -268,8 +268,8 @@ cdef int _scan(const uint8_t* buf, Py_ssize_t pos, Py_ssize_t limit,
     return status
 
 
-def scan_block(const uint8_t[::1] buf, Py_ssize_t pos, Py_ssize_t limit,
-               uint64_t[::1] va, uint16_t[::1] size, uint8_t[::1] kind,
+def scan_block(const uint8_t[::1] buf not None, Py_ssize_t pos, Py_ssize_t limit,
+               uint64_t[::1] va not None, uint16_t[::1] size not None, uint8_t[::1] kind not None,
                Py_ssize_t n, bint stop_on_bad):
     """Scan the complete lines of ``buf[pos:limit]`` into ``va/size/kind[n:]``.
 

@@ -175,9 +175,15 @@ cdef int _check_range(uint64_t pa, uint64_t n) except -1:
     return 0
 
 
+cdef int _no_memory() except -1:
+    raise TypeError("this CPU was made without __init__: create it as CPU(memory, ...)")
+
+
 cdef int _check_writable(pks_mem_t *m) except -1:
     # A GIL-free loop may allocate frames (PTE-write records), which can move
     # the frame table: no other thread may touch the memory meanwhile.
+    if m == NULL:
+        return _no_memory()
     if m.busy:
         raise MachineBusyError(
             "physical memory is in use by a GIL-free batch call on another thread")
@@ -203,16 +209,18 @@ cdef class PhysicalMemory:
         """Number of 4-KiB frames allocated so far."""
         return self.m.count
 
-    def read_u64(self, uint64_t pa):
+    def read_u64(self, pa):
         """Read a little-endian 64-bit value at ``pa`` (any alignment)."""
+        pa = _u64(pa, "pa")
         _check_range(pa, 8)
         _check_writable(&self.m)
         if (pa & 7) == 0:
             return pks_mem_read_u64(&self.m, pa)
         return int.from_bytes(self.read(pa, 8), "little")
 
-    def write_u64(self, uint64_t pa, value):
+    def write_u64(self, pa, value):
         """Write a little-endian 64-bit value at ``pa`` (any alignment)."""
+        pa, value = _u64(pa, "pa"), _int(value, "value")
         if not 0 <= value < (1 << 64):
             raise ValueError(f"value {value!r} does not fit in 64 bits")
         _check_range(pa, 8)
@@ -223,8 +231,9 @@ cdef class PhysicalMemory:
             return
         self.write(pa, int(value).to_bytes(8, "little"))
 
-    def read(self, uint64_t pa, Py_ssize_t n):
+    def read(self, pa, Py_ssize_t n):
         """Read ``n`` bytes starting at ``pa``."""
+        pa = _u64(pa, "pa")
         if n < 0:
             raise ValueError(f"length {n} is negative")
         _check_range(pa, <uint64_t>n)
@@ -243,8 +252,9 @@ cdef class PhysicalMemory:
             done += chunk
         return bytes(out)
 
-    def write(self, uint64_t pa, data):
+    def write(self, pa, data):
         """Write the bytes-like ``data`` starting at ``pa``."""
+        pa = _u64(pa, "pa")
         cdef const uint8_t[::1] src = memoryview(data).cast("B")
         cdef Py_ssize_t n = src.shape[0]
         _check_range(pa, <uint64_t>n)
@@ -269,6 +279,7 @@ cdef class PhysicalMemory:
         out.sort()
         return out
 
-    def is_allocated(self, uint64_t pa):
+    def is_allocated(self, pa):
         """Whether the frame holding ``pa`` has been written."""
+        pa = _u64(pa, "pa")
         return pks_mem_frame(&self.m, pa >> 12, False) != NULL

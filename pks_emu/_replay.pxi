@@ -557,7 +557,7 @@ cdef class ReplayEngine:
         return self.kernel.task_pkrs[task]
 
 
-def load_cpu_state(CPU cpu, uint64_t cr0, uint64_t cr3, uint64_t cr4, uint64_t efer,
+def load_cpu_state(CPU cpu not None, uint64_t cr0, uint64_t cr3, uint64_t cr4, uint64_t efer,
                    uint64_t rflags, uint64_t cpl, uint64_t pkru, uint64_t pkrs):
     """Set a CPU's registers from a saved state, checking that the hardware
     could hold them; returns None or a string saying what is wrong."""
@@ -594,7 +594,7 @@ def load_cpu_state(CPU cpu, uint64_t cr0, uint64_t cr3, uint64_t cr4, uint64_t e
     return None
 
 
-def first_invalid_record(const uint8_t[::1] data, int ncpus, uint64_t max_tasks, str api="v10"):
+def first_invalid_record(const uint8_t[::1] data not None, int ncpus, uint64_t max_tasks, str api="v10"):
     """(index, problem) of the first record in ``data`` that record_problem()
     refuses, or (-1, 0). pks_emu.trace.format words the problem."""
     if data.shape[0] % sizeof(pks_record_t):

@@ -39,6 +39,7 @@ one chunk's arrays (19 bytes a record) and the decompressor's own state (an
 from __future__ import annotations
 
 import bz2
+import errno
 import gzip
 import io
 import lzma
@@ -52,7 +53,7 @@ import numpy as np
 from ._lackey import ST_BAD, ST_DONE, ST_FULL, scan_block_ip
 from .errors import TraceFormatError
 
-__all__ = ["LackeyTrace", "iter_lackey", "parse_lackey", "MAX_BAD_EXAMPLES"]
+__all__ = ["LackeyTrace", "iter_lackey", "line_of_record", "parse_lackey", "MAX_BAD_EXAMPLES"]
 
 #: how many malformed lines ``bad_examples`` keeps (per parse)
 MAX_BAD_EXAMPLES = 20
@@ -162,6 +163,27 @@ def iter_lackey(path: str | os.PathLike[str], *, chunk_records: int = 1 << 20,
     return _read(path, chunk_records=chunk_records, skip_bad=skip_bad)
 
 
+def line_of_record(path: str | os.PathLike[str], index: int, *,
+                   skip_bad: bool = False) -> tuple[int, str]:
+    """The 1-based line number and text of record ``index`` (0-based; an ``M``
+    line holds two records). For error messages: reads the file again."""
+    fspath = os.fspath(path)
+    raw, stream, _ = _open(fspath)
+    seen = 0
+    with raw, stream:
+        for lineno, line in enumerate(stream, 1):
+            body = line.rstrip(b"\r\n")
+            if body.startswith(b"I ") or body.startswith((b" L", b" S")):
+                seen += 1
+            elif body.startswith(b" M"):
+                seen += 2
+            else:
+                continue
+            if seen > index:
+                return lineno, _text(body)
+    return 0, ""
+
+
 # --- reading ------------------------------------------------------------------
 
 def looks_like_lackey(head: bytes) -> bool:
@@ -172,12 +194,44 @@ def looks_like_lackey(head: bytes) -> bool:
     return not any(b < 9 or 13 < b < 32 or b == 127 for b in head if b != 10 and b != 13)
 
 
+#: the native trace magic (pks_emu.trace.format.MAGIC) and the prefix that
+#: marks a native trace whose magic is damaged
+_NATIVE_MAGIC = b"PKSEMUTR"
+_NATIVE_PREFIX = b"PKSEMU"
+
+
+def _check_not_native(fspath: str, head: bytes) -> None:
+    """A native trace (or a damaged one) is not a lackey trace: say so, not 'bad record'."""
+    if head[:8] == _NATIVE_MAGIC:
+        raise TraceFormatError(f"{fspath}: is a native pks_emu trace, not a lackey trace")
+    if head[:6] == _NATIVE_PREFIX:
+        raise TraceFormatError(
+            f"{fspath}: damaged pks_emu trace: magic {head[:8]!r}, expected {_NATIVE_MAGIC!r}")
+
+
+def _with_path(e: OSError, fspath: str) -> OSError:
+    """``e`` with the file name set (a read error of an open file carries none)."""
+    if e.filename is None:
+        return type(e)(e.errno, e.strerror or str(e), fspath) if e.errno else OSError(
+            errno.EIO, str(e) or "read error", fspath)
+    return e
+
+
 def _open(fspath) -> tuple[io.BufferedIOBase, io.BufferedIOBase, str]:
     """Open ``fspath`` (or take an open buffered binary stream, such as
     standard input); return (file, stream to read, compression)."""
     raw = fspath if hasattr(fspath, "peek") else open(fspath, "rb")
+    if hasattr(fspath, "peek"):
+        fspath = str(getattr(fspath, "name", "<stream>"))
+        fspath = "<stdin>" if fspath in ("<stdin>", "0") else fspath
     try:
-        m = _MAGIC.match(raw.peek(10)[:10])
+        try:
+            head = raw.peek(64)[:64]
+        except OSError as e:
+            raise _with_path(e, fspath) from None
+        m = _MAGIC.match(head[:10])
+        if m is None:
+            _check_not_native(fspath, head)
         if m is not None:
             name = _COMPRESSION[m.lastindex - 1]  # type: ignore[operator]
             stream: io.BufferedIOBase
@@ -210,13 +264,28 @@ class _Reader:
 
     def readinto(self, mv: memoryview) -> int:
         if self.compression == "none":
-            return self.stream.readinto(mv)
+            try:
+                return self.stream.readinto(mv)
+            except OSError as e:
+                raise _with_path(e, self.fspath) from None
         try:
             n = self.stream.readinto(mv)
         except (EOFError, OSError, lzma.LZMAError, zlib.error) as e:
+            # The stream's own position counts the bytes decompressed before
+            # the error, including those of this (failed) call.
+            try:
+                done = max(self.decompressed, int(self.stream.tell()))
+            except (OSError, ValueError, AttributeError):
+                done = self.decompressed
+            if (isinstance(e, gzip.BadGzipFile) and str(e).startswith("Not a gzipped file")
+                    and done > 0):
+                # A complete gzip member, then bytes that are not another member.
+                raise TraceFormatError(
+                    f"{self.fspath}: trailing garbage after the gzip data (after {done} "
+                    f"decompressed bytes): expected the end of the file or another gzip member") from e
             what = "truncated" if isinstance(e, EOFError) else "corrupt"
             raise TraceFormatError(
-                f"{self.fspath}: {what} {self.compression} data after {self.decompressed} "
+                f"{self.fspath}: {what} {self.compression} data after {done} "
                 f"decompressed bytes: {e}") from e
         self.decompressed += n
         return n

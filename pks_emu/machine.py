@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ._core import CPU, PhysicalMemory, feature_bits
 from .constants import (ALL_FEATURES, CR0_WP, CR4_PGE, CR4_PKE, CR4_PKS, CR4_SMAP, CR4_SMEP,
                         EFER_NXE, MSR_IA32_PKRS, PAGE_SIZE, PKS_INIT_VALUE)
@@ -28,8 +30,20 @@ class Machine:
     def __init__(self, paging_levels: int = 4, ncpus: int = 1,
                  features: Iterable[str] = ALL_FEATURES, compat: str = "sdm", *,
                  maxphyaddr: int = 52, tlb_entries: int = 1024) -> None:
-        if not isinstance(ncpus, int) or not 1 <= ncpus <= 256:
+        for name, v in (("ncpus", ncpus), ("paging_levels", paging_levels),
+                         ("maxphyaddr", maxphyaddr), ("tlb_entries", tlb_entries)):
+            # a bool or a float would be taken as a number (Machine(ncpus=True), 4.0-level paging)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{name} must be an integer, got {type(v).__name__} ({v!r})")
+        ncpus, paging_levels = int(ncpus), int(paging_levels)
+        maxphyaddr, tlb_entries = int(maxphyaddr), int(tlb_entries)
+        if not 1 <= ncpus <= 256:
             raise ValueError(f"ncpus {ncpus!r} out of range: expected 1..256")
+        if not isinstance(compat, str):
+            raise TypeError(f"compat must be 'sdm' or 'qemu', got {type(compat).__name__}")
+        if features is None or isinstance(features, str):
+            raise TypeError(f"features must be an iterable of feature names (e.g. {{'pks', 'pku'}}), "
+                            f"got {features!r}")
         features = frozenset(features)
         feature_bits(features)  # rejects unknown names with a clear message
         self.features = features

@@ -8,6 +8,8 @@ kernel would, or observe the stale translation as hardware would.
 """
 from __future__ import annotations
 
+import operator
+
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,6 +31,17 @@ _LEAF_LEVEL = {PAGE_SIZE: 1, PAGE_SIZE_2M: 2, PAGE_SIZE_1G: 3}
 _ADDR_MASK = ((1 << 52) - 1) & ~0xFFF
 
 
+def _need_int(name: str, v, *, allow_bool: bool = False) -> int:
+    """``v`` as an int (Python or numpy integer); floats, strings and (unless
+    ``allow_bool``) bools are refused with TypeError instead of truncated."""
+    if isinstance(v, (bool, np.bool_)) and not allow_bool:
+        raise TypeError(f"{name} must be an integer, not a bool ({v!r})")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, not {type(v).__name__} ({v!r})") from None
+
+
 def _level_shift(level: int) -> int:
     return 12 + 9 * (level - 1)
 
@@ -37,6 +50,10 @@ class AddressSpace:
     """Page tables for one address space, allocated in ``machine.memory``."""
 
     def __init__(self, machine: Machine, cr3: int | None = None) -> None:
+        if getattr(machine, "memory", None) is None or getattr(machine, "paging_levels", None) is None:
+            raise TypeError(f"AddressSpace needs a pks_emu.Machine, got {type(machine).__name__}")
+        if cr3 is not None:
+            cr3 = _need_int("cr3", cr3)
         self.machine = machine
         self.memory = machine.memory
         self.levels = machine.paging_levels
@@ -44,6 +61,7 @@ class AddressSpace:
 
     # --- helpers -------------------------------------------------------------
     def _check_va(self, va: int, size: int) -> None:
+        va = _need_int("va", va)
         if va < 0 or va >= 1 << 64 or not is_canonical(va, self.levels):
             raise ValueError(f"virtual address {va:#x} is not canonical for {self.levels}-level paging")
         if va % size:
@@ -105,6 +123,10 @@ class AddressSpace:
         ``prot`` gives the raw leaf flags (e.g. ``PAGE_KERNEL_PKEY(3)``) and
         overrides the keyword flags; the PS bit is added for large pages.
         """
+        va, pa, size = _need_int("va", va), _need_int("pa", pa), _need_int("size", size)
+        pkey = _need_int("pkey", pkey)
+        if prot is not None:
+            prot = _need_int("prot", prot)
         if size not in _LEAF_LEVEL:
             raise ValueError(f"page size {size:#x} not supported: expected 4 KiB, 2 MiB or 1 GiB")
         self._check_va(va, size)
@@ -134,6 +156,9 @@ class AddressSpace:
         Fills whole page-table pages at once, so millions of pages map fast.
         Takes the keyword flags of ``map`` (not ``prot``).
         """
+        va, pa, length = _need_int("va", va), _need_int("pa", pa), _need_int("length", length)
+        if "pkey" in flags:
+            flags["pkey"] = _need_int("pkey", flags["pkey"])
         if length % PAGE_SIZE or length <= 0:
             raise ValueError(f"length {length:#x} must be a positive multiple of 4 KiB")
         self._check_va(va, PAGE_SIZE)
@@ -182,7 +207,7 @@ class AddressSpace:
             if flag is not None:
                 new = (new | bit) if flag else (new & ~bit)
         if pkey is not None:
-            new = (new & ~PTE_PKEY_MASK) | _PAGE_PKEY(pkey)
+            new = (new & ~PTE_PKEY_MASK) | _PAGE_PKEY(_need_int("pkey", pkey))
         self.memory.write_u64(ea, new)
         return e
 

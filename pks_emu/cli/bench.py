@@ -9,19 +9,21 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import positive_int
 from ..bench import (TARGETS, bench_batch, bench_lackey, bench_replay, bench_single_access,
                      make_hit_trace)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes, one run each (a smoke test)")
-    p.add_argument("--repeat", type=int, default=5, help="runs per figure; the best is kept (default 5)")
+    p.add_argument("--repeat", type=positive_int, default=5,
+                   help="runs per figure; the best is kept (default 5; 1 or more)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--only", nargs="*", choices=sorted(TARGETS), help="run only these")
 
 
 def run(args: argparse.Namespace) -> int:
-    repeat = 1 if args.quick else max(1, args.repeat)
+    repeat = 1 if args.quick else args.repeat
     n = 100_000 if args.quick else 2_000_000
     trace_n = 200_000 if args.quick else 10_000_000
     only = set(args.only or TARGETS)

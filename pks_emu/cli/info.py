@@ -2,20 +2,46 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
-import mmap
+import os
+import stat as _stat
 import sys
 
 import numpy as np
 
+from ..atomic import atomic_output
 from ..errors import TraceFormatError
-from ..trace.format import RECORD, RecordType, is_native_trace, read_header, validate_records
+from ..trace.format import (RECORD, RECORD_SIZE, RecordType, is_native_trace, read_header,
+                            validate_records)
 from ..trace.replay import machine_from_header
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("trace", help="native trace, or a Valgrind lackey trace (plain, .gz, .xz)")
     p.add_argument("--json", action="store_true", help="print as JSON")
+    p.add_argument("-o", "--output", metavar="OUT",
+                   help="write the description to OUT (atomically) instead of stdout")
+
+
+def check_input(path: str) -> None:
+    """Refuse what cannot be a trace before reading it: missing, a folder, empty."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise TraceFormatError(f"{path}: cannot read: {e.strerror or e}") from None
+    if _stat.S_ISDIR(st.st_mode):
+        raise TraceFormatError(f"{path}: is a directory; expected a trace file")
+    if _stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        # /proc files say 0 bytes and have content: read one byte to be sure.
+        try:
+            with open(path, "rb") as f:
+                empty = not f.read(1)
+        except OSError as e:
+            raise TraceFormatError(f"{path}: cannot read: {e.strerror or e}") from None
+        if empty:
+            raise TraceFormatError(f"{path}: empty file: expected a native pks_emu trace or a lackey trace")
 
 
 def describe(path: str, chunk_records: int = 1 << 20) -> dict:
@@ -30,36 +56,28 @@ def describe(path: str, chunk_records: int = 1 << 20) -> dict:
     per_cpu = np.zeros(h.ncpus, dtype=np.int64)
     lo = hi = None
     tasks: set[int] = set()
-    error = None
+    # Chunks are read into arrays of their own (not views of a memory map):
+    # an error while validating a chunk then leaves nothing exported to close.
     with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if h.record_count else None
-        try:
-            for start in range(0, h.record_count, chunk_records):
-                n = min(chunk_records, h.record_count - start)
-                assert mm is not None
-                recs = np.frombuffer(mm, dtype=RECORD, count=n, offset=h.records_offset + start * 24)
-                try:
-                    validate_records(path, recs, start, h)
-                except TraceFormatError as e:
-                    error = e
-                    recs = None  # no view of the map may outlive it
-                    break
-                counts += np.bincount(recs["type"], minlength=RecordType.COUNT)
-                acc = recs[recs["type"] == RecordType.ACCESS]
-                kinds += np.bincount(acc["op"], minlength=3)[:3]
-                per_cpu += np.bincount(recs["cpu"], minlength=h.ncpus)
-                if len(acc):
-                    a, b = int(acc["addr"].min()), int(acc["addr"].max())
-                    lo = a if lo is None else min(lo, a)
-                    hi = b if hi is None else max(hi, b)
-                cs = recs[recs["type"] == RecordType.CONTEXT_SWITCH]
-                tasks.update(np.unique(cs["value"]).tolist())
-                del recs, acc, cs
-        finally:
-            if mm is not None:
-                mm.close()
-    if error is not None:
-        raise error
+        for start in range(0, h.record_count, chunk_records):
+            n = min(chunk_records, h.record_count - start)
+            f.seek(h.records_offset + start * RECORD_SIZE)
+            recs = np.fromfile(f, dtype=RECORD, count=n)
+            if len(recs) < n:
+                raise TraceFormatError(f"{path}: truncated at record {start + len(recs)} "
+                                       f"(the file shrank while being read)")
+            validate_records(path, recs, start, h)
+            counts += np.bincount(recs["type"], minlength=RecordType.COUNT)
+            acc = recs[recs["type"] == RecordType.ACCESS]
+            kinds += np.bincount(acc["op"], minlength=3)[:3]
+            per_cpu += np.bincount(recs["cpu"], minlength=h.ncpus)
+            if len(acc):
+                a, b = int(acc["addr"].min()), int(acc["addr"].max())
+                lo = a if lo is None else min(lo, a)
+                hi = b if hi is None else max(hi, b)
+            cs = recs[recs["type"] == RecordType.CONTEXT_SWITCH]
+            tasks.update(np.unique(cs["value"]).tolist())
+            del recs, acc, cs
     return {
         "trace": path, "version": h.version, "api": h.api, "paging_levels": h.paging_levels, "ncpus": h.ncpus,
         "compat": h.compat, "features": sorted(h.features), "maxphyaddr": h.maxphyaddr,
@@ -95,6 +113,8 @@ def describe_lackey(path: str) -> dict:
             lo = a if lo is None else min(lo, a)
             hi = b if hi is None else max(hi, b)
             pages = np.union1d(pages, np.unique(chunk.va >> np.uint64(12)))
+    if lines == 0:
+        raise TraceFormatError(f"{path}: empty input: expected a native pks_emu trace or a lackey trace")
     return {"trace": path, "format": "lackey", "compression": compression, "lines": lines,
             "skipped_lines": skipped, "records": records,
             "access_kinds": {"read": int(kinds[0]), "write": int(kinds[1]), "fetch": int(kinds[2])},
@@ -103,6 +123,18 @@ def describe_lackey(path: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_input(args.trace)
+    if args.output is None:
+        return _run(args)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = _run(args)
+    with atomic_output(args.output, "w", inputs=(args.trace,)) as f:
+        f.write(buf.getvalue())
+    return rc
+
+
+def _run(args: argparse.Namespace) -> int:
     if not is_native_trace(args.trace):
         d = describe_lackey(args.trace)
         if args.json:

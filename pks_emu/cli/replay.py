@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+from . import nonnegative_int
 from ..constants import pf_error_code_str
 from ..errors import PksEmuError, TraceFormatError
 from ..trace.replay import ReplayResult, replay
@@ -49,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="lackey input: count and skip malformed lines instead of stopping")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
-    p.add_argument("--list", type=int, default=10, metavar="N",
+    p.add_argument("--list", type=nonnegative_int, default=10, metavar="N",
                    help="fault sites listed in the summary (default 10; all are in --json)")
 
 
@@ -138,12 +139,17 @@ def summary(r: ReplayResult, listed: int, doc: dict | None = None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     path = args.trace
-    if path != "-" and not os.path.exists(path):
-        raise TraceFormatError(f"{path}: no such file")
-    if args.max_faults is not None and args.max_faults < 1:
-        raise PksEmuError(f"--max-faults {args.max_faults}: expected a positive number")
-    if args.list < 0:
-        raise PksEmuError(f"--list {args.list}: expected 0 or more")
+    if path != "-":
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            raise TraceFormatError(f"{path}: no such file") from None
+        except OSError as e:
+            raise TraceFormatError(f"{path}: cannot read: {e.strerror or e}") from None
+    if args.max_faults is not None and not 1 <= args.max_faults < 1 << 64:
+        raise PksEmuError(f"--max-faults {args.max_faults}: expected a positive number below 2**64")
+    if args.faults and path != "-" and os.path.exists(args.faults) and os.path.samefile(args.faults, path):
+        raise PksEmuError(f"--faults {args.faults}: that is the trace being replayed; give another name")
     bar, update = _progress(args.quiet or args.json)
     try:
         result = replay(path, policy=args.policy, max_faults=args.max_faults,

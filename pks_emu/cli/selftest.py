@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     features = parse_features(args.features)
-    if args.ncpus < 1:
-        raise PksEmuError(f"--ncpus {args.ncpus}: expected at least 1")
+    if not 1 <= args.ncpus <= 256:
+        raise PksEmuError(f"--ncpus {args.ncpus}: expected 1..256")
     if args.all_keys and args.api != "v10":
         raise PksEmuError("--all-keys (CONFIG_PKS_TEST_ALL_KEYS) exists only with --api v10")
     machine = Machine(ncpus=args.ncpus, features=features)

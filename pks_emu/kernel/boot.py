@@ -37,8 +37,10 @@ class Kernel(ApiMixin, SchedMixin, EntryMixin, FaultMixin, MmMixin, DebugfsMixin
     * ``consumers`` — extra ``(NAME, default)`` static keys (V7/V10), default 0
       (RW) or ``PKEY_DISABLE_ACCESS``.
 
-    A V10 kernel with no consumer has ``ARCH_ENABLE_SUPERVISOR_PKEYS`` off:
-    PKS stays disabled even on a PKS CPU.
+    A V7 or V10 kernel with no consumer has ``ARCH_ENABLE_SUPERVISOR_PKEYS``
+    off: PKS stays disabled even on a PKS CPU. V7 refuses ``pks_test`` with
+    ``pmem`` (its Kconfig: PKS_TEST depends on !GENERAL_PKS_USER); with the
+    test module every key 1..15 starts AD, whatever other consumers declare.
     """
 
     def __init__(self, machine, api: str = "v6", *, pks_test: bool = True, pmem: bool = False,
@@ -56,6 +58,12 @@ class Kernel(ApiMixin, SchedMixin, EntryMixin, FaultMixin, MmMixin, DebugfsMixin
                              "need api='v7' or 'v10' (V6 consumers call pks_key_alloc)")
         if v == "v7" and pks_test_all_keys:
             raise ValueError("PKS_TEST_ALL_KEYS is a V9/V10 option")
+        if not isinstance(pmem_fault_mode, str):
+            raise TypeError(f"pmem_fault_mode must be a str, got {type(pmem_fault_mode).__name__}")
+        for name, flag in (("pks_test", pks_test), ("pmem", pmem),
+                           ("pks_test_all_keys", pks_test_all_keys)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         self.config = {"pks_test": pks_test, "pmem": pmem, "pks_test_all_keys": pks_test_all_keys,
                        "consumers": tuple(consumers), "pmem_fault_mode": pmem_fault_mode}
         self.dmesg: list[tuple[str, str]] = []
@@ -88,9 +96,12 @@ class Kernel(ApiMixin, SchedMixin, EntryMixin, FaultMixin, MmMixin, DebugfsMixin
             self.key_allocator = None
             self.static_keys = StaticKeys(v, consumers_for(
                 v, pks_test=pks_test, pmem=pmem, all_keys=pks_test_all_keys,
-                extra=tuple(consumers)), all_keys=pks_test_all_keys)
+                extra=tuple(consumers)), all_keys=pks_test_all_keys, pks_test=pks_test)
             self.pkrs_init_value = self.static_keys.init_value
-            configured = bool(self.static_keys.consumers) or v == "v7"
+            # ARCH_ENABLE_SUPERVISOR_PKEYS: V7 "def_bool y, depends on PKS_TEST
+            # || GENERAL_PKS_USER" (V7 05/18); V10 selected by a consumer. No
+            # consumer at all: PKS stays off in both.
+            configured = bool(self.static_keys.consumers)
         #: cpu_feature_enabled(X86_FEATURE_PKS): the CPU has it and the config enables it
         self.pks_active = self.pks_supported and configured
 

@@ -157,9 +157,13 @@ class FaultMixin(KernelPart):
         task = regs.task
         idx = regs.cpu
         pkey = self.walk_init_mm_key(address) if error_code & PF_PK else None
+        # V4-V7 show_extended_regs_oops() prints "PKRS: 0x%x" only when the
+        # error code has PF_PK; V10 22/44 pks_show_regs() prints it in every
+        # __show_regs (lore 20220419170649.1022246-23).
+        shown = bool(error_code & PF_PK) or self.version.name == "v10"
         oops = KernelOops(address=address, error_code=error_code, pkey=pkey,
                           owner=self.key_owner(pkey) if pkey is not None else None,
-                          pkrs=regs.aux.pkrs, msr=self.percpu[idx].pkrs_cache,
+                          pkrs=regs.aux.pkrs if shown else None, msr=self.percpu[idx].pkrs_cache,
                           cpu=idx, task=task.name, pid=task.pid, api=self.version.name)
         self.percpu[idx].counters["oopses"] += 1
         for line in oops.report().splitlines():

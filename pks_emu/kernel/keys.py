@@ -73,7 +73,7 @@ class StaticKeys:
     """
 
     def __init__(self, version: str, consumers: Sequence[tuple[str, int]],
-                 all_keys: bool = False) -> None:
+                 all_keys: bool = False, *, pks_test: bool | None = None) -> None:
         self.version = version
         self.consumers = tuple(consumers)
         self.all_keys = all_keys
@@ -97,13 +97,22 @@ class StaticKeys:
             self.names[i] = f"PKS_KEY_{name}"
         last = len(self.consumers)
         self.nr_keys = NR_PKEYS if all_keys else last + 1
+        if pks_test is None:
+            pks_test = any(name in ("PKS_TEST", "TEST") for name, _ in self.consumers)
+        self.pks_test = pks_test
         if version == "v7":
             self.PKS_KEY_NR_CONSUMERS = last + 1
-            # create_initial_pkrs_value(): every key AD unless its consumer says
-            # otherwise; PKS_TEST forces 1..15 to AD (V7 05/18, 11/18).
+            # create_initial_pkrs_value() (V7 05/18, lore
+            # 20210804043231.2655537-6): consumer_defaults[] start AD, key 0
+            # RW, then each consumer's default; with CONFIG_PKS_TEST the test
+            # patch (V7 11/18, lore 20210804043231.2655537-12) then forces keys
+            # 1..15 to AD whatever the other consumers declared: the test
+            # configuration needs every key but the default one disabled.
             value = PKS_ALL_AD & ~0x3
             for i, (_name, rights) in enumerate(self.consumers, start=1):
                 value = (value & ~(0x3 << 2 * i)) | (rights << 2 * i)
+            if pks_test:
+                value = (value & 0x3) | (PKS_ALL_AD & ~0x3)
             self.init_value = value
         else:
             self.PKS_KEY_MAX = self.nr_keys
@@ -137,6 +146,12 @@ def consumers_for(version: str, *, pks_test: bool, pmem: bool, all_keys: bool,
     """
     out: list[tuple[str, int]] = []
     if version == "v7":
+        if pks_test and pmem:
+            # V7 Kconfig (lib/Kconfig.debug): PKS_TEST "depends on ... &&
+            # !GENERAL_PKS_USER", and DEVMAP_ACCESS_PROTECTION (the PMEM user)
+            # selects GENERAL_PKS_USER: the test and PMEM cannot both be built.
+            raise ValueError("V7: PKS_TEST depends on !GENERAL_PKS_USER, which the PMEM consumer "
+                             "(DEVMAP_ACCESS_PROTECTION) selects: use pks_test=False with pmem=True")
         if pks_test:
             out.append(("PKS_TEST", PKEY_DISABLE_ACCESS))
         if pmem:

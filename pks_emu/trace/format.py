@@ -185,6 +185,9 @@ def read_header(path: str | os.PathLike) -> TraceHeader:
         raise TraceFormatError(f"{path}: cannot read: {e.strerror or e}") from None
     if levels not in (4, 5):
         raise TraceFormatError(f"{path}: header paging depth {levels}: expected 4 or 5")
+    if levels == 5 and not feats & FEATURE_CODES["la57"]:
+        raise TraceFormatError(f"{path}: header: 5-level paging without the la57 feature "
+                               "(CR4.LA57 needs CPUID la57): expected 4 levels or la57 in features")
     if not 1 <= ncpus <= 255:
         raise TraceFormatError(f"{path}: header CPU count {ncpus}: expected 1..255")
     compat_name = {v: k for k, v in COMPAT_CODES.items()}.get(compat)
@@ -202,8 +205,16 @@ def read_header(path: str | os.PathLike) -> TraceHeader:
     if not 36 <= maxphy <= 52:
         raise TraceFormatError(f"{path}: header MAXPHYADDR {maxphy}: expected 36..52")
     if (rec_off % 8 or rec_off < mem_off + frames * FRAME_ENTRY_SIZE
-            or mem_off < cpu_off + ncpus * CPU_STATE_SIZE or rec_off > size):
+            or mem_off < cpu_off + ncpus * CPU_STATE_SIZE):
         raise TraceFormatError(f"{path}: header section offsets are inconsistent")
+    if mem_off + frames * FRAME_ENTRY_SIZE > size:
+        whole = max(0, size - mem_off) // FRAME_ENTRY_SIZE
+        raise TraceFormatError(
+            f"{path}: truncated inside the memory image: header promises {frames} frames, "
+            f"the file ends in frame {whole} ({size} bytes)")
+    if rec_off > size:
+        raise TraceFormatError(f"{path}: truncated before the records ({size} bytes, records "
+                               f"start at {rec_off})")
     expected = rec_off + count * RECORD_SIZE
     if size < expected:
         have = max(0, size - rec_off) // RECORD_SIZE

@@ -18,6 +18,8 @@ arguments. The workloads follow the uses the PKS series was written for
 """
 from __future__ import annotations
 
+import functools
+import inspect
 
 import numpy as np
 
@@ -63,6 +65,43 @@ def _map_kernel_pages(aspace: AddressSpace, pages: int) -> None:
         aspace.map(KERNEL_DATA + i * 4096, 0x10000000 + i * 4096, prot=PAGE_KERNEL_PKEY(0))
 
 
+#: argument -> (lowest, highest) for the integer arguments of the generators
+_INT_RANGES = {"records": (1, 1 << 40), "seed": (0, (1 << 64) - 1), "cpus": (1, 255),
+               "tasks": (1, 1 << 16), "slice_accesses": (1, 1 << 30), "paging_levels": (4, 5),
+               "wrmsr_every": (0, 1 << 30)}
+#: pages: tlb-miss-scan maps them with map_range (page tables of 2**24 pages: 128 MiB);
+#: pmem-stray maps PMEM and data pages one by one
+_PAGE_RANGES = {"gen_tlb_miss_scan": (1, 1 << 24), "gen_pmem_stray": (1, 1 << 16)}
+_RATES = ("stray_rate", "irq_rate", "nmi_rate", "foreign_rate")
+
+
+def _checked(gen: Callable[..., dict]) -> Callable[..., dict]:
+    """Refuse out-of-range or mistyped arguments with a ValueError/TypeError
+    naming the argument, before any output file is created."""
+    sig = inspect.signature(gen)
+
+    @functools.wraps(gen)
+    def wrapper(path, **kw):
+        bound = sig.bind(path, **kw)
+        bound.apply_defaults()
+        for name, v in bound.arguments.items():
+            if name == "path":
+                continue
+            if name in _INT_RANGES or name == "pages":
+                lo, hi = _PAGE_RANGES[gen.__name__] if name == "pages" else _INT_RANGES[name]
+                if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                    raise TypeError(f"{name} = {v!r}: expected an integer {lo}..{hi}")
+                if not lo <= int(v) <= hi:
+                    raise ValueError(f"{name} = {v}: expected {lo}..{hi}")
+            elif name in _RATES:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                    raise ValueError(f"{name} = {v!r}: expected a probability 0..1")
+            elif name == "random" and not isinstance(v, (bool, np.bool_)):
+                raise TypeError(f"random = {v!r}: expected True or False")
+        return gen(*bound.args, **bound.kwargs)
+    return wrapper
+
+
 def _acc(cpu: int, va: int, kind: int, size: int = 8) -> tuple:
     return (RecordType.ACCESS, cpu, kind, 0, size, 0, 0, va, 0)
 
@@ -71,6 +110,7 @@ def _wrmsr(cpu: int, value: int) -> tuple:
     return (RecordType.WRMSR, cpu, 0, 0, 0, KEEP_CPL, 0, MSR_IA32_PKRS, value)
 
 
+@_checked
 def gen_pmem_stray(path: str, *, records: int = 1_000_000, seed: int = 0, cpus: int = 2,
                    pages: int = 64, stray_rate: float = 0.01) -> dict:
     """PMEM windows opened/closed with WRMSR, plus stray writes outside them."""
@@ -101,6 +141,7 @@ def gen_pmem_stray(path: str, *, records: int = 1_000_000, seed: int = 0, cpus: 
     return {"records": count, "stray_writes": strays}
 
 
+@_checked
 def gen_kmap_nesting(path: str, *, records: int = 1_000_000, seed: int = 0, cpus: int = 2,
                      irq_rate: float = 0.2, nmi_rate: float = 0.05) -> dict:
     """kmap_local windows interrupted by exceptions (and NMIs inside those)."""
@@ -145,6 +186,7 @@ def gen_kmap_nesting(path: str, *, records: int = 1_000_000, seed: int = 0, cpus
     return {"records": count, "expected_faults": expected_faults}
 
 
+@_checked
 def gen_multi_task(path: str, *, records: int = 1_000_000, seed: int = 0, cpus: int = 4,
                    tasks: int = 8, slice_accesses: int = 200, foreign_rate: float = 0.001) -> dict:
     """Tasks with their own key rights, switched and migrated across CPUs."""
@@ -182,6 +224,7 @@ def gen_multi_task(path: str, *, records: int = 1_000_000, seed: int = 0, cpus: 
     return {"records": count, "foreign_accesses": foreign}
 
 
+@_checked
 def gen_tlb_miss_scan(path: str, *, records: int = 1_000_000, seed: int = 0, pages: int = 1 << 20,
                       paging_levels: int = 4, wrmsr_every: int = 100, random: bool = False) -> dict:
     """A scan over ``pages`` 4-KiB pages, one access per page, wrapping

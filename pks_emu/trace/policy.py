@@ -84,10 +84,26 @@ class Policy:
         return self.default
 
 
+def _is_int(v) -> bool:
+    """A TOML integer (TOML booleans are Python bools, which are ints: not accepted)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _toml_type(v) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
+            list: "an array", dict: "a table"}.get(type(v), type(v).__name__)
+
+
+def _table(where: str, v) -> dict:
+    if not isinstance(v, dict):
+        raise TraceFormatError(f"{where}: expected a table, got {_toml_type(v)} ({v!r})")
+    return v
+
+
 def _rights_value(where: str, value) -> int:
-    if isinstance(value, int):
+    if _is_int(value):
         if not 0 <= value < 1 << 32:
-            raise TraceFormatError(f"{where}: {value:#x} does not fit in 32 bits")
+            raise TraceFormatError(f"{where} = {value:#x}: expected 0..0xffffffff (32 bits)")
         return value
     if isinstance(value, dict):
         reg = 0
@@ -98,40 +114,48 @@ def _rights_value(where: str, value) -> int:
                 raise TraceFormatError(f"{where}: key {k!r} is not a number 0..15") from None
             if not 0 <= key <= 15:
                 raise TraceFormatError(f"{where}: key {key} out of range 0..15")
-            if v not in _RIGHTS:
+            if not isinstance(v, str) or v not in _RIGHTS:
                 raise TraceFormatError(f"{where}: rights {v!r} for key {key}: expected one of {sorted(_RIGHTS)}")
             reg = pkey_update_pkval(reg, key, _RIGHTS[v])
         return reg
-    raise TraceFormatError(f"{where}: expected an integer or a table of key = rights")
+    raise TraceFormatError(f"{where} = {value!r}: expected an integer or a table of key = rights, "
+                           f"got {_toml_type(value)}")
 
 
-def _rule(where: str, d: dict, base: PageRule) -> PageRule:
+def _rule(where: str, d, base: PageRule) -> PageRule:
+    d = _table(where, d)
     known = {"name", "start", "end", "map", "writable", "executable", "pkey"}
     extra = set(d) - known
     if extra:
         raise TraceFormatError(f"{where}: unknown setting(s) {sorted(extra)}; expected {sorted(known)}")
+    if "name" in d and not isinstance(d["name"], str):
+        raise TraceFormatError(f"{where}: name = {d['name']!r}: expected a string")
     r = PageRule(name=str(d.get("name", base.name)), start=d.get("start", base.start),
                  end=d.get("end", base.end), map=d.get("map", base.map),
                  writable=d.get("writable", base.writable),
                  executable=d.get("executable", base.executable), pkey=d.get("pkey", base.pkey))
-    if r.map not in _MAPS:
+    if not isinstance(r.map, str) or r.map not in _MAPS:
         raise TraceFormatError(f"{where}: map = {r.map!r}: expected one of {list(_MAPS)}")
-    if not isinstance(r.pkey, int) or not 0 <= r.pkey <= 15:
-        raise TraceFormatError(f"{where}: pkey = {r.pkey!r}: expected 0..15")
+    if not _is_int(r.pkey) or not 0 <= r.pkey <= 15:
+        raise TraceFormatError(f"{where}: pkey = {r.pkey!r}: expected an integer 0..15")
     for name in ("start", "end"):
         v = getattr(r, name)
-        if not isinstance(v, int) or not 0 <= v <= 1 << 64:
-            raise TraceFormatError(f"{where}: {name} = {v!r}: expected an address")
+        if not _is_int(v) or not 0 <= v <= 1 << 64:
+            raise TraceFormatError(f"{where}: {name} = {v!r}: expected an address (an integer 0..2**64)")
     if r.start >= r.end:
         raise TraceFormatError(f"{where}: start {r.start:#x} is not below end {r.end:#x}")
     for name in ("writable", "executable"):
         if not isinstance(getattr(r, name), bool):
-            raise TraceFormatError(f"{where}: {name} must be true or false")
+            raise TraceFormatError(f"{where}: {name} = {getattr(r, name)!r}: expected true or false")
     return r
 
 
 def load_policy(path: str | os.PathLike | None) -> Policy:
-    """Read a policy file; None gives the default policy (everything a plain user page)."""
+    """Read a policy file; None gives the default policy (everything a plain user page).
+
+    Every error is a :class:`~pks_emu.errors.TraceFormatError` naming the
+    file, the section and key, the value and what was expected.
+    """
     if path is None:
         return Policy()
     path = os.fspath(path)
@@ -142,41 +166,62 @@ def load_policy(path: str | os.PathLike | None) -> Policy:
         raise TraceFormatError(f"{path}: cannot read policy: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise TraceFormatError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise TraceFormatError(f"{path}: not valid TOML: not UTF-8 text ({e.reason} at byte {e.start})") from None
     extra = set(doc) - {"registers", "default", "region", "machine"}
     if extra:
-        raise TraceFormatError(f"{path}: unknown section(s) {sorted(extra)}")
+        raise TraceFormatError(f"{path}: unknown section(s) {sorted(extra)}; "
+                               "expected [registers], [machine], [default], [[region]]")
     p = Policy(source=path)
-    regs = doc.get("registers", {})
+    regs = _table(f"{path}: [registers]", doc.get("registers", {}))
     bad = set(regs) - {"cpl", "pkru", "pkrs", "cr4", "nxe", "wp"}
     if bad:
         raise TraceFormatError(f"{path}: [registers]: unknown setting(s) {sorted(bad)}")
     p.cpl = regs.get("cpl", p.cpl)
-    if p.cpl not in (0, 1, 2, 3):
-        raise TraceFormatError(f"{path}: [registers] cpl = {p.cpl!r}: expected 0..3")
+    if not _is_int(p.cpl) or p.cpl not in (0, 1, 2, 3):
+        raise TraceFormatError(f"{path}: [registers] cpl = {p.cpl!r}: expected an integer 0..3")
     p.pkru = _rights_value(f"{path}: [registers] pkru", regs.get("pkru", p.pkru))
     p.pkrs = _rights_value(f"{path}: [registers] pkrs", regs.get("pkrs", p.pkrs))
     cr4 = regs.get("cr4", list(p.cr4))
-    if not isinstance(cr4, list) or any(c not in _CR4 for c in cr4):
+    if not isinstance(cr4, list) or any(not isinstance(c, str) or c not in _CR4 for c in cr4):
         raise TraceFormatError(f"{path}: [registers] cr4 = {cr4!r}: expected a list of {sorted(_CR4)}")
     p.cr4 = tuple(cr4)
-    p.nxe = regs.get("nxe", p.nxe)
-    p.wp = regs.get("wp", p.wp)
-    mach = doc.get("machine", {})
+    for name in ("nxe", "wp"):
+        v = regs.get(name, getattr(p, name))
+        if not isinstance(v, bool):
+            raise TraceFormatError(f"{path}: [registers] {name} = {v!r}: expected true or false "
+                                   f"(a TOML boolean), got {_toml_type(v)}")
+        setattr(p, name, v)
+    mach = _table(f"{path}: [machine]", doc.get("machine", {}))
+    bad = set(mach) - {"paging_levels"}
+    if bad:
+        # A lackey trace is one stream of accesses, replayed on CPU 0 of a
+        # one-CPU machine: a CPU count (or anything else) would be ignored.
+        raise TraceFormatError(f"{path}: [machine]: unknown or unsupported setting(s) {sorted(bad)}; "
+                               "only paging_levels is supported (a lackey trace replays on one CPU)")
     p.paging_levels = mach.get("paging_levels", 4)
-    if p.paging_levels not in (4, 5):
+    if not _is_int(p.paging_levels) or p.paging_levels not in (4, 5):
         raise TraceFormatError(f"{path}: [machine] paging_levels = {p.paging_levels!r}: expected 4 or 5")
     p.default = _rule(f"{path}: [default]", doc.get("default", {}), PageRule())
     regions = doc.get("region", [])
     if not isinstance(regions, list):
         raise TraceFormatError(f"{path}: region must be an array of tables ([[region]])")
     for i, r in enumerate(regions):
+        where = f"{path}: region {i + 1}"
+        r = _table(where, r)
         if "start" not in r or "end" not in r:
-            raise TraceFormatError(f"{path}: region {i + 1}: start and end are required")
-        p.regions.append(_rule(f"{path}: region {i + 1} ({r.get('name', 'unnamed')})", r,
+            raise TraceFormatError(f"{where}: start and end are required")
+        name = r.get("name", "unnamed")
+        p.regions.append(_rule(f"{where} ({name})", r,
                                PageRule(name=f"region {i + 1}", map=p.default.map,
                                         writable=p.default.writable,
                                         executable=p.default.executable, pkey=p.default.pkey)))
     return p
+
+
+def _canonical(page: int, bits: int) -> bool:
+    top = (page << 12) >> (bits - 1)
+    return top in (0, (1 << (65 - bits)) - 1)
 
 
 class PolicyMapper:
@@ -208,12 +253,14 @@ class PolicyMapper:
         while i < n:
             va = int(pages[i]) << 12
             rule = policy.rule_for(va)
+            canonical = _canonical(int(pages[i]), self.bits)
             j = i + 1
+            # A run stops where the rule changes and where canonical space ends
+            # (an access that crosses 0x7fff_ffff_ffff touches a non-canonical page).
             while (j < n and int(pages[j]) == int(pages[j - 1]) + 1
-                   and policy.rule_for(int(pages[j]) << 12) is rule):
+                   and policy.rule_for(int(pages[j]) << 12) is rule
+                   and _canonical(int(pages[j]), self.bits) == canonical):
                 j += 1
-            top = va >> (self.bits - 1)
-            canonical = top in (0, (1 << (65 - self.bits)) - 1)
             if rule.map == "unmapped" or not canonical:
                 stats["pages_unmapped"] += j - i
             else:

@@ -369,10 +369,10 @@ def _kind_of(name: str, stream, from_stream: bool) -> str:
 def _replay_v1(run: _Run, path: str, chunk_records: int, machine, compat, api) -> ReplayResult:
     header = read_header(path)
     header.api = api or header.api
+    if machine is not None and (machine.ncpus, machine.paging_levels) != (header.ncpus, header.paging_levels):
+        raise ValueError(f"{path}: the trace needs {header.ncpus} CPU(s) and {header.paging_levels}-level "
+                         f"paging; the machine given has {machine.ncpus} and {machine.paging_levels}-level")
     m = machine if machine is not None else machine_from_header(path, header, compat)
-    if machine is not None and machine.ncpus != header.ncpus:
-        raise PksEmuError(f"{path}: the trace has {header.ncpus} CPU(s), the machine given "
-                          f"{machine.ncpus}")
     engine = run.engine(m, header, header.api)
     total = header.record_count
     status = REPLAY_STATUS["done"]
@@ -572,6 +572,8 @@ def replay_records(machine: Machine, records: np.ndarray, *, max_faults: int | N
     go. The machine keeps its state afterwards, so chunks can follow one
     another; each call starts with fresh task and exception bookkeeping and
     resets the CPUs' counters."""
+    if not isinstance(machine, Machine):
+        raise TypeError(f"replay_records needs a pks_emu.Machine, got {type(machine).__name__}")
     recs = np.ascontiguousarray(records, dtype=RECORD)
     if recs.ndim != 1:
         raise ValueError(f"records must be one-dimensional, got shape {recs.shape}")
