@@ -72,7 +72,7 @@ def check_not_input(path: str | os.PathLike, inputs: Iterable[str | os.PathLike 
                               "refusing to overwrite it: choose another output name")
 
 
-def _is_special(path: str) -> bool:
+def is_special(path: str) -> bool:
     try:
         st = os.stat(path)
     except OSError:
@@ -137,7 +137,7 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb", *,
     check_not_input(path, inputs)
     if os.path.isdir(path):
         raise OutputError(f"{path}: is a directory; expected a file name to write")
-    if _is_special(path):
+    if is_special(path):
         try:
             f = open(path, mode, **kw)
         except OSError as e:

@@ -21,7 +21,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 
 from .errors import PksEmuError
 
@@ -302,19 +301,12 @@ def render_report(result_dict: dict, out_path: str | os.PathLike, **kw) -> str:
     a temporary file beside it, then a rename). Returns the path."""
     out_path = os.fspath(out_path)
     page = render_html(result_dict, **kw)
-    d = os.path.dirname(os.path.abspath(out_path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(out_path) + ".", suffix=".tmp", dir=d)
+    from .atomic import atomic_output
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with atomic_output(out_path, "w", encoding="utf-8") as f:
             f.write(page)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    except OSError as e:
+        raise PksEmuError(f"{out_path}: cannot write the report: {e.strerror or e}") from None
     return out_path
 
 

@@ -253,6 +253,10 @@ def _write_result(results_dir: str, name: str, d: dict) -> None:
 
 def _atomic_write(path: str, write) -> None:
     """Write through a temporary file beside ``path``, then rename it over ``path``."""
+    from .atomic import is_special
+    if is_special(path):     # a device or FIFO cannot be renamed onto
+        write(path)
+        return
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     os.close(fd)

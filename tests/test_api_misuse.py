@@ -22,7 +22,7 @@ NONE_CALLS = [
     "_core.ReplayEngine(m).run(None, 0)",
     "_lackey.scan_block(None, 0, 0, None, None, None, 0, True)",
     "_lackey.scan_block(b'I  1,1\\n', 0, 7, None, None, None, 0, True)",
-    "_capi._run_until_fault(cpu, None, None, None, None, 0, None, None)",
+    "_hooks._run_until_fault(cpu, None, None, None, None, 0, None, None)",
     "pks_emu.CPU(None)",
     "pks_emu.CPU.__new__(pks_emu.CPU).access(0, 'read')",
     "pks_emu.CPU.__new__(pks_emu.CPU).walk(0)",
@@ -36,7 +36,7 @@ def test_none_and_wrong_types_raise_type_error(call):
     code = textwrap.dedent(f"""
         import numpy as np
         import pks_emu
-        from pks_emu import _core, _lackey, _capi
+        from pks_emu import _core, _lackey, _capi, _hooks
         m = pks_emu.Machine(); cpu = m.cpus[0]
         try:
             {call}

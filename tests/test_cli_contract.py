@@ -207,7 +207,7 @@ def interrupt_when_writing(argv, folder: Path, env=None, timeout=120, sig=signal
             names = [q.name for q in folder.iterdir()]
             if any(marker in n if marker else (".partial-" in n or n.startswith("pks-emu-"))
                    for n in names):
-                time.sleep(0.3)
+                time.sleep(0.05)
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "finished before it could be interrupted: use a bigger input"
@@ -252,16 +252,28 @@ def test_ctrl_c_during_convert(tmp_path):
 
 
 def test_ctrl_c_during_lackey_replay_leaves_no_temporary(tmp_path):
-    src = tmp_path / "big.lk"
+    # A lackey replay streams its input (no temporary file at all): feed it
+    # through a pipe that stays open, and interrupt it while it waits for more.
     line = b"".join(b" S %08x,8\n" % (0x600000 + 8 * i) for i in range(50000))
-    with open(src, "wb") as f:
-        for _ in range(40):
-            f.write(line)
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    rc, _, err = interrupt_when_writing(["replay", src, "-q"], tmp, env={"TMPDIR": str(tmp)})
-    assert rc == 130, err
-    assert len(err.splitlines()) == 1
+    proc = subprocess.Popen([*PKS_EMU, "replay", "-", "-q"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, TMPDIR=str(tmp)))
+    try:
+        for _ in range(10):
+            proc.stdin.write(line)
+        proc.stdin.flush()
+        time.sleep(1.0)
+        assert proc.poll() is None, "the replay ended while its input was still open"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert len(err.splitlines()) == 1 and "interrupted" in err
     assert list(tmp.iterdir()) == []
 
 

@@ -422,13 +422,14 @@ def test_faults_file_is_atomic(tmp_path, capsys, monkeypatch):
 def test_lackey_replay_interrupted_leaves_no_temporary(tmp_path, capsys, monkeypatch):
     import tempfile
 
-    import pks_emu.trace.convert as conv
+    import pks_emu.trace.policy as pol
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     lk = lackey(tmp_path, "I  0401ab70,3\n")
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(conv, "build_machine", interrupted)
+    # The lackey replay maps each chunk's pages as it goes: interrupt it there.
+    monkeypatch.setattr(pol.PolicyMapper, "map_pages", interrupted)
     code, _, err = run(capsys, "replay", lk)
     assert code == 130
     one_error_line(err, "interrupted")

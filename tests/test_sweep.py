@@ -238,8 +238,10 @@ def test_cli_interrupt_writes_the_partial_table(tmp_path):
     out, res = tmp_path / "partial.csv", tmp_path / "res"
     cmd = [sys.executable, "-c", "import sys; from pks_emu.cli import main; sys.exit(main())", "sweep", trace, trace, trace, "--policy", "default",
            str(HEAP_POLICY), "--workers", "1", "-q", "-o", str(out), "--results-dir", str(res)]
+    # cwd outside the checkout: `python -c` puts the cwd first on sys.path,
+    # and the source tree has no compiled core when the package is installed.
     p = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+                         text=True, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 60
         while not (res.is_dir() and any(n.endswith(".json") for n in os.listdir(res))):
@@ -267,7 +269,8 @@ def test_core_imports_without_dask_and_names_the_extra():
             "    pks_emu.sweep(['x.lackey'])\n"
             "except pks_emu.PksEmuError as e:\n"
             "    print(e)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd="/")
     assert r.returncode == 0, r.stderr
     assert "pip install 'pks-emu[dist]'" in r.stdout
 

@@ -292,7 +292,7 @@ def test_stdin_dash(tmp_path):
     code = ("import sys; from pks_emu.trace.v2 import open_trace_v2\n"
             "r = open_trace_v2('-'); n = sum(len(c[1]) for c in r.chunks()); print(n, r.totals)")
     with open(path, "rb") as f:
-        out = subprocess.run([sys.executable, "-c", code], stdin=f, capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-c", code], stdin=f, capture_output=True, text=True, cwd="/",
                              timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[0] == "3000"

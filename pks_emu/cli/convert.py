@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
+from ..atomic import check_not_input
 from ..errors import PksEmuError
 from ..trace.convert import convert_lackey
 from ..trace.format import is_native_trace
@@ -29,14 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     fmt = args.format or ("v1" if args.output.lower().endswith(".pkt") else "v2")
-    if os.path.exists(args.output) and os.path.exists(args.input) \
-            and os.path.samefile(args.input, args.output):
-        raise PksEmuError(f"{args.output}: the output is the input; give another name")
+    check_not_input(args.output, (args.input, args.policy))
     native = is_native_trace(args.input)
     if native:
         if fmt == "v1":
-            raise PksEmuError(f"{args.input}: already a version-1 native trace (convert it to v2, "
-                              "or replay it as it is)")
+            raise PksEmuError(f"{args.input}: is a native pks_emu trace (version 1) already: "
+                              "convert it to v2 (a .pkt2 output), or replay it as it is")
         if args.policy:
             raise PksEmuError(f"{args.input}: --policy applies to lackey traces; "
                               "a native trace carries its page tables")

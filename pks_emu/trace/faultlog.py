@@ -58,8 +58,12 @@ def _tables(json: bool):
 
 
 def _atomic_open(path: str):
+    from ..atomic import is_special
+    if is_special(path):     # a device or FIFO cannot be renamed onto: write it directly
+        return open(path, "wb"), None
+    from ..atomic import PARTIAL_MARK
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + PARTIAL_MARK, dir=d)
     return os.fdopen(fd, "wb"), tmp
 
 
@@ -120,7 +124,8 @@ def write_faults_fast(path: str | os.PathLike, faults: np.ndarray, ips: np.ndarr
                             pending = pool.submit(block, nxt)
                             f.write(text)
                         f.write(pending.result())
-        os.replace(tmp, path)
+        if tmp is not None:
+            os.replace(tmp, path)
     except OSError as e:
         _unlink(tmp)
         raise PksEmuError(f"--faults {path}: cannot write: {e.strerror or e}") from None
@@ -130,7 +135,9 @@ def write_faults_fast(path: str | os.PathLike, faults: np.ndarray, ips: np.ndarr
     return n
 
 
-def _unlink(p: str) -> None:
+def _unlink(p: str | None) -> None:
+    if p is None:
+        return
     try:
         os.unlink(p)
     except OSError:
@@ -153,7 +160,10 @@ class FaultLogStream:
         try:
             self._f, self._tmp = _atomic_open(self.path)
         except OSError as e:
-            raise PksEmuError(f"--faults {self.path}: cannot write: {e.strerror or e}") from None
+            folder = os.path.dirname(os.path.abspath(self.path))
+            reason = ("no such folder" if isinstance(e, FileNotFoundError) and not os.path.isdir(folder)
+                      else e.strerror or str(e))
+            raise PksEmuError(f"--faults {self.path}: cannot write: {reason}") from None
         self.rows = 0
         self._json = self.suffix != ".csv"
         self._tables = _tables(self._json)
@@ -193,14 +203,15 @@ class FaultLogStream:
     def close(self) -> int:
         """Finish the file and rename it into place; the number of rows."""
         try:
-            if self.suffix == ".npy":
+            if self.suffix == ".npy" and self._tmp is not None:
                 self._f.close()
                 data = np.fromfile(self._tmp, dtype=FAULT_IP_DTYPE)
                 with open(self._tmp, "wb") as f:
                     np.save(f, data)
             else:
                 self._f.close()
-            os.replace(self._tmp, self.path)
+            if self._tmp is not None:
+                os.replace(self._tmp, self.path)
         except OSError as e:
             _unlink(self._tmp)
             raise PksEmuError(f"--faults {self.path}: cannot write: {e.strerror or e}") from None

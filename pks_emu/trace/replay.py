@@ -350,7 +350,8 @@ def _kind_of(name: str, stream, from_stream: bool) -> str:
     except OSError as e:
         raise TraceFormatError(f"{name}: cannot read: {e.strerror or e}") from None
     if not head:
-        raise TraceFormatError(f"{name}: empty input: expected a pks_emu trace or a lackey trace")
+        what = "empty input" if name.startswith("<") else "empty file"
+        raise TraceFormatError(f"{name}: {what}: expected a pks_emu trace or a lackey trace")
     if head[:8] == MAGIC:
         if is_v2_magic(head):
             return "v2"
@@ -443,7 +444,7 @@ def _replay_v2(run: _Run, name: str, stream, policy, compat, api, kallsyms) -> R
     status = REPLAY_STATUS["done"]
     start = time.perf_counter()
     done = 0
-    for first, recs, ip, pa in reader.chunks(prefetch=2, validate=False):
+    for first, recs, ip, pa in reader.chunks(reuse=True, validate=False):
         status = _run_chunk(run, name, engine, h, recs, first, ip, pa)
         done = first + len(recs) if status != REPLAY_STATUS["stopped"] else engine.records_done
         run.after_chunk(engine, done, None)
@@ -487,8 +488,13 @@ def _replay_lackey(run: _Run, name: str, stream, policy, compat, api, skip_bad) 
             continue
         if int(chunk.size.max()) > 4096:
             i = int(np.argmax(chunk.size > 4096))
-            raise TraceFormatError(f"{name}: record {done + i}: access size {int(chunk.size[i])}: "
-                                   "expected 1..4096 (a lackey line's size is replayed as one access)")
+            where = f"{name}: record {done + i}"
+            if os.path.isfile(name):
+                from .convert import line_of_record
+                line, text = line_of_record(name, done + i, skip_bad=skip_bad)
+                where = f"{name}:{line}: {text!r} (record {done + i})"
+            raise TraceFormatError(f"{where}: access size {int(chunk.size[i])}: expected 1..4096 "
+                                   "(the largest access a native trace records)")
         mapper.map_pages(touched(chunk.va, chunk.size))
         r = recs[:n]
         r["op"] = chunk.kind
@@ -499,6 +505,9 @@ def _replay_lackey(run: _Run, name: str, stream, policy, compat, api, skip_bad) 
         run.after_chunk(engine, done, None)
         if status == REPLAY_STATUS["stopped"]:
             break
+    if done == 0 and status != REPLAY_STATUS["stopped"]:
+        raise TraceFormatError(f"{name}: no records in {stats['lines']} lines: expected lackey "
+                               "'I  ADDR,SIZE' or ' L|S|M ADDR,SIZE' lines")
     result = _result(name, engine, m, header, done, status, time.perf_counter() - start, run)
     result.input_format = "lackey"
     stats["bad_examples"] = [list(x) for x in stats["bad_examples"]]

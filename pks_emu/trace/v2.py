@@ -30,7 +30,8 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .._tracev2 import MAX_CHUNK_RECORDS, PA_NONE, Codec, crc32c
-from ..errors import TraceFormatError
+from ..atomic import is_special
+from ..errors import PksEmuError, TraceFormatError
 from .format import (COMPAT_CODES, CPU_STATE, CPU_STATE_SIZE, FEATURE_CODES, FRAME_SIZE, KEEP_CPL,
                      MAGIC, MAX_TASKS_LIMIT, RECORD, RecordType, TraceHeader, read_header,
                      validate_records)
@@ -181,7 +182,15 @@ class V2Writer:
         self._tmp: str | None = None
         self._final: str | None = None
         self._own = False
-        if isinstance(dest, (str, os.PathLike)) and os.fspath(dest) != "-":
+        if isinstance(dest, (str, os.PathLike)) and os.fspath(dest) != "-" and is_special(os.fspath(dest)):
+            # A device or FIFO (/dev/null, a pipe) cannot be renamed onto: write it directly.
+            self.name = os.fspath(dest)
+            try:
+                self._f = open(self.name, "wb")
+            except OSError as e:
+                raise PksEmuError(f"{self.name}: cannot write: {e.strerror or e}") from None
+            self._own = True
+        elif isinstance(dest, (str, os.PathLike)) and os.fspath(dest) != "-":
             self.name = os.fspath(dest)
             d = os.path.dirname(os.path.abspath(self.name))
             fd, self._tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pkt2", dir=d)
@@ -214,7 +223,10 @@ class V2Writer:
 
     # low level
     def _out(self, b) -> None:
-        self._f.write(b)
+        try:
+            self._f.write(b)
+        except OSError as e:
+            raise PksEmuError(f"{self.name}: cannot write: {e.strerror or e}") from None
         self.bytes_written += len(b)
 
     def _block(self, tag: bytes, *parts) -> None:
@@ -322,9 +334,13 @@ class V2Writer:
         self.flush()
         self._block(TAG_END, END.pack(self.count, self.chunks, self.frames))
         self._closed = True
-        self._f.flush()
-        if self._own:
-            self._f.close()
+        try:
+            self._f.flush()
+            if self._own:
+                self._f.close()
+        except OSError as e:
+            self.abort()
+            raise PksEmuError(f"{self.name}: cannot write: {e.strerror or e}") from None
         if self._tmp is not None:
             assert self._final is not None
             umask = os.umask(0)
@@ -337,7 +353,10 @@ class V2Writer:
         """Drop a path destination's temporary file (nothing is renamed)."""
         self._closed = True
         if self._own:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:
+                pass        # the write error that brought us here is the one reported
         if self._tmp is not None:
             try:
                 os.unlink(self._tmp)
