@@ -125,3 +125,9 @@ def _batch_arg(str name, value, Py_ssize_t n, dtype, long lo, long hi, str expec
         bad = int(np.argmax((arr < lo) | (arr > hi)))
         raise ValueError(f"{name}[{bad}] = {int(arr[bad])}: expected {expected}")
     return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def _measured_batch(CPU cpu, va, kind, size, out):
+    """``access_batch`` under another name: ``pks-emu bench --instructions``
+    counts the instructions of this call alone (valgrind --toggle-collect)."""
+    return access_batch(cpu, va, kind, size, out=out)
