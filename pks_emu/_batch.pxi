@@ -68,12 +68,17 @@ def access_batch(CPU cpu, va, kind, size=1, implicit=False, *, out=None):
     cdef int32_t[::1] errs = err_out
     cdef pks_cpu_t *c = &cpu.st
     cdef int32_t r
+    cdef uint32_t smode0, imp
     _enter_nogil(cpu)
     try:
         with nogil:
+            # The registers cannot change during the loop: CPL and EFLAGS.AC
+            # are read once (the implicit bit goes into bit 1 of smode).
+            smode0 = _smode(c, False)
             for i in range(n):
-                r = _access(c, vas[i], kinds[i & kmask], sizes[i & smask], impl[i & imask] != 0,
-                            &pas[i])
+                imp = impl[i & imask]
+                r = _access_m(c, vas[i], kinds[i & kmask], sizes[i & smask], imp != 0,
+                              smode0 | (imp << 1), &pas[i])
                 errs[i] = r
                 if r != PKS_OK:
                     pas[i] = 0
