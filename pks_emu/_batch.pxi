@@ -69,22 +69,49 @@ def access_batch(CPU cpu, va, kind, size=1, implicit=False, *, out=None):
     cdef pks_cpu_t *c = &cpu.st
     cdef int32_t r
     cdef uint32_t smode0, imp
+    # Raw pointers and masks in locals: the loop's stores (pa, error codes,
+    # counters) could alias memoryview structs, which would be reloaded from
+    # the stack on every access.
+    cdef const uint64_t *vp = &vas[0] if n else NULL
+    cdef const uint8_t *kp = &kinds[0] if n else NULL
+    cdef const uint16_t *sp = &sizes[0] if n else NULL
+    cdef const uint8_t *ip = &impl[0] if n else NULL
+    cdef uint64_t *pp = &pas[0] if n else NULL
+    cdef int32_t *ep = &errs[0] if n else NULL
     _enter_nogil(cpu)
     try:
         with nogil:
             # The registers cannot change during the loop: CPL and EFLAGS.AC
             # are read once (the implicit bit goes into bit 1 of smode).
             smode0 = _smode(c, False)
+            if n and smask == 0 and imask == 0:
+                # The common call: one size and one implicit flag for all
+                # (fewer live values: the loop stays in registers).
+                _batch_loop_scalar(c, vp, kp, kmask, sp[0], ip[0], smode0 | (<uint32_t>ip[0] << 1),
+                                   pp, ep, n)
+                n = 0
             for i in range(n):
-                imp = impl[i & imask]
-                r = _access_m(c, vas[i], kinds[i & kmask], sizes[i & smask], imp != 0,
-                              smode0 | (imp << 1), &pas[i])
-                errs[i] = r
+                imp = ip[i & imask]
+                r = _access_m(c, vp[i], kp[i & kmask], sp[i & smask], imp != 0,
+                              smode0 | (imp << 1), &pp[i])
+                ep[i] = r
                 if r != PKS_OK:
-                    pas[i] = 0
+                    pp[i] = 0
     finally:
         _leave_nogil(cpu)
     return pa_out, err_out
+
+
+cdef void _batch_loop_scalar(pks_cpu_t *c, const uint64_t *vp, const uint8_t *kp, Py_ssize_t kmask,
+                             uint32_t size, uint8_t imp, uint32_t smode, uint64_t *pp, int32_t *ep,
+                             Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int32_t r
+    for i in range(n):
+        r = _access_m(c, vp[i], kp[i & kmask], size, imp != 0, smode, &pp[i])
+        ep[i] = r
+        if r != PKS_OK:
+            pp[i] = 0
 
 
 def _batch_kind(Py_ssize_t i, k):

@@ -155,6 +155,9 @@ ctypedef struct pks_counters_t:
     # implicit << 1 | EFLAGS.AC): counted once here, and added to
     # ``accesses`` and ``tlb_hits`` when the counters are read.
     uint64_t fast_hits[24]
+    # TLB misses of the inlined fast path (a PDE-cache hit), same index:
+    # each is one access, one TLB miss, one walk and one PDE-cache hit.
+    uint64_t fast_misses[24]
     uint64_t psc_hits[6]        # walks that started from a cached entry, by its level (2 = PDE)
 
 

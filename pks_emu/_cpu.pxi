@@ -475,7 +475,7 @@ cdef class CPU:
         """Event counters of this CPU as a dict (see docs/api.md)."""
         cdef pks_counters_t *k = &self.st.counters
         cdef uint64_t acc[3][2]
-        cdef uint64_t hits = k.tlb_hits
+        cdef uint64_t hits = k.tlb_hits, fm = 0
         cdef int kind, smode
         for kind in range(3):
             acc[kind][0] = k.accesses[kind][0]
@@ -484,15 +484,17 @@ cdef class CPU:
                 # fast hits by smode = CPL==3 << 2 | implicit << 1 | AC: user-mode iff CPL 3, explicit
                 acc[kind][1 if (smode >> 1) == 2 else 0] += k.fast_hits[kind * 8 + smode]
                 hits += k.fast_hits[kind * 8 + smode]
+                acc[kind][1 if (smode >> 1) == 2 else 0] += k.fast_misses[kind * 8 + smode]
+                fm += k.fast_misses[kind * 8 + smode]
         return {
             "reads_supervisor": acc[0][0], "reads_user": acc[0][1],
             "writes_supervisor": acc[1][0], "writes_user": acc[1][1],
             "fetches_supervisor": acc[2][0], "fetches_user": acc[2][1],
-            "tlb_hits": hits, "tlb_misses": k.tlb_misses, "walks": k.walks,
+            "tlb_hits": hits, "tlb_misses": k.tlb_misses + fm, "walks": k.walks + fm,
             "page_faults": k.page_faults, "gp_faults": k.gp_faults,
             "tlb_flushes": k.tlb_flushes, "invlpg": k.invlpg,
             "wrmsr_pkrs": k.wrmsr_pkrs, "wrpkru": k.wrpkru, "stale_uses": k.stale_uses,
-            "pde_cache_hits": k.psc_hits[2], "pdpte_cache_hits": k.psc_hits[3],
+            "pde_cache_hits": k.psc_hits[2] + fm, "pdpte_cache_hits": k.psc_hits[3],
             "pml4e_cache_hits": k.psc_hits[4], "pml5e_cache_hits": k.psc_hits[5],
         }
 

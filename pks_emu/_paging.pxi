@@ -500,8 +500,51 @@ cdef inline void _allowed_fill(pks_cpu_t *c, int kind, uint64_t leaf, uint64_t *
     _tlb_fill(c, t, tag, leaf | (bits & PKS_PTE_D))
 
 
-cdef int32_t _miss(pks_cpu_t *c, uint64_t va, int kind, bint implicit, uint64_t *pa,
-                   pks_tlb_entry_t *t) noexcept nogil:
+cdef int32_t _miss(pks_cpu_t *c, uint64_t va, int kind, bint implicit, uint32_t smode,
+                          uint64_t *pa, pks_tlb_entry_t *t) noexcept nogil:
+    """_access_slow for an access within one page that missed the TLB.
+
+    The common case first, in line: a PDE-cache hit, the PTE's frame in the
+    frame cache, a present PTE without reserved bits, an allowed access.
+    That is exactly what _walk and _miss_walk do in that case (same counters,
+    same A/D and TLB updates); anything else goes to _miss_walk, and nothing
+    was changed before it. A PDE-cache tag match implies a canonical ``va``
+    (only canonical addresses are walked, and the tag holds every bit above
+    bit 20), and no entry is valid while the caches are off (turning them
+    off bumps the epoch; a walk with them off fills nothing)."""
+    cdef uint64_t key = va >> 21, ea, e, leaf, combined
+    cdef uint64_t *entry
+    cdef pks_psc_entry_t *pe = &c.psc[0][key & 511]
+    cdef uint32_t i, p
+    if pe.tag == (key | c.psc_epoch):
+        ea = pe.table + ((va >> 9) & 0xFF8)
+        i = <uint32_t>((ea >> 12) & 4095)
+        if c.frame_cache_pfn[i] == (ea >> 12):
+            entry = <uint64_t *>(c.frame_cache_page[i] + (ea & 0xFF8))
+            e = entry[0]
+            if (e & PKS_PTE_P) and not (e & c.rsvd_table[1]):
+                combined = pe.attrs & e & (PKS_PTE_RW | PKS_PTE_US)
+                leaf = ((e & c.addr_mask) | PKS_PTE_P | combined
+                        | (e & (PKS_PTE_D | PKS_PTE_G | PKS_PKEY_FIELD))
+                        | (((pe.attrs | e) >> 60) & PKS_LEAF_XD)
+                        | c.fill_bits[combined >> 2])
+                i = (<uint32_t>kind << 7) | (smode << 4) | <uint32_t>((leaf >> 1) & 15)
+                p = c.perm[i]
+                if ((p | (c.deny[p >> 1] >> <uint32_t>(leaf >> PKS_PTE_PKEY_SHIFT))) & 1) == 0:
+                    if PKS_EMU_DEBUG:
+                        if _check(c, leaf, kind, implicit) != PKS_OK or not c.psc_on or not _canonical(c, va):
+                            pks_debug_mismatch("miss fast path", leaf, kind)
+                    # one access, one TLB miss, one walk, one PDE-cache hit
+                    c.counters.fast_misses[i >> 4] += 1
+                    c.last_pkey = <int32_t>(leaf >> PKS_PTE_PKEY_SHIFT)
+                    _allowed_fill(c, kind, leaf, entry, t, (va & ~<uint64_t>0xFFF) | 1)
+                    pa[0] = (leaf & c.addr_mask) | (va & 0xFFF)
+                    return PKS_OK
+    return _miss_walk(c, va, kind, implicit, pa, t)
+
+
+cdef int32_t _miss_walk(pks_cpu_t *c, uint64_t va, int kind, bint implicit, uint64_t *pa,
+                        pks_tlb_entry_t *t) noexcept nogil:
     """_access_slow for an access within one page that missed the TLB: the
     same steps and counters, without the second look at the TLB."""
     cdef uint64_t leaf = 0
@@ -579,7 +622,7 @@ cdef inline int32_t _access_m(pks_cpu_t *c, uint64_t va, int kind, uint32_t size
     cdef uint32_t i, p
     if (va & 0xFFF) + size <= 4096:
         if (<uint64_t *>t)[kind & 1] != ((va & ~<uint64_t>0xFFF) | 1):
-            return _miss(c, va, kind, implicit, pa, t)
+            return _miss(c, va, kind, implicit, smode, pa, t)
         leaf = t.leaf
         i = (<uint32_t>kind << 7) | (smode << 4) | <uint32_t>((leaf >> 1) & 15)
         p = c.perm_fast[i]
