@@ -139,6 +139,22 @@ ctypedef struct pks_psc_entry_t:
     uint64_t attrs
 
 
+# A record of the last faulting walk of a page (an emulator-internal memo,
+# not an architectural cache): the host addresses of the entries it read
+# and their values. While every one of those words still holds that value
+# (and CR3/CR4/EFER are unchanged: ``epoch``), a walk of the page would read
+# the same entries and reach the same outcome, so it is replayed from here:
+# that is what keeps a fault storm from re-walking every level every time.
+ctypedef struct pks_memo_t:
+    uint64_t tag                # linear page | 1; 0 = empty
+    uint64_t epoch
+    uint64_t *ptr[5]
+    uint64_t val[5]
+    uint64_t leaf               # the synthesized leaf, when the walk reached one
+    uint32_t n                  # entries read
+    uint32_t fault_bits         # the walk's P/RSVD fault bits, or 0xFFFFFFFF: reached a leaf
+
+
 ctypedef struct pks_counters_t:
     uint64_t accesses[3][2]     # [kind][user_mode]
     uint64_t tlb_hits
@@ -214,6 +230,8 @@ ctypedef struct pks_cpu_t:
     uint32_t psc_pad
     uint64_t psc_epoch          # << 44, or'ed into every valid tag; a flush bumps it
     pks_psc_entry_t psc[4][512] # [level - 2]: PDE, PDPTE, PML4E, PML5E caches
+    uint64_t memo_epoch         # bumped by TLB flushes and CR4/EFER writes
+    pks_memo_t memo[256]        # by linear page number
     # Large pages with pieces in the TLB (so that dropping one page scans
     # only the slots of a large page that contains it); overflow: scan all.
     uint64_t large_base[8]

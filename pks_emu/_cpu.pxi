@@ -139,6 +139,7 @@ cdef class CPU:
         # has none, so compat="qemu" starts with them off.
         self.st.psc_on = self.st.compat == PKS_COMPAT_SDM
         self.st.psc_epoch = PKS_PSC_EPOCH_ONE
+        self.st.memo_epoch = 1
         self.st.derived_cr0 = ~<uint64_t>0          # force the first build
         _derive_all(&self.st)
 

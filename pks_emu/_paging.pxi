@@ -556,6 +556,32 @@ cdef int32_t _miss_walk(pks_cpu_t *c, uint64_t va, int kind, bint implicit, uint
         c.last_pkey = -1
         return PKS_GP
     c.counters.tlb_misses += 1
+    cdef pks_memo_t *m = &c.memo[(va >> 12) & 255]
+    cdef bint top = not c.psc_on or _psc_none(c, va)    # the walk starts at CR3
+    if top and m.tag == ((va & ~<uint64_t>0xFFF) | 1) and m.epoch == c.memo_epoch and _memo_valid(m):
+        # The walk would read exactly the recorded words: replay it.
+        c.counters.walks += 1
+        if PKS_EMU_DEBUG:
+            _memo_debug_check(c, va, m)
+        if m.fault_bits != 0xFFFFFFFFU:
+            c.last_pkey = -1
+            r = _pf_error(c, kind, implicit, m.fault_bits)
+        else:
+            leaf = m.leaf
+            c.last_pkey = <int32_t>(leaf >> PKS_PTE_PKEY_SHIFT)
+            r = _verdict(c, leaf, kind, implicit)
+            if r == PKS_OK:
+                _memo_psc_fill(c, va, m)
+                _allowed_fill(c, kind, leaf, m.ptr[m.n - 1], t, (va & ~<uint64_t>0xFFF) | 1)
+                pa[0] = (leaf & c.addr_mask) | (va & 0xFFF)
+                return PKS_OK
+        # The walk would have cached the non-leaf entries it passed and the
+        # #PF would have invalidated them again (SDM §4.10.4.1): their slots
+        # end up empty; no other entry for va exists (top).
+        _memo_psc_clear(c, va, m)
+        c.last_fault_va = va
+        c.counters.page_faults += 1
+        return r
     r = _walk(c, va, kind, implicit, True, &leaf, &leaf_entry)
     if r != PKS_OK:
         c.last_pkey = -1
@@ -566,10 +592,126 @@ cdef int32_t _miss_walk(pks_cpu_t *c, uint64_t va, int kind, bint implicit, uint
             _allowed_fill(c, kind, leaf, leaf_entry, t, (va & ~<uint64_t>0xFFF) | 1)
             pa[0] = (leaf & c.addr_mask) | (va & 0xFFF)
             return PKS_OK
+    if top:
+        _memo_record(c, va, m)
     _psc_drop_va(c, va)
     c.last_fault_va = va
     c.counters.page_faults += 1
     return r
+
+
+# --- the walk memo (pks_memo_t in _core.pxd) ------------------------------
+
+cdef inline bint _psc_none(pks_cpu_t *c, uint64_t va) noexcept nogil:
+    """No paging-structure-cache entry for ``va`` at any level."""
+    cdef uint64_t ep = c.psc_epoch
+    if (c.psc[0][(va >> 21) & 511].tag == ((va >> 21) | ep)
+            or c.psc[1][(va >> 30) & 511].tag == ((va >> 30) | ep)
+            or c.psc[2][(va >> 39) & 511].tag == ((va >> 39) | ep)):
+        return False
+    return c.levels == 4 or c.psc[3][(va >> 48) & 511].tag != ((va >> 48) | ep)
+
+
+cdef inline bint _memo_valid(pks_memo_t *m) noexcept nogil:
+    cdef uint32_t j
+    for j in range(m.n):
+        if m.ptr[j][0] != m.val[j]:
+            return False
+    return True
+
+
+cdef inline uint64_t _synth_leaf(pks_cpu_t *c, uint64_t va, uint64_t e, uint64_t combined,
+                                 uint64_t xd, int level) noexcept nogil:
+    cdef int shift = 12 + 9 * (level - 1)
+    cdef uint64_t page_mask = (<uint64_t>1 << shift) - 1
+    cdef uint64_t frame = (e & c.addr_mask & ~page_mask) | (va & page_mask & ~<uint64_t>0xFFF)
+    combined &= PKS_PTE_RW | PKS_PTE_US
+    return (frame | PKS_PTE_P | combined
+            | (e & (PKS_PTE_D | PKS_PTE_G | PKS_PKEY_FIELD))
+            | ((xd >> 60) & PKS_LEAF_XD)
+            | (<uint64_t>(level - 1) << PKS_LEAF_SIZE_SHIFT)
+            | c.fill_bits[combined >> 2])
+
+
+cdef void _memo_record(pks_cpu_t *c, uint64_t va, pks_memo_t *m) noexcept nogil:
+    """Record the entries a walk of ``va`` from CR3 reads now (just after a
+    real walk, so the values are those it left: A set where it set it)."""
+    cdef uint64_t table = c.cr3 & c.addr_mask
+    cdef uint64_t e, ea, combined = PKS_PTE_RW | PKS_PTE_US, xd = 0
+    cdef uint8_t *page
+    cdef int level = <int>c.levels
+    cdef uint32_t n = 0
+    m.tag = 0
+    while True:
+        ea = table + (((va >> (12 + 9 * (level - 1))) & 511) << 3)
+        page = _frame(c, ea >> 12)
+        if page == NULL:
+            return                      # an absent frame may appear later: no record
+        m.ptr[n] = <uint64_t *>(page + (ea & 0xFF8))
+        e = m.ptr[n][0]
+        m.val[n] = e
+        n += 1
+        if not (e & PKS_PTE_P):
+            m.fault_bits = 0
+            break
+        if e & _rsvd_mask(c, level, e):
+            m.fault_bits = PKS_PF_RSVD if c.compat == PKS_COMPAT_QEMU else PKS_PF_P | PKS_PF_RSVD
+            break
+        combined &= e
+        xd |= e
+        if level == 1 or (e & PKS_PTE_PS):
+            m.fault_bits = 0xFFFFFFFFU
+            m.leaf = _synth_leaf(c, va, e, combined, xd, level)
+            break
+        table = e & c.addr_mask
+        level -= 1
+    m.n = n
+    m.epoch = c.memo_epoch
+    m.tag = (va & ~<uint64_t>0xFFF) | 1
+
+
+cdef void _memo_psc_fill(pks_cpu_t *c, uint64_t va, pks_memo_t *m) noexcept nogil:
+    """Cache the non-leaf entries of a replayed walk, as _walk does."""
+    cdef uint32_t j
+    cdef uint64_t e, key, combined = PKS_PTE_RW | PKS_PTE_US, xd = 0
+    cdef pks_psc_entry_t *pe
+    if not c.psc_on:
+        return
+    for j in range(m.n - 1):
+        e = m.val[j]
+        combined &= e
+        xd |= e
+        key = va >> (39 + 9 * (<int>c.levels - 4) - 9 * <int>j)
+        pe = &c.psc[<int>c.levels - 2 - <int>j][key & 511]
+        pe.tag = key | c.psc_epoch
+        pe.table = e & c.addr_mask
+        pe.attrs = (combined & (PKS_PTE_RW | PKS_PTE_US)) | (xd & PKS_PTE_XD)
+
+
+cdef inline void _memo_psc_clear(pks_cpu_t *c, uint64_t va, pks_memo_t *m) noexcept nogil:
+    # Entries passed: levels L = levels .. levels - (n - 2); slot of L is psc[L - 2].
+    cdef int lowest = <int>c.levels + 2 - <int>m.n      # the deepest non-leaf level passed
+    if not c.psc_on or m.n < 2:
+        return
+    if c.levels == 5:
+        c.psc[3][(va >> 48) & 511].tag = 0
+    if lowest <= 4:
+        c.psc[2][(va >> 39) & 511].tag = 0
+    if lowest <= 3:
+        c.psc[1][(va >> 30) & 511].tag = 0
+    if lowest <= 2:
+        c.psc[0][(va >> 21) & 511].tag = 0
+
+
+cdef void _memo_debug_check(pks_cpu_t *c, uint64_t va, pks_memo_t *m) noexcept nogil:
+    """Debug build: a replayed walk must agree with a side-effect-free walk."""
+    cdef uint64_t fresh = 0
+    cdef uint64_t *ea = NULL
+    cdef int32_t r2 = _walk(c, va, PKS_READ, False, False, &fresh, &ea)
+    c.counters.walks -= 1
+    if (m.fault_bits == 0xFFFFFFFFU) != (r2 == PKS_OK) or (r2 == PKS_OK and fresh != m.leaf):
+        pks_debug_mismatch("walk memo disagrees with a fresh walk", m.leaf, fresh)
+
 
 
 cdef int32_t _hit_fault(pks_cpu_t *c, uint64_t va, int kind, bint implicit, uint64_t *pa,

@@ -88,6 +88,8 @@ cdef int32_t pks_write_cr4(pks_cpu_t *c, uint64_t value) noexcept nogil:
     if (c.efer & PKS_EFER_LMA) and (changed & PKS_CR4_LA57):
         return PKS_GP
     c.cr4 = value
+    if changed:
+        c.memo_epoch += 1                   # leaf fill bits, LA57
     if changed & (PKS_CR4_FLUSH_QEMU if c.compat == PKS_COMPAT_QEMU else PKS_CR4_FLUSH_SDM):
         pks_flush_tlb(c, False)             # rebuilds the permission tables too
     else:
@@ -109,6 +111,7 @@ cdef int32_t _write_efer(pks_cpu_t *c, uint64_t value) noexcept nogil:
     if (changed & PKS_EFER_LME) and (c.cr0 & PKS_CR0_PG):
         return PKS_GP
     c.efer = value
+    c.memo_epoch += 1                       # NXE: reserved bits
     # NXE decides whether bit 63 is XD or reserved in cached entries. KVM
     # rebuilds its MMU context on an NX change; we flush. QEMU does not.
     if (changed & PKS_EFER_NXE) and c.compat != PKS_COMPAT_QEMU:

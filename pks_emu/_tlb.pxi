@@ -56,6 +56,7 @@ cdef void pks_flush_tlb(pks_cpu_t *c, bint keep_global) noexcept nogil:
         t.tag = 0
         t.tag_w = 0
     _psc_flush(c)
+    c.memo_epoch += 1
     _derive_all(c)
 
 
