@@ -87,7 +87,7 @@ def access_batch(CPU cpu, va, kind, size=1, implicit=False, *, out=None):
             if n and smask == 0 and imask == 0:
                 # The common call: one size and one implicit flag for all
                 # (fewer live values: the loop stays in registers).
-                _batch_loop_scalar(c, vp, kp, kmask, sp[0], ip[0], smode0 | (<uint32_t>ip[0] << 1),
+                _batch_loop_scalar_p(c, vp, kp, kmask, sp[0], ip[0], smode0 | (<uint32_t>ip[0] << 1),
                                    pp, ep, n)
                 n = 0
             for i in range(n):
@@ -112,6 +112,13 @@ cdef void _batch_loop_scalar(pks_cpu_t *c, const uint64_t *vp, const uint8_t *kp
         ep[i] = r
         if r != PKS_OK:
             pp[i] = 0
+
+
+ctypedef void (*_batch_loop_fn)(pks_cpu_t *, const uint64_t *, const uint8_t *, Py_ssize_t,
+                               uint32_t, uint8_t, uint32_t, uint64_t *, int32_t *,
+                               Py_ssize_t) noexcept nogil
+# Called through a pointer: out of line, the loop has the registers to itself.
+cdef _batch_loop_fn _batch_loop_scalar_p = _batch_loop_scalar
 
 
 def _batch_kind(Py_ssize_t i, k):

@@ -155,6 +155,13 @@ ctypedef struct pks_memo_t:
     uint32_t fault_bits         # the walk's P/RSVD fault bits, or 0xFFFFFFFF: reached a leaf
 
 
+# One slot of the walker's frame-pointer cache: the frame number and its
+# host page side by side (one cache line per lookup).
+ctypedef struct pks_frame_cache_t:
+    uint64_t pfn
+    uint8_t *page
+
+
 ctypedef struct pks_counters_t:
     uint64_t accesses[3][2]     # [kind][user_mode]
     uint64_t tlb_hits
@@ -241,8 +248,7 @@ ctypedef struct pks_cpu_t:
     # Frame-pointer cache of the walker: physical frame number -> host page.
     # Frames are never freed while the memory lives, so a cached pointer
     # stays valid; this caches host lookups, not paging structures.
-    uint64_t frame_cache_pfn[4096]
-    uint8_t *frame_cache_page[4096]
+    pks_frame_cache_t frame_cache[4096]
 
 
 # --- memory ---------------------------------------------------------------

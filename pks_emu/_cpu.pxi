@@ -115,7 +115,8 @@ cdef class CPU:
         self.index = index
         self._machine_ref = weakref.ref(machine) if machine is not None else None
         memset(&self.st, 0, sizeof(pks_cpu_t))
-        memset(self.st.frame_cache_pfn, 0xFF, sizeof(self.st.frame_cache_pfn))
+        for i in range(4096):
+            self.st.frame_cache[i].pfn = ~<uint64_t>0       # no frame has this number
         self.st.mem = &memory.m
         self.st.features = feats
         self.st.compat = _COMPAT[compat]

@@ -72,8 +72,8 @@ cdef inline uint8_t *_frame(pks_cpu_t *c, uint64_t pfn) noexcept nogil:
     """Host page of frame ``pfn`` (NULL if never written), through the CPU's frame cache."""
     cdef uint32_t i = <uint32_t>(pfn & 4095)   # enough for the tables of 8 GiB of 4-KiB pages
     cdef uint8_t *page
-    if c.frame_cache_pfn[i] == pfn:
-        return c.frame_cache_page[i]
+    if c.frame_cache[i].pfn == pfn:
+        return c.frame_cache[i].page
     return _frame_slow(c, pfn)
 
 
@@ -81,8 +81,8 @@ cdef uint8_t *_frame_slow(pks_cpu_t *c, uint64_t pfn) noexcept nogil:
     cdef uint32_t i = <uint32_t>(pfn & 4095)
     cdef uint8_t *page = pks_mem_frame(c.mem, pfn, False)
     if page != NULL:
-        c.frame_cache_pfn[i] = pfn
-        c.frame_cache_page[i] = page
+        c.frame_cache[i].pfn = pfn
+        c.frame_cache[i].page = page
     return page
 
 
@@ -519,8 +519,8 @@ cdef int32_t _miss(pks_cpu_t *c, uint64_t va, int kind, bint implicit, uint32_t 
     if pe.tag == (key | c.psc_epoch):
         ea = pe.table + ((va >> 9) & 0xFF8)
         i = <uint32_t>((ea >> 12) & 4095)
-        if c.frame_cache_pfn[i] == (ea >> 12):
-            entry = <uint64_t *>(c.frame_cache_page[i] + (ea & 0xFF8))
+        if c.frame_cache[i].pfn == (ea >> 12):
+            entry = <uint64_t *>(c.frame_cache[i].page + (ea & 0xFF8))
             e = entry[0]
             if (e & PKS_PTE_P) and not (e & c.rsvd_table[1]):
                 combined = pe.attrs & e & (PKS_PTE_RW | PKS_PTE_US)
@@ -764,7 +764,7 @@ cdef inline int32_t _access_m(pks_cpu_t *c, uint64_t va, int kind, uint32_t size
     cdef uint32_t i, p
     if (va & 0xFFF) + size <= 4096:
         if (<uint64_t *>t)[kind & 1] != ((va & ~<uint64_t>0xFFF) | 1):
-            return _miss(c, va, kind, implicit, smode, pa, t)
+            return _miss_p(c, va, kind, implicit, smode, pa, t)
         leaf = t.leaf
         i = (<uint32_t>kind << 7) | (smode << 4) | <uint32_t>((leaf >> 1) & 15)
         p = c.perm_fast[i]
@@ -774,9 +774,9 @@ cdef inline int32_t _access_m(pks_cpu_t *c, uint64_t va, int kind, uint32_t size
             pa[0] = (leaf & c.addr_mask) | (va & 0xFFF)
             return PKS_OK
         if not c.stale_check:
-            return _hit_fault(c, va, kind, implicit, pa, t, c.perm[i])
+            return _hit_fault_p(c, va, kind, implicit, pa, t, c.perm[i])
     # Page-crossing accesses and the stale check take the general path.
-    return _access_slow(c, va, kind, size, implicit, pa)
+    return _access_slow_p(c, va, kind, size, implicit, pa)
 
 
 cdef int32_t _access_slow(pks_cpu_t *c, uint64_t va, int kind, uint32_t size,
@@ -810,3 +810,16 @@ cdef int32_t _access_slow(pks_cpu_t *c, uint64_t va, int kind, uint32_t size,
             return r
     pa[0] = pa1
     return PKS_OK
+
+
+# The slow paths are called through pointers the compiler cannot see
+# through, so that they are never inlined into the loops that inline
+# _access_m: inlined, they cost the hit path its registers.
+ctypedef int32_t (*_miss_fn)(pks_cpu_t *, uint64_t, int, bint, uint32_t, uint64_t *,
+                             pks_tlb_entry_t *) noexcept nogil
+ctypedef int32_t (*_hit_fault_fn)(pks_cpu_t *, uint64_t, int, bint, uint64_t *,
+                                  pks_tlb_entry_t *, uint32_t) noexcept nogil
+ctypedef int32_t (*_slow_fn)(pks_cpu_t *, uint64_t, int, uint32_t, bint, uint64_t *) noexcept nogil
+cdef _miss_fn _miss_p = _miss
+cdef _hit_fault_fn _hit_fault_p = _hit_fault
+cdef _slow_fn _access_slow_p = _access_slow
