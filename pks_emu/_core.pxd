@@ -227,7 +227,10 @@ ctypedef struct pks_cpu_t:
     uint8_t perm_fast[384]
     # deny[sel]: bit k = key k is denied by that mask (recomputed on WRMSR
     # IA32_PKRS and WRPKRU: a few shifts).
-    uint32_t deny[8]
+    uint16_t deny[8]
+    uint64_t deny_key[2][2]     # the last key-register values the masks were built for
+    uint32_t deny_val[2][2]     # (PKRS, PKRU): their AD | AD-or-WD << 16 masks
+    uint32_t deny_next[2]
     uint64_t rsvd_table[6]      # reserved bits of a non-leaf entry by level
     uint64_t rsvd_large[4]      # reserved bits of a PS=1 entry at level 2 / 3
     uint64_t derived_cr0, derived_cr4, derived_efer   # the values perm was built from

@@ -337,14 +337,61 @@ cdef inline uint32_t _even_bits(uint32_t x) noexcept nogil:
     return (x | (x >> 8)) & 0x0000FFFFU
 
 
+cdef inline uint32_t _deny_pair(uint32_t x) noexcept nogil:
+    """The AD mask (bits 15:0) and the AD-or-WD mask (bits 31:16) of a key
+    register: AD spread over the even bits of the low word, AD|WD over the
+    even bits of the high word, both compacted at once."""
+    cdef uint64_t y = (x & 0x55555555U) | (<uint64_t>((x | (x >> 1)) & 0x55555555U) << 32)
+    y = (y | (y >> 1)) & 0x3333333333333333ULL
+    y = (y | (y >> 2)) & 0x0F0F0F0F0F0F0F0FULL
+    y = (y | (y >> 4)) & 0x00FF00FF00FF00FFULL
+    y = (y | (y >> 8)) & 0x0000FFFF0000FFFFULL
+    return <uint32_t>(y | (y >> 16))
+
+
+cdef uint32_t _deny_fill(pks_cpu_t *c, int reg, uint32_t x) noexcept nogil:
+    cdef uint32_t v = _deny_pair(x)
+    cdef uint32_t slot = c.deny_next[reg]
+    c.deny_next[reg] = slot ^ 1
+    c.deny_key[reg][slot] = x
+    c.deny_val[reg][slot] = v
+    return v
+
+
+ctypedef uint32_t (*_deny_fill_fn)(pks_cpu_t *, int, uint32_t) noexcept nogil
+cdef _deny_fill_fn _deny_fill_p = _deny_fill
+
+
+cdef inline void _set_deny(pks_cpu_t *c, int reg, uint32_t x) noexcept nogil:
+    """The two deny masks of a key register (reg 0 = PKRS, 1 = PKRU), through
+    a two-entry cache: kernels switch PKRS between a few values (the task's,
+    the default), so a WRMSR mostly costs two compares and one store."""
+    cdef uint32_t v
+    if c.deny_key[reg][0] == x:
+        v = c.deny_val[reg][0]
+    elif c.deny_key[reg][1] == x:
+        v = c.deny_val[reg][1]
+    else:
+        v = _deny_fill_p(c, reg, x)
+    memcpy(&c.deny[1 + 2 * reg], &v, 4)     # deny[1 + 2reg] = AD, deny[2 + 2reg] = AD or WD
+
+
+cdef inline void _derive_deny_pkrs(pks_cpu_t *c) noexcept nogil:
+    _set_deny(c, 0, <uint32_t>(c.pkrs & 0xFFFFFFFFULL))
+
+
+cdef inline void _derive_deny_pkru(pks_cpu_t *c) noexcept nogil:
+    _set_deny(c, 1, c.pkru)
+
+
 cdef inline void _derive_deny(pks_cpu_t *c) noexcept nogil:
-    cdef uint32_t s = <uint32_t>(c.pkrs & 0xFFFFFFFFULL)
-    cdef uint32_t u = c.pkru
     c.deny[0] = 0
-    c.deny[1] = _even_bits(s)                   # AD
-    c.deny[2] = _even_bits(s | (s >> 1))        # AD or WD
-    c.deny[3] = _even_bits(u)
-    c.deny[4] = _even_bits(u | (u >> 1))
+    _derive_deny_pkrs(c)
+    _derive_deny_pkru(c)
+    if PKS_EMU_DEBUG:
+        if (c.deny[1] != _even_bits(<uint32_t>c.pkrs) or c.deny[2] != _even_bits(<uint32_t>(c.pkrs | (c.pkrs >> 1)))
+                or c.deny[3] != _even_bits(c.pkru) or c.deny[4] != _even_bits(c.pkru | (c.pkru >> 1))):
+            pks_debug_mismatch("deny masks", c.deny[1], _even_bits(<uint32_t>c.pkrs))
 
 
 cdef void _derive_all(pks_cpu_t *c) noexcept nogil:

@@ -131,7 +131,7 @@ cdef int32_t pks_wrmsr(pks_cpu_t *c, uint32_t msr, uint64_t value) noexcept nogi
         if not (c.features & PKS_FEAT_PKS) or (value >> 32):
             return PKS_GP
         c.pkrs = value
-        _derive_deny(c)
+        _derive_deny_pkrs(c)
         c.counters.wrmsr_pkrs += 1
         if c.compat == PKS_COMPAT_QEMU:
             pks_flush_tlb(c, False)         # QEMU 7.2 helper_wrmsr flushes on PKRS
@@ -162,7 +162,7 @@ cdef int32_t pks_wrpkru(pks_cpu_t *c, uint32_t eax, uint32_t ecx, uint32_t edx) 
     if ecx != 0 or edx != 0:
         return PKS_GP
     c.pkru = eax
-    _derive_deny(c)
+    _derive_deny_pkru(c)
     c.counters.wrpkru += 1
     if c.compat == PKS_COMPAT_QEMU:
         pks_flush_tlb(c, False)             # QEMU 7.2 helper_wrpkru flushes
