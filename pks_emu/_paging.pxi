@@ -584,10 +584,17 @@ cdef int32_t _miss(pks_cpu_t *c, uint64_t va, int kind, bint implicit, uint32_t 
                     # one access, one TLB miss, one walk, one PDE-cache hit
                     c.counters.fast_misses[i >> 4] += 1
                     c.last_pkey = <int32_t>(leaf >> PKS_PTE_PKEY_SHIFT)
-                    _allowed_fill(c, kind, leaf, entry, t, (va & ~<uint64_t>0xFFF) | 1)
+                    # _allowed_fill for a 4-KiB leaf: A (and D), then the TLB entry
+                    key = PKS_PTE_A | (PKS_PTE_D if kind == PKS_WRITE else 0)
+                    if (e & key) != key:
+                        entry[0] = e | key
+                    leaf |= key & PKS_PTE_D
+                    t.tag = (va & ~<uint64_t>0xFFF) | 1
+                    t.tag_w = t.tag if leaf & PKS_PTE_D else 0
+                    t.leaf = leaf
                     pa[0] = (leaf & c.addr_mask) | (va & 0xFFF)
                     return PKS_OK
-    return _miss_walk(c, va, kind, implicit, pa, t)
+    return _miss_walk_p(c, va, kind, implicit, pa, t)
 
 
 cdef int32_t _miss_walk(pks_cpu_t *c, uint64_t va, int kind, bint implicit, uint64_t *pa,
@@ -870,3 +877,6 @@ ctypedef int32_t (*_slow_fn)(pks_cpu_t *, uint64_t, int, uint32_t, bint, uint64_
 cdef _miss_fn _miss_p = _miss
 cdef _hit_fault_fn _hit_fault_p = _hit_fault
 cdef _slow_fn _access_slow_p = _access_slow
+ctypedef int32_t (*_miss_walk_fn)(pks_cpu_t *, uint64_t, int, bint, uint64_t *,
+                                  pks_tlb_entry_t *) noexcept nogil
+cdef _miss_walk_fn _miss_walk_p = _miss_walk
