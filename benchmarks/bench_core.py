@@ -20,7 +20,7 @@ import pks_emu
 from pks_emu.constants import MSR_IA32_PKRS, PKR_AD_KEY
 from pks_emu.errors import PageFault
 
-from .common import (BATCH_N, HIT_PAGES, LOOP, MISS_N, MISS_PAGES, PMEM_BASE, PMEM_KEY, PKRS_OPEN,
+from .common import (BATCH_N, HIT_PAGES, LOOP, MISS_N, MISS_PAGES, PMEM_BASE, PMEM_KEY, PKRS_OPEN, SEED,
                      best_seconds, mapped_machine, ns_per_call, scan_addresses)
 
 
@@ -166,3 +166,75 @@ class BatchMiss:
         return self.cpu.counters()["walks"] / len(self.va)
 
     track_walks_per_access.unit = "walks/access"
+
+
+class BatchMissCaches:
+    """Random-order misses (issue 11) with the paging-structure caches on and
+    off: with them, a walk that hits the PDE cache reads only the PTE."""
+
+    params = [[4, 5], [True, False]]
+    param_names = ["levels", "caches"]
+    timeout = 300
+
+    def setup(self, levels, caches):
+        self.m, self.cpu = mapped_machine(levels, MISS_PAGES)
+        self.cpu.paging_structure_caches = caches
+        self.va, self.kind = scan_addresses(MISS_N, MISS_PAGES, order="random")
+        pks_emu.access_batch(self.cpu, self.va, self.kind)     # sets every A/D bit
+
+    def track_batch_maccess_per_s(self, levels, caches):
+        t = best_seconds(lambda: pks_emu.access_batch(self.cpu, self.va, self.kind))
+        return len(self.va) / t / 1e6
+
+    track_batch_maccess_per_s.unit = "M accesses/s"
+
+    def track_upper_levels_read_per_walk(self, levels, caches):
+        # Pins the model: entries above the PTE read per walk (levels - 1
+        # without the caches; about 0 with them, where every walk hits the PDE cache).
+        self.cpu.reset_counters()
+        pks_emu.access_batch(self.cpu, self.va, self.kind)
+        c = self.cpu.counters()
+        skipped = (c["pde_cache_hits"] * (levels - 1) + c["pdpte_cache_hits"] * (levels - 2)
+                   + c["pml4e_cache_hits"] * (levels - 3) + c["pml5e_cache_hits"] * (levels - 4))
+        return (c["walks"] * (levels - 1) - skipped) / c["walks"]
+
+    track_upper_levels_read_per_walk.unit = "entries/walk"
+
+
+class FaultStorm:
+    """``access_batch`` over 64 pages, page i under key i % 16, PKRS
+    access-disabling 13 of the 16 keys (issue 11): about 13/16 of the accesses
+    fault, and a fault caches nothing, so each of them walks again."""
+
+    timeout = 300
+
+    def setup(self):
+        m = pks_emu.Machine()
+        a = m.address_space()
+        for p in range(64):
+            a.map(PMEM_BASE + p * 4096, 0x100000000 + p * 4096, pkey=p % 16, nx=True)
+        cpu = m.cpus[0]
+        cpu.cr4 |= 1 << 24
+        cpu.wrmsr(MSR_IA32_PKRS, sum(1 << (2 * k) for k in range(3, 16)))
+        a.activate()
+        self.m, self.cpu = m, cpu
+        rng = np.random.default_rng(SEED)
+        n = BATCH_N // 2
+        self.va = (np.uint64(PMEM_BASE) + rng.integers(0, 64, n).astype(np.uint64) * np.uint64(4096)
+                   + rng.integers(0, 512, n).astype(np.uint64) * np.uint64(8))
+        self.kind = rng.integers(0, 2, n).astype(np.uint8)
+        self.out = (np.empty(n, np.uint64), np.empty(n, np.int32))
+        pks_emu.access_batch(self.cpu, self.va, self.kind, out=self.out)
+
+    def track_maccess_per_s(self):
+        t = best_seconds(lambda: pks_emu.access_batch(self.cpu, self.va, self.kind, out=self.out))
+        return len(self.va) / t / 1e6
+
+    track_maccess_per_s.unit = "M accesses/s"
+
+    def track_fault_fraction(self):
+        # Pins the workload: 13/16 of the pages deny (about 0.81).
+        _, err = pks_emu.access_batch(self.cpu, self.va, self.kind, out=self.out)
+        return float(np.count_nonzero(err >= 0)) / len(err)
+
+    track_fault_fraction.unit = "faults/access"

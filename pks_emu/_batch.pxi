@@ -68,18 +68,57 @@ def access_batch(CPU cpu not None, va, kind, size=1, implicit=False, *, out=None
     cdef int32_t[::1] errs = err_out
     cdef pks_cpu_t *c = &cpu.st
     cdef int32_t r
+    cdef uint32_t smode0, imp
+    # Raw pointers and masks in locals: the loop's stores (pa, error codes,
+    # counters) could alias memoryview structs, which would be reloaded from
+    # the stack on every access.
+    cdef const uint64_t *vp = &vas[0] if n else NULL
+    cdef const uint8_t *kp = &kinds[0] if n else NULL
+    cdef const uint16_t *sp = &sizes[0] if n else NULL
+    cdef const uint8_t *ip = &impl[0] if n else NULL
+    cdef uint64_t *pp = &pas[0] if n else NULL
+    cdef int32_t *ep = &errs[0] if n else NULL
     _enter_nogil(cpu)
     try:
         with nogil:
+            # The registers cannot change during the loop: CPL and EFLAGS.AC
+            # are read once (the implicit bit goes into bit 1 of smode).
+            smode0 = _smode(c, False)
+            if n and smask == 0 and imask == 0:
+                # The common call: one size and one implicit flag for all
+                # (fewer live values: the loop stays in registers).
+                _batch_loop_scalar_p(c, vp, kp, kmask, sp[0], ip[0], smode0 | (<uint32_t>ip[0] << 1),
+                                   pp, ep, n)
+                n = 0
             for i in range(n):
-                r = _access(c, vas[i], kinds[i & kmask], sizes[i & smask], impl[i & imask] != 0,
-                            &pas[i])
-                errs[i] = r
+                imp = ip[i & imask]
+                r = _access_m(c, vp[i], kp[i & kmask], sp[i & smask], imp != 0,
+                              smode0 | (imp << 1), &pp[i])
+                ep[i] = r
                 if r != PKS_OK:
-                    pas[i] = 0
+                    pp[i] = 0
     finally:
         _leave_nogil(cpu)
     return pa_out, err_out
+
+
+cdef void _batch_loop_scalar(pks_cpu_t *c, const uint64_t *vp, const uint8_t *kp, Py_ssize_t kmask,
+                             uint32_t size, uint8_t imp, uint32_t smode, uint64_t *pp, int32_t *ep,
+                             Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int32_t r
+    for i in range(n):
+        r = _access_m(c, vp[i], kp[i & kmask], size, imp != 0, smode, &pp[i])
+        ep[i] = r
+        if r != PKS_OK:
+            pp[i] = 0
+
+
+ctypedef void (*_batch_loop_fn)(pks_cpu_t *, const uint64_t *, const uint8_t *, Py_ssize_t,
+                               uint32_t, uint8_t, uint32_t, uint64_t *, int32_t *,
+                               Py_ssize_t) noexcept nogil
+# Called through a pointer: out of line, the loop has the registers to itself.
+cdef _batch_loop_fn _batch_loop_scalar_p = _batch_loop_scalar
 
 
 def _batch_kind(Py_ssize_t i, k):
@@ -129,3 +168,9 @@ def _batch_arg(str name, value, Py_ssize_t n, dtype, long lo, long hi, str expec
         bad = int(np.argmax((arr < lo) | (arr > hi)))
         raise ValueError(f"{name}[{bad}] = {int(arr[bad])}: expected {expected}")
     return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def _measured_batch(CPU cpu, va, kind, size, out):
+    """``access_batch`` under another name: ``pks-emu bench --instructions``
+    counts the instructions of this call alone (valgrind --toggle-collect)."""
+    return access_batch(cpu, va, kind, size, out=out)

@@ -117,12 +117,53 @@ ctypedef struct pks_mem_t:
 
 # One TLB entry caches a 4-KiB translation (large pages are cached per 4-KiB
 # piece, tagged with their page size so that INVLPG drops the whole page).
-# ``leaf`` is a synthesized entry: frame | P | RW_all | US_all | D | G | key | XD_any,
-# plus the page-size level in bits 10:9 and the CR4.PKE/PKS values at fill time
-# in bits 52/53 (used only by compat="qemu").
+# ``leaf`` is a synthesized entry: frame | P | RW_all (bit 1) | US_all (bit 2)
+# | XD_any (bit 63, copied to bit 3) | key-enable at fill (bit 4: CR4.PKE for
+# a user page, CR4.PKS for a supervisor page; used only by compat="qemu")
+# | D | G | key, plus the page-size level in bits 10:9 and CR4.PKE/PKS at
+# fill time in bits 52/53. Bits 4:1 index the CPU's permission table.
+# ``tag`` (linear page | 1 when valid) admits reads and fetches; ``tag_w``
+# equals ``tag`` when the leaf's D is 1 and admits writes (a write through
+# an entry with D=0 misses and walks again, SDM §4.8).
 ctypedef struct pks_tlb_entry_t:
-    uint64_t tag            # linear page address | 1 when valid
+    uint64_t tag
+    uint64_t tag_w
     uint64_t leaf
+    uint64_t pad
+
+
+# Paging-structure caches (SDM §4.10.3): one direct-mapped cache per level of
+# non-leaf entry (PML5E, PML4E, PDPTE, PDE). ``tag`` is the linear-address
+# bits above the level's span (va >> 21 for a PDE) | the cache epoch << 44;
+# ``table`` the physical address of the table the entry references; ``attrs``
+# RW and US ANDed, XD ORed over the entries from the top down to this one.
+ctypedef struct pks_psc_entry_t:
+    uint64_t tag
+    uint64_t table
+    uint64_t attrs
+
+
+# A record of the last faulting walk of a page (an emulator-internal memo,
+# not an architectural cache): the host addresses of the entries it read
+# and their values. While every one of those words still holds that value
+# (and CR3/CR4/EFER are unchanged: ``epoch``), a walk of the page would read
+# the same entries and reach the same outcome, so it is replayed from here:
+# that is what keeps a fault storm from re-walking every level every time.
+ctypedef struct pks_memo_t:
+    uint64_t tag                # linear page | 1; 0 = empty
+    uint64_t epoch
+    uint64_t *ptr[5]
+    uint64_t val[5]
+    uint64_t leaf               # the synthesized leaf, when the walk reached one
+    uint32_t n                  # entries read
+    uint32_t fault_bits         # the walk's P/RSVD fault bits, or 0xFFFFFFFF: reached a leaf
+
+
+# One slot of the walker's frame-pointer cache: the frame number and its
+# host page side by side (one cache line per lookup).
+ctypedef struct pks_frame_cache_t:
+    uint64_t pfn
+    uint8_t *page
 
 
 ctypedef struct pks_counters_t:
@@ -137,6 +178,14 @@ ctypedef struct pks_counters_t:
     uint64_t wrmsr_pkrs
     uint64_t wrpkru
     uint64_t stale_uses
+    # TLB hits of the inlined fast path, by (kind << 3 | CPL==3 << 2 |
+    # implicit << 1 | EFLAGS.AC): counted once here, and added to
+    # ``accesses`` and ``tlb_hits`` when the counters are read.
+    uint64_t fast_hits[24]
+    # TLB misses of the inlined fast path (a PDE-cache hit), same index:
+    # each is one access, one TLB miss, one walk and one PDE-cache hit.
+    uint64_t fast_misses[24]
+    uint64_t psc_hits[6]        # walks that started from a cached entry, by its level (2 = PDE)
 
 
 ctypedef struct pks_stale_t:
@@ -172,11 +221,41 @@ ctypedef struct pks_cpu_t:
     int32_t last_pkey           # key of the last translation that reached a leaf, else -1
     uint64_t last_fault_va      # address (CR2) of the last #PF
     pks_counters_t counters
+    # --- derived state, recomputed on the register writes it depends on ---
+    # perm[kind << 7 | smode << 4 | leaf bits 4:1]: bit 0 = the paging rule
+    # denies; bits 3:1 = which deny mask of the key rule applies (0 none,
+    # 1 PKRS AD, 2 PKRS AD|WD, 3 PKRU AD, 4 PKRU AD|WD). smode = CPL==3 << 2
+    # | implicit << 1 | EFLAGS.AC. Recomputed on CR0/CR4/EFER writes and TLB
+    # flushes. perm_fast is perm with bit 0 forced while stale_check is on.
+    uint8_t perm[384]
+    uint8_t perm_fast[384]
+    # deny[sel]: bit k = key k is denied by that mask (recomputed on WRMSR
+    # IA32_PKRS and WRPKRU: a few shifts).
+    uint16_t deny[8]
+    uint64_t deny_key[2][2]     # the last key-register values the masks were built for
+    uint32_t deny_val[2][2]     # (PKRS, PKRU): their AD | AD-or-WD << 16 masks
+    uint32_t deny_next[2]
+    uint64_t rsvd_table[6]      # reserved bits of a non-leaf entry by level
+    uint64_t rsvd_large[4]      # reserved bits of a PS=1 entry at level 2 / 3
+    uint64_t derived_cr0, derived_cr4, derived_efer   # the values perm was built from
+    uint64_t fill_bits[2]       # synthesized-leaf bits from CR4 at fill time, by US_all
+    # Paging-structure caches (SDM §4.10.3); off in compat="qemu" by default.
+    uint32_t psc_on
+    uint32_t psc_pad
+    uint64_t psc_epoch          # << 44, or'ed into every valid tag; a flush bumps it
+    pks_psc_entry_t psc[4][512] # [level - 2]: PDE, PDPTE, PML4E, PML5E caches
+    uint64_t memo_epoch         # bumped by TLB flushes and CR4/EFER writes
+    pks_memo_t memo[256]        # by linear page number
+    # Large pages with pieces in the TLB (so that dropping one page scans
+    # only the slots of a large page that contains it); overflow: scan all.
+    uint64_t large_base[8]
+    uint64_t large_mask[8]
+    uint32_t n_large
+    uint32_t large_overflow
     # Frame-pointer cache of the walker: physical frame number -> host page.
     # Frames are never freed while the memory lives, so a cached pointer
     # stays valid; this caches host lookups, not paging structures.
-    uint64_t frame_cache_pfn[4096]
-    uint8_t *frame_cache_page[4096]
+    pks_frame_cache_t frame_cache[4096]
 
 
 # --- memory ---------------------------------------------------------------

@@ -122,7 +122,8 @@ cdef class CPU:
         self.index = index
         self._machine_ref = weakref.ref(machine) if machine is not None else None
         memset(&self.st, 0, sizeof(pks_cpu_t))
-        memset(self.st.frame_cache_pfn, 0xFF, sizeof(self.st.frame_cache_pfn))
+        for i in range(4096):
+            self.st.frame_cache[i].pfn = ~<uint64_t>0       # no frame has this number
         self.st.mem = &memory.m
         self.st.features = feats
         self.st.compat = _COMPAT[compat]
@@ -142,6 +143,14 @@ cdef class CPU:
         self.st.efer = PKS_EFER_LME | PKS_EFER_LMA
         self.st.rflags = 0x2
         self.st.last_pkey = -1
+        # Paging-structure caches (SDM §4.10.3): on in sdm mode; QEMU 7.2 TCG
+        # has none, so compat="qemu" starts with them off.
+        self.st.psc_on = self.st.compat == PKS_COMPAT_SDM
+        self.st.psc_epoch = PKS_PSC_EPOCH_ONE
+        self.st.memo_epoch = 1
+        self.st.derived_cr0 = ~<uint64_t>0          # force the first build
+        memset(self.st.deny_key, 0xFF, sizeof(self.st.deny_key))   # no 32-bit value matches
+        _derive_all(&self.st)
 
     def __dealloc__(self):
         free(self.st.tlb)
@@ -357,6 +366,19 @@ cdef class CPU:
         return n
 
     @property
+    def paging_structure_caches(self):
+        """Whether walks use and fill the paging-structure caches (SDM
+        §4.10.3: PML5E, PML4E, PDPTE and PDE caches). On by default in sdm
+        mode, off in compat="qemu" (QEMU has none). Turning them off or on
+        invalidates every entry."""
+        return bool(self.st.psc_on)
+
+    @paging_structure_caches.setter
+    def paging_structure_caches(self, bint on):
+        _psc_flush(&self.st)
+        self.st.psc_on = on
+
+    @property
     def stale_check(self):
         """Opt-in: on every TLB hit, compare with a fresh walk and log stale uses."""
         return bool(self.st.stale_check)
@@ -369,6 +391,7 @@ cdef class CPU:
                 raise MemoryError("cannot allocate the stale-use log")
             self.st.stale_cap = STALE_LOG_CAPACITY
         self.st.stale_check = on
+        _derive_perm(&self.st)          # the fast path steps aside while the check is on
 
     @property
     def stale_uses(self):
@@ -471,14 +494,28 @@ cdef class CPU:
     def counters(self):
         """Event counters of this CPU as a dict (see docs/api.md)."""
         cdef pks_counters_t *k = &self.st.counters
+        cdef uint64_t acc[3][2]
+        cdef uint64_t hits = k.tlb_hits, fm = 0
+        cdef int kind, smode
+        for kind in range(3):
+            acc[kind][0] = k.accesses[kind][0]
+            acc[kind][1] = k.accesses[kind][1]
+            for smode in range(8):
+                # fast hits by smode = CPL==3 << 2 | implicit << 1 | AC: user-mode iff CPL 3, explicit
+                acc[kind][1 if (smode >> 1) == 2 else 0] += k.fast_hits[kind * 8 + smode]
+                hits += k.fast_hits[kind * 8 + smode]
+                acc[kind][1 if (smode >> 1) == 2 else 0] += k.fast_misses[kind * 8 + smode]
+                fm += k.fast_misses[kind * 8 + smode]
         return {
-            "reads_supervisor": k.accesses[0][0], "reads_user": k.accesses[0][1],
-            "writes_supervisor": k.accesses[1][0], "writes_user": k.accesses[1][1],
-            "fetches_supervisor": k.accesses[2][0], "fetches_user": k.accesses[2][1],
-            "tlb_hits": k.tlb_hits, "tlb_misses": k.tlb_misses, "walks": k.walks,
+            "reads_supervisor": acc[0][0], "reads_user": acc[0][1],
+            "writes_supervisor": acc[1][0], "writes_user": acc[1][1],
+            "fetches_supervisor": acc[2][0], "fetches_user": acc[2][1],
+            "tlb_hits": hits, "tlb_misses": k.tlb_misses + fm, "walks": k.walks + fm,
             "page_faults": k.page_faults, "gp_faults": k.gp_faults,
             "tlb_flushes": k.tlb_flushes, "invlpg": k.invlpg,
             "wrmsr_pkrs": k.wrmsr_pkrs, "wrpkru": k.wrpkru, "stale_uses": k.stale_uses,
+            "pde_cache_hits": k.psc_hits[2] + fm, "pdpte_cache_hits": k.psc_hits[3],
+            "pml4e_cache_hits": k.psc_hits[4], "pml5e_cache_hits": k.psc_hits[5],
         }
 
     def reset_counters(self):

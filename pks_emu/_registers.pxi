@@ -55,6 +55,8 @@ cdef int32_t pks_write_cr0(pks_cpu_t *c, uint64_t value) noexcept nogil:
     # SDM: only PG 1->0 flushes (impossible here). QEMU flushes on PG/WP/PE.
     if c.compat == PKS_COMPAT_QEMU and (changed & (PKS_CR0_PG | PKS_CR0_WP | PKS_CR0_PE)):
         pks_flush_tlb(c, False)
+    else:
+        _derive_all(c)                      # CR0.WP is in the permission tables
     return PKS_OK
 
 
@@ -86,8 +88,12 @@ cdef int32_t pks_write_cr4(pks_cpu_t *c, uint64_t value) noexcept nogil:
     if (c.efer & PKS_EFER_LMA) and (changed & PKS_CR4_LA57):
         return PKS_GP
     c.cr4 = value
+    if changed:
+        c.memo_epoch += 1                   # leaf fill bits, LA57
     if changed & (PKS_CR4_FLUSH_QEMU if c.compat == PKS_COMPAT_QEMU else PKS_CR4_FLUSH_SDM):
-        pks_flush_tlb(c, False)
+        pks_flush_tlb(c, False)             # rebuilds the permission tables too
+    else:
+        _derive_all(c)
     return PKS_OK
 
 
@@ -105,22 +111,27 @@ cdef int32_t _write_efer(pks_cpu_t *c, uint64_t value) noexcept nogil:
     if (changed & PKS_EFER_LME) and (c.cr0 & PKS_CR0_PG):
         return PKS_GP
     c.efer = value
+    c.memo_epoch += 1                       # NXE: reserved bits
     # NXE decides whether bit 63 is XD or reserved in cached entries. KVM
     # rebuilds its MMU context on an NX change; we flush. QEMU does not.
     if (changed & PKS_EFER_NXE) and c.compat != PKS_COMPAT_QEMU:
         pks_flush_tlb(c, False)
+    else:
+        _derive_all(c)                      # NXE: XD checks and reserved bits
     return PKS_OK
 
 
 cdef int32_t pks_wrmsr(pks_cpu_t *c, uint32_t msr, uint64_t value) noexcept nogil:
     """WRMSR: CPL 0 only. IA32_PKRS (0x6E1) exists only with PKS and has bits
-    63:32 reserved. No TLB flush: keys are read on every access (SDM §4.6.2)."""
+    63:32 reserved. No TLB flush: keys are read on every access (SDM §4.6.2);
+    the two PKRS deny masks of the permission check are rebuilt (a few shifts)."""
     if c.cpl != 0:
         return PKS_GP
     if msr == PKS_MSR_IA32_PKRS:
         if not (c.features & PKS_FEAT_PKS) or (value >> 32):
             return PKS_GP
         c.pkrs = value
+        _derive_deny_pkrs(c)
         c.counters.wrmsr_pkrs += 1
         if c.compat == PKS_COMPAT_QEMU:
             pks_flush_tlb(c, False)         # QEMU 7.2 helper_wrmsr flushes on PKRS
@@ -151,6 +162,7 @@ cdef int32_t pks_wrpkru(pks_cpu_t *c, uint32_t eax, uint32_t ecx, uint32_t edx) 
     if ecx != 0 or edx != 0:
         return PKS_GP
     c.pkru = eax
+    _derive_deny_pkru(c)
     c.counters.wrpkru += 1
     if c.compat == PKS_COMPAT_QEMU:
         pks_flush_tlb(c, False)             # QEMU 7.2 helper_wrpkru flushes

@@ -3,8 +3,16 @@ the project's targets (docs/benchmarks.md). Each figure is the best of
 ``--repeat`` runs; nothing here asserts anything."""
 from __future__ import annotations
 
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -65,6 +73,136 @@ def bench_batch(n: int, repeat: int, *, miss: bool, levels: int = 4) -> float:
     return -_best(lambda: -once(), repeat)
 
 
+# --- issue 11: the access path against hand-written C loops --------------------------------
+#
+# benchmarks/calibration/batch_loops.c builds the same machine state and the
+# same access patterns (seeded, statistically identical) and runs one tight C
+# loop per case; the ratios below are taken in the same run.
+
+CALIBRATION_C = Path(__file__).resolve().parents[1] / "benchmarks" / "calibration" / "batch_loops.c"
+STORM_DENY = 0
+for _k in range(3, 16):                       # 13 of the 16 keys access-disabled
+    STORM_DENY |= 1 << (2 * _k)
+
+#: case -> (paging levels, pages, pattern, C mode, accesses)
+CASES = {
+    "batch_hit": (4, 64, "hit", "hit", 4_000_000),
+    "batch_miss_random_4level": (4, 256 << 10, "random", "miss4", 512 << 10),
+    "batch_miss_random_5level": (5, 256 << 10, "random", "miss5", 512 << 10),
+    "fault_storm": (4, 64, "storm", "faults", 4_000_000),
+}
+
+
+def case_setup(case: str, n: int | None = None, psc: bool = True):
+    """Machine, CPU, va and kind arrays and reused output arrays of ``case``
+    (the state of batch_loops.c: supervisor NX pages under PMEM_KEY, CR0.WP,
+    CR4.PGE/SMEP/SMAP/PKE/PKS, EFER.NXE, CPL 0)."""
+    from .constants import CR0_WP, CR4_PGE, CR4_PKE, CR4_PKS, CR4_SMAP, CR4_SMEP, EFER_NXE
+    from .machine import Machine
+    from .trace.generators import PMEM_BASE, PMEM_KEY
+    levels, pages, pattern, _, default_n = CASES[case]
+    n = default_n if n is None else n
+    m = Machine(paging_levels=levels)
+    a = m.address_space()
+    if pattern == "storm":
+        for p in range(pages):
+            a.map(PMEM_BASE + p * 4096, (1 << 32) + p * 4096, pkey=p % 16, nx=True)
+    else:
+        a.map_range(PMEM_BASE, 1 << 32, pages * 4096, pkey=PMEM_KEY, nx=True)
+    cpu = m.cpus[0]
+    cpu.efer |= EFER_NXE
+    cpu.cr0 |= CR0_WP
+    cpu.cr4 |= CR4_PGE | CR4_PKE | CR4_PKS | CR4_SMEP | CR4_SMAP
+    cpu.wrmsr(MSR_IA32_PKRS, STORM_DENY if pattern == "storm" else
+              pkey_update_pkval(PKS_INIT_VALUE, PMEM_KEY, 0))
+    if not psc and hasattr(cpu, "paging_structure_caches"):
+        cpu.paging_structure_caches = False
+    a.activate()
+    rng = np.random.default_rng(11)
+    if pattern == "random":
+        page = rng.permutation(pages).astype(np.uint64)[np.arange(n, dtype=np.uint64) % np.uint64(pages)]
+    else:
+        page = rng.integers(0, pages, n).astype(np.uint64)
+    va = np.uint64(PMEM_BASE) + page * np.uint64(4096) + (rng.integers(0, 512, n) * 8).astype(np.uint64)
+    kind = rng.integers(0, 2, n).astype(np.uint8)
+    out = (np.empty(n, np.uint64), np.empty(n, np.int32))
+    return m, cpu, va, kind, out
+
+
+def _case_warm(case: str, cpu, va, kind, out) -> None:
+    from ._core import access_batch
+    cpu.flush_tlb()
+    if CASES[case][2] == "random":
+        access_batch(cpu, va, kind, 8, out=out)             # sets every A/D bit once
+        cpu.flush_tlb()
+    else:
+        access_batch(cpu, va[:4096], kind[:4096], 8)         # fills the TLB
+
+
+def bench_case(case: str, repeat: int, psc: bool = True, n: int | None = None) -> float:
+    """M accesses/s of one CASES workload through access_batch (out= reused)."""
+    from ._core import access_batch
+    m, cpu, va, kind, out = case_setup(case, n, psc=psc)
+
+    def once() -> float:
+        _case_warm(case, cpu, va, kind, out)
+        t = time.perf_counter()
+        access_batch(cpu, va, kind, 8, out=out)
+        return len(va) / (time.perf_counter() - t) / 1e6
+    return -_best(lambda: -once(), repeat)
+
+
+def build_calibration(tmp: str, name: str = "batch_loops.c") -> str | None:
+    """Compile a calibration loop with ``cc -O3``; None without a compiler or the source."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    src = CALIBRATION_C.parent / name
+    if cc is None or not src.exists():
+        return None
+    exe = os.path.join(tmp, name[:-2])
+    r = subprocess.run([cc, "-O3", "-o", exe, str(src)], capture_output=True)
+    return exe if r.returncode == 0 else None
+
+
+def bench_c(exe: str, mode: str, n: int, repeat: int) -> float:
+    out = subprocess.run([exe, mode, str(n), str(repeat)], capture_output=True, text=True,
+                         check=True).stdout
+    return float(re.search(r"([0-9.]+) M accesses/s", out).group(1))
+
+
+def _callgrind_ir(cmd: list[str], toggle: str) -> int:
+    """Instructions executed inside ``toggle`` (a function name pattern) by ``cmd``."""
+    with tempfile.TemporaryDirectory(prefix="pks-emu-cg-") as d:
+        path = os.path.join(d, "callgrind.out")
+        subprocess.run(["valgrind", "--tool=callgrind", "--collect-atstart=no",
+                        f"--toggle-collect={toggle}", f"--callgrind-out-file={path}", *cmd],
+                       check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+        text = Path(path).read_text()
+    m = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.M)
+    return int(m.group(1)) if m else 0
+
+
+def instructions_case(case: str, exe: str | None, n: int, psc: bool = True) -> tuple[float, float | None]:
+    """(pks_emu, C) instructions per access of ``case`` under callgrind."""
+    child = [sys.executable, "-m", "pks_emu.bench", "--child", case, "--n", str(n)]
+    if not psc:
+        child.append("--no-psc")
+    ours = _callgrind_ir(child, "*_measured_batch*") / n
+    theirs = None
+    if exe is not None:
+        mode = CASES[case][3]
+        calls = n + (0 if mode.startswith("miss") else min(n, 4096))   # its warm-up call is counted
+        theirs = _callgrind_ir([exe, mode, str(n), "1"], "run_loop") / calls
+    return ours, theirs
+
+
+def _child(case: str, n: int, psc: bool) -> None:
+    """Under callgrind: set up ``case``, warm up, then one measured call."""
+    from ._core import _measured_batch
+    m, cpu, va, kind, out = case_setup(case, n, psc=psc)
+    _case_warm(case, cpu, va, kind, out)
+    _measured_batch(cpu, va, kind, 8, out)
+
+
 def bench_replay(path: str, repeat: int) -> float:
     """M accesses/s replaying a native trace file (in the page cache)."""
     from .trace.replay import replay
@@ -115,11 +253,28 @@ def bench_lackey(path: str, repeat: int) -> float:
 
 
 TARGETS = {
-    "access_single_ns": ("cpu.access() on a TLB hit", "ns/call", 300, "max"),
-    "batch_hit": ("access_batch, TLB hits (out= arrays reused)", "M acc/s", 100, "min"),
+    "access_single_ns": ("cpu.access() on a TLB hit", "ns/call", 150, "max"),
+    "batch_hit": ("access_batch, TLB hits, 64 pages (out= reused)", "M acc/s", 100, "min"),
+    "batch_miss_random_4level": ("access_batch, random order over 256 Ki pages, 4-level", "M acc/s", None, "min"),
+    "batch_miss_random_5level": ("access_batch, random order over 256 Ki pages, 5-level", "M acc/s", None, "min"),
+    "fault_storm": ("access_batch, 64 pages, 13 of 16 keys deny", "M acc/s", None, "min"),
     "batch_miss_4level": ("access_batch, every access a 4-level walk", "M acc/s", 20, "min"),
     "batch_miss_5level": ("access_batch, every access a 5-level walk", "M acc/s", None, "min"),
     "replay_hit": ("replay, TLB-resident, 1 WRMSR per 100 accesses", "M acc/s", 100, "min"),
     "replay_miss": ("replay, tlb-miss-scan (4-level walks)", "M acc/s", 20, "min"),
     "lackey_import": ("lackey import, uncompressed", "M lines/s", 5, "min"),
 }
+
+
+def _child_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="pks_emu.bench")
+    p.add_argument("--child", choices=sorted(CASES), required=True)
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--no-psc", action="store_true")
+    a = p.parse_args(argv)
+    _child(a.child, a.n, not a.no_psc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

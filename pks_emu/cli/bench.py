@@ -1,17 +1,22 @@
-"""``pks-emu bench``: the core's throughput on this machine against the targets."""
+"""``pks-emu bench``: the core's throughput on this machine against the
+targets, as same-run ratios against hand-written C loops, and (with
+``--instructions``) instructions per access counted by callgrind."""
 from __future__ import annotations
 
 import argparse
 import json
 import lzma
 import os
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from . import positive_int
-from ..bench import (TARGETS, bench_batch, bench_lackey, bench_replay, bench_single_access,
-                     make_hit_trace)
+from ..bench import (CASES, TARGETS, bench_batch, bench_c, bench_case, bench_lackey, bench_replay,
+                     bench_single_access, build_calibration, instructions_case, make_hit_trace)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,6 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="runs per figure; the best is kept (default 5; 1 or more)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--only", nargs="*", choices=sorted(TARGETS), help="run only these")
+    p.add_argument("--instructions", action="store_true",
+                   help="also count instructions per access of the batch cases and of the C "
+                        "calibration loops with valgrind --tool=callgrind (when installed)")
+    p.add_argument("--no-psc", action="store_true",
+                   help="turn the paging-structure caches off (CPU.paging_structure_caches)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,8 +44,21 @@ def run(args: argparse.Namespace) -> int:
 
         if want("access_single_ns"):
             results["access_single_ns"] = bench_single_access(20_000 if args.quick else 500_000, repeat)
-        if want("batch_hit"):
-            results["batch_hit"] = bench_batch(n, repeat, miss=False)
+        exe = build_calibration(tmp)
+        ratios: dict[str, tuple[float, float]] = {}
+        for case in CASES:
+            if want(case):
+                cn = CASES[case][4] // (8 if args.quick else 1)
+                results[case] = bench_case(case, repeat, psc=not args.no_psc, n=cn)
+                if exe is not None:
+                    mode = CASES[case][3]
+                    ratios[case] = (results[case], bench_c(exe, mode, cn, repeat))
+        instr: dict[str, tuple[float, float | None]] = {}
+        if args.instructions and shutil.which("valgrind"):
+            for case in CASES:
+                if want(case):
+                    cn = CASES[case][4] // (1 if CASES[case][2] == "random" else 8)
+                    instr[case] = instructions_case(case, exe, cn, psc=not args.no_psc)
         if want("batch_miss_4level"):
             results["batch_miss_4level"] = bench_batch(n // 2, repeat, miss=True)
         if want("batch_miss_5level"):
@@ -44,6 +67,13 @@ def run(args: argparse.Namespace) -> int:
             path = os.path.join(tmp, "hit.pkt")
             make_hit_trace(path, trace_n)
             results["replay_hit"] = bench_replay(path, repeat)
+            rexe = build_calibration(tmp, "replay_hit.c")
+            if rexe is not None:
+                best = 0.0
+                for _ in range(repeat):
+                    out = subprocess.run([rexe, path], capture_output=True, text=True, check=True).stdout
+                    best = max(best, float(re.search(r"([0-9.]+) M accesses/s", out).group(1)))
+                ratios["replay_hit"] = (results["replay_hit"], best)
             os.unlink(path)
         if want("replay_miss"):
             from ..trace.generators import gen_tlb_miss_scan
@@ -59,8 +89,15 @@ def run(args: argparse.Namespace) -> int:
                     g.write(f.read())
                 results["lackey_import"] = bench_lackey(plain, repeat)
     if args.json:
-        json.dump({k: {"value": v, "unit": TARGETS[k][1], "target": TARGETS[k][2]}
-                   for k, v in results.items()}, sys.stdout, indent=1)
+        doc = {k: {"value": v, "unit": TARGETS[k][1], "target": TARGETS[k][2]}
+               for k, v in results.items()}
+        for k, (ours, c) in ratios.items():
+            doc[k]["c_loop"] = c
+            doc[k]["ratio"] = ours / c
+        for k, (ours, c) in instr.items():
+            doc[k]["instructions_per_access"] = ours
+            doc[k]["c_instructions_per_access"] = c
+        json.dump(doc, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
     print(f"pks-emu bench ({'quick' if args.quick else f'best of {repeat}'}, {os.cpu_count()} CPUs)")
@@ -71,5 +108,16 @@ def run(args: argparse.Namespace) -> int:
         else:
             ok = v <= target if sense == "max" else v >= target
             verdict = f"target {'<=' if sense == 'max' else '>='} {target:g}: {'met' if ok else 'NOT met'}"
-        print(f"  {what:<48} {v:10.1f} {unit:<10} {verdict}")
+        print(f"  {what:<56} {v:10.1f} {unit:<10} {verdict}")
+    if ratios:
+        print("same-run ratios against benchmarks/calibration/batch_loops.c and replay_hit.c (cc -O3):")
+        for k, (ours, c) in ratios.items():
+            need = 0.5 if k == "fault_storm" else 1.0
+            print(f"  {k:<28} {ours:8.1f} / {c:8.1f} M acc/s = {ours / c:5.2f}x  "
+                  f"(target >= {need:g}x: {'met' if ours / c >= need else 'NOT met'})")
+    if instr:
+        print("instructions per access (valgrind --tool=callgrind, measured call only):")
+        for k, (ours, c) in instr.items():
+            cs = f"{c:7.1f}" if c is not None else "    n/a"
+            print(f"  {k:<28} pks_emu {ours:7.1f}   C loop {cs}")
     return 0
