@@ -182,6 +182,7 @@ class V2Writer:
         self._tmp: str | None = None
         self._final: str | None = None
         self._own = False
+        self._f: BinaryIO
         if isinstance(dest, (str, os.PathLike)) and os.fspath(dest) != "-" and is_special(os.fspath(dest)):
             # A device or FIFO (/dev/null, a pipe) cannot be renamed onto: write it directly.
             self.name = os.fspath(dest)
@@ -194,7 +195,7 @@ class V2Writer:
             self.name = os.fspath(dest)
             d = os.path.dirname(os.path.abspath(self.name))
             fd, self._tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pkt2", dir=d)
-            self._f: BinaryIO = os.fdopen(fd, "wb")
+            self._f = os.fdopen(fd, "wb")
             self._final = self.name
             self._own = True
         elif isinstance(dest, (str, os.PathLike)):
