@@ -43,16 +43,11 @@ from __future__ import annotations
 
 import bisect
 import os
-import sys
 from dataclasses import dataclass, field
 
 from ..constants import PKEY_DISABLE_ACCESS, PKEY_DISABLE_WRITE, PKS_INIT_VALUE, pkey_update_pkval
 from ..errors import TraceFormatError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from .policy import read_policy_toml
 
 RIGHTS = {"rw": 0, "read-write": 0, "read-only": PKEY_DISABLE_WRITE, "ro": PKEY_DISABLE_WRITE,
           "no-access": PKEY_DISABLE_ACCESS, "none": PKEY_DISABLE_ACCESS}
@@ -204,13 +199,9 @@ def load_kernel_policy(path: str | os.PathLike | None) -> KernelPolicy:
     if path is None:
         return KernelPolicy()
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except OSError as e:
-        raise TraceFormatError(f"{path}: cannot read policy: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise TraceFormatError(f"{path}: not valid TOML: {e}") from None
+    doc = read_policy_toml(path)
+    if not isinstance(doc, dict):  # pragma: no cover - tomllib returns a table
+        raise TraceFormatError(f"{path}: expected a TOML table")
     extra = set(doc) - {"kernel", "default", "region", "window"}
     if extra:
         raise TraceFormatError(f"{path}: unknown section(s) {sorted(extra)} in a kernel policy "

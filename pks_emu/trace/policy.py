@@ -150,6 +150,20 @@ def _rule(where: str, d, base: PageRule) -> PageRule:
     return r
 
 
+def read_policy_toml(path: str) -> dict:
+    """The TOML document of a policy file (lackey or kernel), or a
+    TraceFormatError naming the file and what is wrong with it."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise TraceFormatError(f"{path}: cannot read policy: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise TraceFormatError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise TraceFormatError(f"{path}: not valid TOML: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def load_policy(path: str | os.PathLike | None) -> Policy:
     """Read a policy file; None gives the default policy (everything a plain user page).
 
@@ -159,15 +173,7 @@ def load_policy(path: str | os.PathLike | None) -> Policy:
     if path is None:
         return Policy()
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except OSError as e:
-        raise TraceFormatError(f"{path}: cannot read policy: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise TraceFormatError(f"{path}: not valid TOML: {e}") from None
-    except UnicodeDecodeError as e:
-        raise TraceFormatError(f"{path}: not valid TOML: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    doc = read_policy_toml(path)
     extra = set(doc) - {"registers", "default", "region", "machine"}
     if extra:
         raise TraceFormatError(f"{path}: unknown section(s) {sorted(extra)}; "
