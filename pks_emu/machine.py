@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ._core import CPU, PhysicalMemory, feature_bits
+from .memory import FrameAllocator
 from .constants import (ALL_FEATURES, CR0_WP, CR4_PGE, CR4_PKE, CR4_PKS, CR4_SMAP, CR4_SMEP,
                         EFER_NXE, MSR_IA32_PKRS, PAGE_SIZE, PKS_INIT_VALUE)
 
@@ -55,10 +56,8 @@ class Machine:
             CPU(self.memory, i, features=features, compat=compat, paging_levels=paging_levels,
                 maxphyaddr=maxphyaddr, tlb_entries=tlb_entries, machine=self)
             for i in range(ncpus))
-        # Frames handed out by alloc_frames grow down from the top of the
-        # physical address space, away from the low addresses users pick.
-        self._next_free = 1 << maxphyaddr
-        self._frames_allocated = 0
+        #: the allocator of page-table frames, beside the memory it carves
+        self.frames = FrameAllocator(self.memory, maxphyaddr)
 
     @property
     def ncpus(self) -> int:
@@ -66,26 +65,7 @@ class Machine:
 
     def alloc_frames(self, count: int = 1, align: int = PAGE_SIZE) -> int:
         """Allocate ``count`` zeroed, contiguous 4-KiB frames; return the first address."""
-        if count < 1:
-            raise ValueError(f"frame count {count} must be at least 1")
-        if align < PAGE_SIZE or align & (align - 1):
-            raise ValueError(f"alignment {align:#x} must be a power of two of at least 4 KiB")
-        base = (self._next_free - count * PAGE_SIZE) & ~(align - 1)
-        if base < (1 << 32):
-            raise MemoryError("the frame allocator ran into the low 4 GiB of physical memory")
-        self._next_free = base
-        self._frames_allocated += count
-        # Untouched frames already read as zero; clear only frames someone
-        # wrote to (so a 1-GiB allocation costs nothing until used).
-        if count <= 64:
-            touched = [base + i * PAGE_SIZE for i in range(count)
-                       if self.memory.is_allocated(base + i * PAGE_SIZE)]
-        else:
-            touched = [pa for pa in self.memory.frame_addresses()
-                       if base <= pa < base + count * PAGE_SIZE]
-        for pa in touched:
-            self.memory.write(pa, bytes(PAGE_SIZE))
-        return base
+        return self.frames.alloc(count, align)
 
     def address_space(self) -> AddressSpace:
         """A new, empty set of page tables in this machine's memory."""

@@ -15,7 +15,7 @@ from .entry import PtRegs, PtRegsAuxiliary
 from .errors import (FaultLoopError, KernelOops, KernelStateError, PksApiError,
                      SegmentationFault)
 from .keys import INIT_PKRS_VALUE, KeyAllocator, StaticKeys
-from .pks_test import RUN_PKS
+from .pks_test_common import RUN_PKS
 from .pmem import PmemConsumer
 from .sched import PerCpu, Task, Thread
 from .versions import V6, V7, V10, ApiVersion, parse_api

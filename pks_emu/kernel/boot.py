@@ -16,6 +16,7 @@ from .errors import PksApiError
 from .fault import FaultMixin
 from .keys import INIT_PKRS_VALUE, PKRS_ALLOWED_MASK_DEFAULT, KeyAllocator, StaticKeys, consumers_for
 from .mm import MmMixin
+from .pks_test_common import RUN_PKS
 from .sched import PerCpu, SchedMixin
 from .versions import parse_api
 
@@ -121,12 +122,24 @@ class Kernel(ApiMixin, SchedMixin, EntryMixin, FaultMixin, MmMixin, DebugfsMixin
 
         self.pks_test: Any = None
         if pks_test:
-            from .pks_test import load_pks_test
-            self.pks_test = load_pks_test(self)
+            self.pks_test = self._load_pks_test()
         self.pmem: Any = None
         if pmem and v == "v10":
             from .pmem import PmemConsumer
             self.pmem = PmemConsumer(self, pmem_fault_mode)
+
+    def _load_pks_test(self):
+        """late_initcall(pks_test_init): build the module for the kernel's version;
+        create the debugfs file only if PKS is enabled (docs/rules.md §2.13)."""
+        if self.version.name == "v10":
+            from .pks_test_v10 import PksTestV10
+            mod = PksTestV10(self)
+        else:
+            from .pks_test import PksTestV6
+            mod = PksTestV6(self)
+        if self.pks_active:
+            self.debugfs_create_file(RUN_PKS, mod.fops)
+        return mod
 
     def _cpu_init(self, pc: PerCpu) -> None:
         """What ``identify_cpu`` does for paging, then ``setup_pks``/``pks_setup``."""

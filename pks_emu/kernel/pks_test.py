@@ -27,37 +27,8 @@ from ..constants import (NR_PKEYS, PKEY_ACCESS_MASK, PKEY_DISABLE_ACCESS, PKEY_D
 from .api import update_pkey_val
 from .debugfs import FileOperations
 
-RUN_PKS = "/sys/kernel/debug/x86/run_pks"
-PKS_TEST_MEM_SIZE = 4096
-
-NO_ACCESS, RDWR, RDONLY = "No Access", "Read Write", "Read Only"
-
-#: pkey_test_ary[]: (mode, write, exception expected)
-PKEY_TEST_ARY = (
-    (NO_ACCESS, True, True),
-    (NO_ACCESS, False, True),
-    (RDWR, True, False),
-    (RDWR, False, False),
-    (RDONLY, True, True),
-    (RDONLY, False, False),
-)
-
-
-def check_pkey_val(pk_reg: int, pkey: int, expected: int) -> bool:
-    return (pk_reg >> 2 * pkey) & PKEY_ACCESS_MASK == expected
-
-
-def load_pks_test(kernel):
-    """late_initcall(pks_test_init): build the module for the kernel's version;
-    create the debugfs file only if PKS is enabled (docs/rules.md §2.13)."""
-    if kernel.version.name == "v10":
-        from .pks_test_v10 import PksTestV10
-        mod = PksTestV10(kernel)
-    else:
-        mod = PksTestV6(kernel)
-    if kernel.pks_active:
-        kernel.debugfs_create_file(RUN_PKS, mod.fops)
-    return mod
+from .pks_test_common import (NO_ACCESS, PKEY_TEST_ARY, PKS_TEST_MEM_SIZE, RDONLY, RDWR,
+                              check_pkey_val)
 
 
 class TestCtx:

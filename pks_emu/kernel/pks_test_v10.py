@@ -23,7 +23,7 @@ import errno
 from ..constants import NR_PKEYS, PKEY_ACCESS_MASK, PKEY_DISABLE_ACCESS, PKEY_DISABLE_WRITE, pte_pkey
 from .api import update_pkey_val
 from .debugfs import FileOperations
-from .pks_test import NO_ACCESS, PKS_TEST_MEM_SIZE, RDWR, check_pkey_val
+from .pks_test_common import NO_ACCESS, PKS_TEST_MEM_SIZE, RDWR, check_pkey_val
 
 #: the V9/V10 matrix (read-only rows dropped with pks_mk_readonly)
 PKEY_TEST_ARY_V10 = (

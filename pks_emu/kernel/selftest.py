@@ -22,7 +22,7 @@ from ..constants import ALL_FEATURES, PF_PK
 from ..errors import PksEmuError
 from .boot import Kernel
 from .errors import KernelOops
-from .pks_test import RUN_PKS
+from .pks_test_common import RUN_PKS
 
 PASS, FAIL, SKIP = "OK", "FAIL", "SKIP"
 
