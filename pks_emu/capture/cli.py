@@ -65,6 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="stop QEMU after this long and fail")
     p.add_argument("--json", action="store_true", help="print what the capture did as JSON")
+    p.add_argument("--policy", metavar="FILE",
+                   help="replay the capture as it runs (through a pipe, no trace file) against "
+                        "this kernel policy and print the replay's result (with --json: the "
+                        "'pks-emu replay --json' document plus a 'capture' section); names in the "
+                        "policy need --kallsyms FILE from an earlier capture of the same kernel "
+                        "(nokaslr: the same addresses)")
+    p.add_argument("--report", metavar="HTML", help="with --policy: also write the HTML report")
     p.add_argument("qemu_args", nargs="*", metavar="-- QEMU_ARG",
                    help="more qemu-system-x86_64 arguments, verbatim, after '--'")
 
@@ -85,8 +92,53 @@ def _modules(names: list[str], kernel: str | None) -> list[Path]:
     return [Path(n) if n not in found else found[n] for n in names]
 
 
+def _capture_and_replay(args: argparse.Namespace, qemu_args: list[str]) -> int:
+    """``--policy``: the capture streamed straight into the replay, in one run."""
+    import os
+
+    from . import capture_pipe
+    from ..symbols import Symbolizer
+    from ..trace.replay import replay
+    if args.output or args.count_only:
+        raise PksEmuError("--policy replays the capture as it runs: leave out -o and --count-only "
+                          "(or capture to a file and run 'pks-emu replay FILE --policy P')")
+    known = args.kallsyms if args.kallsyms and os.path.isfile(args.kallsyms) else None
+    reader, job = capture_pipe(kernel=args.kernel, initrd=args.initrd, append=args.append,
+                               workload=args.workload, memory=args.memory, smp=args.smp,
+                               fetches=args.fetches, extra_qemu_args=qemu_args,
+                               kallsyms_out=args.kallsyms, timeout=args.timeout,
+                               start=args.start, limit=args.limit,
+                               modules=_modules(args.module, args.kernel), pa=not args.no_pa,
+                               save_kallsyms=not args.no_kallsyms, coalesce=args.coalesce)
+    try:
+        result = replay(reader, policy=args.policy, kallsyms=known)
+    finally:
+        reader.close()
+    info = job.wait()
+    if result.symbolizer is None and info.kallsyms:
+        result.symbolizer = Symbolizer([])
+        result.symbolizer.add_kallsyms(str(info.kallsyms))
+    result.path = "<capture>"
+    doc = result.to_dict()
+    doc["capture"] = info.to_dict()
+    if args.report:
+        from ..report import render_report
+        render_report(doc, args.report)
+    if args.json:
+        json.dump(doc, sys.stdout, indent=1)
+        print()
+    else:
+        from ..cli.replay import summary
+        print(summary(result, 10, doc))
+        print(f"capture: QEMU ran {info.wall_time:.1f} s, {info.accesses:,} data accesses")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from . import capture
+    if args.policy:
+        qemu_args = list(args.qemu_args)
+        return _capture_and_replay(args, qemu_args[1:] if qemu_args[:1] == ["--"] else qemu_args)
     if not args.count_only and not args.output:
         raise PksEmuError("give -o TRACE (or '-o -' for standard output), or --count-only")
     to_stdout = args.output == "-"
