@@ -46,8 +46,8 @@ cdef extern from *:
         int32_t pkey
         uint32_t open_rights, closed_rights
 
-#: the physical address of an access the capture could not name (MMIO, ROM)
-PA_UNKNOWN = 0xFFFFFFFFFFFFFFFF
+# The physical address of an access the capture could not name (MMIO, ROM):
+# trace v2's PA_NONE (pks_emu.trace.v2), as the records carry it.
 cdef uint64_t _PA_UNKNOWN = 0xFFFFFFFFFFFFFFFFULL
 cdef uint64_t _TABLE_FLAGS = 0x7       # P | RW | US: the leaf alone decides (Linux _PAGE_TABLE)
 

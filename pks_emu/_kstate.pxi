@@ -465,6 +465,10 @@ cdef class KernelState:
     def py_fork(self, int cpu, int64_t child, bint fresh=False):
         self.fork(self._cpu(cpu), self._task(child), fresh)
 
+    def py_new_task_value(self):
+        """The value a new task starts with (V7: ANDed with the allowed mask)."""
+        return self.new_task_value()
+
     def py_exec(self, int64_t task):
         self.exec_task(self._task(task))
 

@@ -68,9 +68,7 @@ class ApiMixin(KernelPart):
         """Thread value of a new task: V4-V6 ``INIT_PKRS_VALUE``, V7
         ``pks_init_task()`` = ``pkrs_init_value & pkrs_pkey_allowed_mask``,
         V10 ``PKS_INIT_VALUE``."""
-        if self.version.name == "v7":
-            return self.pkrs_init_value & self.pkrs_pkey_allowed_mask
-        return self.pkrs_init_value
+        return self.kstate.py_new_task_value()
 
     def pks_sched_in(self, task, cpu: int) -> None:
         """The switch-in hook: V4-V6 ``pks_sched_in``, V7 ``pkrs_write_current``,

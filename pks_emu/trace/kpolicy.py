@@ -45,12 +45,12 @@ import bisect
 import os
 from dataclasses import dataclass, field
 
-from ..constants import PKEY_DISABLE_ACCESS, PKEY_DISABLE_WRITE, PKS_INIT_VALUE, pkey_update_pkval
+from ..constants import PKS_INIT_VALUE
 from ..errors import TraceFormatError
-from .policy import read_policy_toml
+from .policy import _RIGHTS, _rights_value, read_policy_toml
 
-RIGHTS = {"rw": 0, "read-write": 0, "read-only": PKEY_DISABLE_WRITE, "ro": PKEY_DISABLE_WRITE,
-          "no-access": PKEY_DISABLE_ACCESS, "none": PKEY_DISABLE_ACCESS}
+#: key rights by name: the same table as the lackey policies'
+RIGHTS = _RIGHTS
 
 #: kallsyms names that bound each kernel section (vmlinux.lds.h)
 SECTIONS = {"text": ("_stext", "_etext"), "rodata": ("__start_rodata", "__end_rodata"),
@@ -177,23 +177,6 @@ def _rights(where: str, key: str, v) -> int:
     raise TraceFormatError(f"{where}: {key} = {v!r}: expected one of {sorted(RIGHTS)}")
 
 
-def _pkrs(where: str, v) -> int:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return _int(where, "pkrs", v, 0, 0xFFFFFFFF)
-    if isinstance(v, dict):
-        reg = 0
-        for k, r in v.items():
-            try:
-                key = int(k)
-            except ValueError:
-                raise TraceFormatError(f"{where}: pkrs key {k!r} is not a number 0..15") from None
-            if not 0 <= key <= 15:
-                raise TraceFormatError(f"{where}: pkrs key {key} out of range 0..15")
-            reg = pkey_update_pkval(reg, key, _rights(where, f"pkrs.{key}", r))
-        return reg
-    raise TraceFormatError(f"{where}: pkrs = {v!r}: expected an integer or a table of key = rights")
-
-
 def load_kernel_policy(path: str | os.PathLike | None) -> KernelPolicy:
     """Read a kernel policy (None: no keys anywhere, PKRS = PKS_INIT_VALUE)."""
     if path is None:
@@ -212,7 +195,7 @@ def load_kernel_policy(path: str | os.PathLike | None) -> KernelPolicy:
     if bad:
         raise TraceFormatError(f"{path}: [kernel]: unknown setting(s) {sorted(bad)}")
     if "pkrs" in k:
-        p.pkrs = _pkrs(f"{path}: [kernel]", k["pkrs"])
+        p.pkrs = _rights_value(f"{path}: [kernel] pkrs", k["pkrs"])
     if "kallsyms" in k:
         if not isinstance(k["kallsyms"], str):
             raise TraceFormatError(f"{path}: [kernel] kallsyms = {k['kallsyms']!r}: expected a path")

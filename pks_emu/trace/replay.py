@@ -278,24 +278,27 @@ class _Run:
                             max_faults=self.max_faults, api=api,
                             log_limit=0 if self.stream is not None else self.log_limit, **kw)
 
+    def _drain(self, engine: ReplayEngine) -> None:
+        """Stream the faults the engine logged since the last call; keep the first 1000."""
+        assert self.stream is not None
+        faults, ips = engine.take_faults()
+        self.stream.write(faults, ips)
+        room = max(0, 1000 - self.kept_n)
+        if room and len(faults):
+            self.kept.append(faults[:room])
+            self.kept_ips.append(ips[:room])
+            self.kept_n += len(self.kept[-1])
+
     def after_chunk(self, engine: ReplayEngine, done: int, total: int | None) -> None:
         if self.stream is not None and engine.fault_count:
-            faults, ips = engine.take_faults()
-            self.stream.write(faults, ips)
-            if self.kept_n < 1000:
-                self.kept.append(faults[:1000 - self.kept_n])
-                self.kept_ips.append(ips[:1000 - self.kept_n])
-                self.kept_n += len(self.kept[-1])
+            self._drain(engine)
         if self.progress is not None:
             self.progress(done, total)
 
     def faults(self, engine: ReplayEngine) -> tuple[np.ndarray, np.ndarray]:
         if self.stream is None:
             return engine.faults_array(), engine.fault_ips_array()
-        faults, ips = engine.take_faults()
-        self.stream.write(faults, ips)
-        self.kept.append(faults[:max(0, 1000 - self.kept_n)])
-        self.kept_ips.append(ips[:max(0, 1000 - self.kept_n)])
+        self._drain(engine)
         return (np.concatenate(self.kept) if self.kept else np.empty(0, FAULT_DTYPE),
                 np.concatenate(self.kept_ips) if self.kept_ips else np.empty(0, np.uint64))
 
