@@ -166,3 +166,28 @@ def test_reader_gone(tmp_path):
             capture(w, start="user", save_kallsyms=False, timeout=300)
     finally:
         os.close(w)
+
+
+def test_output_path_that_is_not_a_regular_file(tmp_path):
+    # A FIFO (like /dev/null, a device) is written in place: the finished
+    # trace must not be renamed onto it, which would replace the node itself.
+    import os
+    import stat
+    import threading
+    fifo = tmp_path / "trace.fifo"
+    os.mkfifo(fifo)
+    got = {}
+
+    def drain():
+        with open(fifo, "rb") as f:
+            got["data"] = f.read()
+
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    info = capture(fifo, start="user", limit=50_000, save_kallsyms=False, timeout=300)
+    t.join(60)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert not (tmp_path / "trace.fifo.part").exists()
+    assert info.counts["records"] == 50_000
+    chunk_records, (total, _, _) = _v2_frames(got["data"])
+    assert chunk_records == total == 50_000

@@ -99,15 +99,19 @@ int main(int argc, char **argv)
 """
 
 
-@pytest.fixture(scope="module")
-def writer_program(tmp_path_factory):
+@pytest.fixture(scope="module", params=["crc-auto", "crc-portable"])
+def writer_program(tmp_path_factory, request):
+    """The writer, built twice: with the CPU's CRC-32C instruction where it has
+    one, and with the portable table (PKS_TW_PORTABLE_CRC): both must give the
+    bytes the Python reader checks."""
     if CC is None:
         pytest.skip("no C compiler")
     d = tmp_path_factory.mktemp("cwriter")
     src = d / "w.c"
     src.write_text(PROGRAM)
     exe = d / "w"
-    cmd = [CC, "-std=c99", "-O2", "-Wall", "-Wextra", "-pedantic", "-Werror", f"-I{INCLUDE}",
+    defs = ["-DPKS_TW_PORTABLE_CRC"] if request.param == "crc-portable" else []
+    cmd = [CC, "-std=c99", "-O2", "-Wall", "-Wextra", "-pedantic", "-Werror", *defs, f"-I{INCLUDE}",
            str(src), "-o", str(exe)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

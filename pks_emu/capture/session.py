@@ -163,6 +163,18 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
             out_path = Path(out)
             if not out_path.parent.is_dir():
                 raise PksEmuError(f"output folder {out_path.parent} does not exist")
+            if out_path.exists() and not out_path.is_file():
+                # /dev/null, a FIFO...: written in place. Renaming a finished
+                # '.part' file onto it would replace the device node itself.
+                try:
+                    fd = os.open(out_path, os.O_WRONLY | os.O_CLOEXEC)
+                except OSError as e:
+                    raise PksEmuError(f"capture output {out_path}: {e.strerror}") from None
+                try:
+                    out_fd = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+                finally:
+                    os.close(fd)
+                out_path = None
 
     work = Path(tempfile.mkdtemp(prefix="pks-emu-capture-"))
     part = None

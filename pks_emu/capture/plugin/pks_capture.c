@@ -51,10 +51,19 @@
 
 PKS_PLUGIN_EXPORT int qemu_plugin_version = PKS_QEMU_PLUGIN_API;
 
+/* What a vCPU buffers per access: 32 bytes, two to a cache line, 20 % less than
+ * pks_tw_rec (whose value field an access does not use).  The buffers move
+ * between the vCPU's core and the writer's, so their size is memory traffic. */
+typedef struct cap_rec {
+    uint64_t addr, ip, pa;
+    uint16_t size;
+    uint8_t op, flags, cpl, cpu, pad[2];
+} cap_rec;
+
 typedef struct buf {
     struct buf *next;
     size_t n;
-    pks_tw_rec *recs;
+    cap_rec *recs;
 } buf;
 
 typedef struct vstate {
@@ -64,7 +73,7 @@ typedef struct vstate {
 
 static vstate *vs;
 static unsigned nvcpus;
-static size_t bufcap = 8192;   /* 320 KiB: stays in cache between the two threads */
+static size_t bufcap = 8192;   /* 256 KiB: stays in cache between the two threads */
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t queued_cv = PTHREAD_COND_INITIALIZER;  /* queue non-empty or done */
@@ -87,10 +96,22 @@ static uint64_t pa_none_count;    /* summed from the vCPUs at exit */
 
 /* ---- buffers and the writer -------------------------------------------- */
 
+static int write_recs(const cap_rec *recs, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        const cap_rec *c = &recs[i];
+        int r = pks_tw_access(writer, c->cpu, c->op, c->size, c->cpl, c->flags, c->addr, c->ip,
+                              c->pa);
+        if (r)
+            return r;
+    }
+    return 0;
+}
+
 static void write_buf_locked(buf *b)
 {
     if (!write_err && b->n) {
-        int r = pks_tw_records(writer, b->recs, b->n);
+        int r = write_recs(b->recs, b->n);
         if (r) {
             write_err = r;
             atomic_store(&stopped, 1);
@@ -117,7 +138,7 @@ static void *writer_main(void *arg)
         /* Encode outside the lock: vCPUs keep queueing meanwhile.  Only this
          * thread touches the writer while it runs. */
         pthread_mutex_unlock(&lock);
-        int r = write_err ? write_err : pks_tw_records(writer, b->recs, b->n);
+        int r = write_err ? write_err : write_recs(b->recs, b->n);
         pthread_mutex_lock(&lock);
         if (r) {
             if (!write_err)
@@ -170,7 +191,7 @@ static buf *hand_off(buf *b, int want_new)
 
 /* Whether the access (op, size, va, ip, pa) continues record r: the next bytes
  * of the same page by the same instruction, physically contiguous. */
-static inline int continues(const pks_tw_rec *r, unsigned op, unsigned size, uint64_t va,
+static inline int continues(const cap_rec *r, unsigned op, unsigned size, uint64_t va,
                             uint64_t ip, uint64_t pa)
 {
     return r->ip == ip && r->op == op && r->addr + r->size == va
@@ -179,20 +200,20 @@ static inline int continues(const pks_tw_rec *r, unsigned op, unsigned size, uin
                                  : r->pa != PKS_TW_PA_NONE && r->pa + r->size == pa);
 }
 
-static inline void put(unsigned vcpu, unsigned op, unsigned size, unsigned cpl, unsigned flags,
+static inline __attribute__((always_inline)) void put(unsigned vcpu, unsigned op, unsigned size, unsigned cpl, unsigned flags,
                        uint64_t va, uint64_t ip, uint64_t pa)
 {
     buf *b = vs[vcpu].cur;
     if (want_coalesce && b->n) {
         /* cpl and flags follow from ip and the page (same half): equal too */
-        pks_tw_rec *last = &b->recs[b->n - 1];
+        cap_rec *last = &b->recs[b->n - 1];
         if (continues(last, op, size, va, ip, pa)) {
             last->size = (uint16_t)(last->size + size);
             vs[vcpu].cnt.c[C_MERGED]++;
             return;
         }
         if (b->n >= 2 && last->ip == ip && last->op != op) {
-            pks_tw_rec *prev = &b->recs[b->n - 2];
+            cap_rec *prev = &b->recs[b->n - 2];
             if (continues(prev, op, size, va, ip, pa)) {
                 prev->size = (uint16_t)(prev->size + size);
                 vs[vcpu].cnt.c[C_MERGED]++;
@@ -200,15 +221,16 @@ static inline void put(unsigned vcpu, unsigned op, unsigned size, unsigned cpl, 
             }
         }
     }
-    pks_tw_rec *r = &b->recs[b->n++];
-    r->type = PKS_TW_ACCESS;
+    cap_rec *r = &b->recs[b->n++];
+    /* The line a few records ahead was last read by the writer on the other
+     * core: ask for it now, for writing, so the store below does not wait. */
+    __builtin_prefetch(r + 8, 1, 3);
     r->cpu = (uint8_t)vcpu;
     r->op = (uint8_t)op;
     r->flags = (uint8_t)flags;
     r->size = (uint16_t)size;
     r->cpl = (uint8_t)cpl;
     r->addr = va;
-    r->value = 0;
     r->ip = ip;
     r->pa = pa;
     if (b->n == bufcap)
@@ -216,6 +238,25 @@ static inline void put(unsigned vcpu, unsigned op, unsigned size, unsigned cpl, 
 }
 
 /* ---- callbacks ----------------------------------------------------------- */
+
+/* Store flag and size of a meminfo value, as the plugin API reports them, kept
+ * by value: a boot uses a few dozen distinct values, and two calls into QEMU
+ * per access become one load.  Entry: 0 not seen yet, else 0x80 | store << 4 |
+ * size shift.  A racing vCPU can only store the same byte. */
+#define MI_CACHE (1u << 18)
+static _Atomic uint8_t mi_cache[MI_CACHE];
+
+static inline unsigned meminfo_bits(qemu_plugin_meminfo_t info)
+{
+    unsigned e = info < MI_CACHE ? atomic_load_explicit(&mi_cache[info], memory_order_relaxed) : 0;
+    if (__builtin_expect(e == 0, 0)) {
+        e = 0x80u | (qemu_plugin_mem_is_store(info) ? 0x10u : 0u)
+            | (qemu_plugin_mem_size_shift(info) & 0xFu);
+        if (info < MI_CACHE)
+            atomic_store_explicit(&mi_cache[info], (uint8_t)e, memory_order_relaxed);
+    }
+    return e;
+}
 
 static inline uint64_t guest_pa(uint64_t raw)
 {
@@ -236,7 +277,8 @@ static void on_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t va, v
     if (!pks_window(ip) || vcpu >= nvcpus)
         return;
     uint64_t *c = vs[vcpu].cnt.c;
-    int st = qemu_plugin_mem_is_store(info);
+    unsigned mi = meminfo_bits(info);
+    int st = (mi >> 4) & 1;
     int kern = pks_ip_is_kernel(ip);
     unsigned flags = 0;
     if (kern) {
@@ -264,7 +306,7 @@ static void on_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t va, v
         if (pa == PKS_TW_PA_NONE)
             c[C_PANONE]++;
     }
-    put(vcpu, st ? PKS_TW_WRITE : PKS_TW_READ, 1u << qemu_plugin_mem_size_shift(info),
+    put(vcpu, st ? PKS_TW_WRITE : PKS_TW_READ, 1u << (mi & 0xFu),
         kern ? 0 : 3, flags, va, ip, pa);
 }
 
@@ -435,7 +477,8 @@ PKS_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t
     unsigned nbufs = nvcpus + (use_thread ? 3 * nvcpus + 4 : 0);
     for (unsigned i = 0; i < nbufs; i++) {
         buf *b = calloc(1, sizeof(buf));
-        if (!b || !(b->recs = malloc(sizeof(pks_tw_rec) * bufcap))) {
+        /* + 8: the write-prefetch in put() reaches past the last record */
+        if (!b || !(b->recs = malloc(sizeof(cap_rec) * (bufcap + 8)))) {
             fprintf(stderr, "pks_capture: out of memory for %u buffers of %zu records\n",
                     nbufs, bufcap);
             return -1;
