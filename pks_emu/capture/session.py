@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -24,6 +25,10 @@ from .build import plugin_path
 TRACE_LEVELS = 5
 TRACE_MAXPHYADDR = 40
 TRACE_FEATURES = 0x7F
+#: Records per chunk of a captured trace: 4x the writer's default. A boot is
+#: hundreds of millions of records, and each chunk costs the replay a round of
+#: Python (reading, checking, dispatch); 131,072 keep a decoded chunk at 5 MB.
+CAPTURE_CHUNK_RECORDS = 131072
 
 START_MODES = ("boot", "kernel", "user")
 
@@ -86,6 +91,19 @@ def _out_fd(out) -> int | None:
             flush()
         return fileno()
     return None
+
+
+def _widen_pipe(fd: int) -> None:
+    """A pipe of 1 MiB instead of Linux's 64 KiB: the writer hands over chunks
+    of about 150 KB, and a small pipe puts both ends to sleep several times a
+    chunk (a context switch each way). Best effort: other files, other
+    systems, or a lower ``/proc/sys/fs/pipe-max-size`` keep the default."""
+    setsz = getattr(fcntl, "F_SETPIPE_SZ", None)
+    try:
+        if setsz is not None and stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, setsz, 1 << 20)
+    except OSError:
+        pass
 
 
 def capture(out, *, kernel: str | os.PathLike | None = None,
@@ -176,6 +194,8 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
                     os.close(fd)
                 out_path = None
 
+    if out_fd is not None:
+        _widen_pipe(out_fd)
     work = Path(tempfile.mkdtemp(prefix="pks-emu-capture-"))
     part = None
     try:
@@ -197,7 +217,8 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
                 args["fd"] = out_fd
             lowmem = _qemu.pc_lowmem(ram)
             args.update(ram=ram, lowmem=lowmem, ncpus=smp, levels=TRACE_LEVELS,
-                        maxphyaddr=TRACE_MAXPHYADDR, features=TRACE_FEATURES)
+                        maxphyaddr=TRACE_MAXPHYADDR, features=TRACE_FEATURES,
+                        chunk=CAPTURE_CHUNK_RECORDS)
             if not pa:
                 args["pa"] = "off"
             if not writer_thread:

@@ -37,7 +37,8 @@
  *   thread=on|off       encode on a writer thread (default on)
  *   coalesce=on|off     merge runs (default off): an access that continues the
  *                       previous access of the same kind by the same instruction
- *                       (the next bytes, same page, physically contiguous too)
+ *                       (the next bytes, same page: see merge() for why the
+ *                       physical frame is the same too)
  *                       extends that record's size instead of adding one, up to
  *                       4096 bytes.  rep movs/stos, which QEMU reports a byte or
  *                       a word at a time, become one record per page and stream;
@@ -98,12 +99,30 @@ static uint64_t pa_none_count;    /* summed from the vCPUs at exit */
 
 static int write_recs(const cap_rec *recs, size_t n)
 {
+    /* pks_tw_records' loop, reading the compact records in place */
+    pks_tw_rec r;
+    int e;
+    if (writer->err)
+        return writer->err;
+    memset(&r, 0, sizeof(r));
+    r.type = PKS_TW_ACCESS;
+    writer->records_started = 1;
     for (size_t i = 0; i < n; i++) {
         const cap_rec *c = &recs[i];
-        int r = pks_tw_access(writer, c->cpu, c->op, c->size, c->cpl, c->flags, c->addr, c->ip,
-                              c->pa);
-        if (r)
-            return r;
+        /* the records were written on the vCPU's core: fetch ahead */
+        __builtin_prefetch(c + 16, 0, 3);
+        r.cpu = c->cpu;
+        r.op = c->op;
+        r.flags = c->flags;
+        r.size = c->size;
+        r.cpl = c->cpl;
+        r.addr = c->addr;
+        r.ip = c->ip;
+        r.pa = c->pa;
+        if ((e = pks_tw_one_(writer, &r)) != 0)
+            return e;
+        if (writer->nrec >= writer->chunk_records && (e = pks_tw_flush(writer)) != 0)
+            return e;
     }
     return 0;
 }
@@ -189,41 +208,61 @@ static buf *hand_off(buf *b, int want_new)
     return nb;
 }
 
-/* Whether the access (op, size, va, ip, pa) continues record r: the next bytes
- * of the same page by the same instruction, physically contiguous. */
-static inline int continues(const cap_rec *r, unsigned op, unsigned size, uint64_t va,
-                            uint64_t ip, uint64_t pa)
+/* Whether the access (op, size, va, ip) continues record r: the next bytes of
+ * the same page by the same instruction. */
+static inline int continues(const cap_rec *r, unsigned op, unsigned size, uint64_t va, uint64_t ip)
 {
     return r->ip == ip && r->op == op && r->addr + r->size == va
-        && ((va ^ r->addr) >> 12) == 0 && ((va + size - 1) ^ r->addr) >> 12 == 0
-        && (pa == PKS_TW_PA_NONE ? r->pa == PKS_TW_PA_NONE
-                                 : r->pa != PKS_TW_PA_NONE && r->pa + r->size == pa);
+        && ((va ^ r->addr) >> 12) == 0 && ((va + size - 1) ^ r->addr) >> 12 == 0;
 }
 
-static inline __attribute__((always_inline)) void put(unsigned vcpu, unsigned op, unsigned size, unsigned cpl, unsigned flags,
-                       uint64_t va, uint64_t ip, uint64_t pa)
+/* coalesce=on: folds the access into the vCPU's last record (or, for the other
+ * stream of a rep movs, the one before) when it continues it; returns whether
+ * it did.  Decided before the physical-address look-up, which a merged access
+ * does not need: its page is the record's page, mapped the same way, because
+ * nothing between the two accesses could remap it.  A remap needs a page-table
+ * store and a TLB flush on this vCPU; the store, the flush's invlpg or CR3
+ * write, or the interrupt that delivers another vCPU's shootdown, all run on
+ * this vCPU between the two accesses as instructions of their own, and an
+ * instruction of their own is a record of another ip in between (the store,
+ * the handler's accesses), or an ip between two runs of the same instruction
+ * that makes no access at all (invlpg, mov to CR3: SDM Vol. 3A §4.10.4.1). The
+ * one case left is the last: a loop whose body flushes without touching
+ * memory, e.g. "1: movsb; invlpg (%rdx); loop 1b" over a page whose mapping
+ * another vCPU changed; the merge would take the old mapping's frame for the
+ * whole run. cpl and flags follow from ip and the page (same half): equal too. */
+static inline __attribute__((always_inline)) int merge(unsigned vcpu, unsigned op, unsigned size,
+                                                       uint64_t va, uint64_t ip)
 {
     buf *b = vs[vcpu].cur;
-    if (want_coalesce && b->n) {
-        /* cpl and flags follow from ip and the page (same half): equal too */
-        cap_rec *last = &b->recs[b->n - 1];
-        if (continues(last, op, size, va, ip, pa)) {
-            last->size = (uint16_t)(last->size + size);
+    if (!b->n)
+        return 0;
+    cap_rec *last = &b->recs[b->n - 1];
+    if (continues(last, op, size, va, ip)) {
+        last->size = (uint16_t)(last->size + size);
+        vs[vcpu].cnt.c[C_MERGED]++;
+        return 1;
+    }
+    if (b->n >= 2 && last->ip == ip && last->op != op) {
+        cap_rec *prev = &b->recs[b->n - 2];
+        if (continues(prev, op, size, va, ip)) {
+            prev->size = (uint16_t)(prev->size + size);
             vs[vcpu].cnt.c[C_MERGED]++;
-            return;
-        }
-        if (b->n >= 2 && last->ip == ip && last->op != op) {
-            cap_rec *prev = &b->recs[b->n - 2];
-            if (continues(prev, op, size, va, ip, pa)) {
-                prev->size = (uint16_t)(prev->size + size);
-                vs[vcpu].cnt.c[C_MERGED]++;
-                return;
-            }
+            return 1;
         }
     }
+    return 0;
+}
+
+static inline __attribute__((always_inline)) void put(unsigned vcpu, unsigned op, unsigned size,
+                                                      unsigned cpl, unsigned flags, uint64_t va,
+                                                      uint64_t ip, uint64_t pa)
+{
+    buf *b = vs[vcpu].cur;
     cap_rec *r = &b->recs[b->n++];
     /* The line a few records ahead was last read by the writer on the other
-     * core: ask for it now, for writing, so the store below does not wait. */
+     * core: ask for it now, for writing, so the store below does not wait
+     * (a prefetch past the buffer's end does not fault). */
     __builtin_prefetch(r + 8, 1, 3);
     r->cpu = (uint8_t)vcpu;
     r->op = (uint8_t)op;
@@ -298,6 +337,9 @@ static void on_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t va, v
     }
     if (atomic_load_explicit(&stopped, memory_order_relaxed))
         return;
+    unsigned op = st ? PKS_TW_WRITE : PKS_TW_READ, size = 1u << (mi & 0xFu);
+    if (want_coalesce && merge(vcpu, op, size, va, ip))
+        return;
     uint64_t pa = PKS_TW_PA_NONE;
     if (want_pa) {
         struct qemu_plugin_hwaddr *h = qemu_plugin_get_hwaddr(info, va);
@@ -306,8 +348,7 @@ static void on_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t va, v
         if (pa == PKS_TW_PA_NONE)
             c[C_PANONE]++;
     }
-    put(vcpu, st ? PKS_TW_WRITE : PKS_TW_READ, 1u << (mi & 0xFu),
-        kern ? 0 : 3, flags, va, ip, pa);
+    put(vcpu, op, size, kern ? 0 : 3, flags, va, ip, pa);
 }
 
 static void on_fetch(unsigned int vcpu, void *udata)
@@ -320,6 +361,8 @@ static void on_fetch(unsigned int vcpu, void *udata)
     vs[vcpu].cnt.c[kern ? C_KFETCH : C_UFETCH]++;
     if (atomic_load_explicit(&stopped, memory_order_relaxed))
         return;
+    /* never merged: a fetch's record starts at its own ip, so no fetch of the
+     * same instruction continues it */
     put(vcpu, PKS_TW_FETCH, pks_insn_len(packed), kern ? 0 : 3, 0, va, va, PKS_TW_PA_NONE);
 }
 
@@ -477,8 +520,7 @@ PKS_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t
     unsigned nbufs = nvcpus + (use_thread ? 3 * nvcpus + 4 : 0);
     for (unsigned i = 0; i < nbufs; i++) {
         buf *b = calloc(1, sizeof(buf));
-        /* + 8: the write-prefetch in put() reaches past the last record */
-        if (!b || !(b->recs = malloc(sizeof(cap_rec) * (bufcap + 8)))) {
+        if (!b || !(b->recs = malloc(sizeof(cap_rec) * bufcap))) {
             fprintf(stderr, "pks_capture: out of memory for %u buffers of %zu records\n",
                     nbufs, bufcap);
             return -1;
