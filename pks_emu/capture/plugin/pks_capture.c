@@ -219,18 +219,13 @@ static inline int continues(const cap_rec *r, unsigned op, unsigned size, uint64
 /* coalesce=on: folds the access into the vCPU's last record (or, for the other
  * stream of a rep movs, the one before) when it continues it; returns whether
  * it did.  Decided before the physical-address look-up, which a merged access
- * does not need: its page is the record's page, mapped the same way, because
- * nothing between the two accesses could remap it.  A remap needs a page-table
- * store and a TLB flush on this vCPU; the store, the flush's invlpg or CR3
- * write, or the interrupt that delivers another vCPU's shootdown, all run on
- * this vCPU between the two accesses as instructions of their own, and an
- * instruction of their own is a record of another ip in between (the store,
- * the handler's accesses), or an ip between two runs of the same instruction
- * that makes no access at all (invlpg, mov to CR3: SDM Vol. 3A §4.10.4.1). The
- * one case left is the last: a loop whose body flushes without touching
- * memory, e.g. "1: movsb; invlpg (%rdx); loop 1b" over a page whose mapping
- * another vCPU changed; the merge would take the old mapping's frame for the
- * whole run. cpl and flags follow from ip and the page (same half): equal too. */
+ * skips: its frame is taken to be the record's.  A remap in between needs a
+ * page-table store: on this vCPU that is a record in between (no merge); on
+ * another, this vCPU sees it only after a flush of its own, and a shootdown's
+ * handler leaves records in between too.  Left: this vCPU's own invlpg or CR3
+ * write in a loop body that touches no memory while another vCPU remaps the
+ * page (docs/capture.md, "Runs"); such a run keeps its first frame.
+ * cpl and flags follow from ip and the page (same half): equal too. */
 static inline __attribute__((always_inline)) int merge(unsigned vcpu, unsigned op, unsigned size,
                                                        uint64_t va, uint64_t ip)
 {
