@@ -33,3 +33,25 @@ def test_capture_with_a_policy_prints_the_replay_document(tmp_path, capsys):
     # ... at a kernel instruction, named from the kallsyms the capture saved.
     assert ks.is_file() and d["sites"] and all(int(s["ip"], 16) >> 63 for s in d["sites"])
     assert any(s["symbol"] for s in d["sites"])
+
+
+def test_speed_measures_both_boots(tmp_path, capsys):
+    # One round: a counting boot and a boot captured into the replay, with the
+    # writer thread and the replay thread niced. Times are not judged here
+    # (docs/benchmarks.md reports them); what each run saw must agree.
+    from pks_emu.capture.speed import format_speed, measure_speed
+    pol = tmp_path / "direct-map.toml"
+    pol.write_text('[kernel]\npkrs = { 2 = "read-only" }\n\n[[region]]\nname = "direct map"\n'
+                   'area = "direct-map"\npkey = 2\n')
+    d = measure_speed(policy=str(pol), repeat=1, nice=5, start="user", save_kallsyms=False,
+                      timeout=300)
+    (c,), (p,) = d["count"], d["pipeline"]
+    # two boots of the same guest: QEMU runs are not bit-identical, but close
+    assert abs(p["accesses"] - c["accesses"]) < 0.02 * c["accesses"]
+    assert 0 < p["records"] <= p["accesses"]          # --coalesce merges runs
+    assert p["faults"] > 0                            # the kernel writes its direct map
+    assert p["qemu_cpu_s"] > 0 and p["replay_cpu_s"] > 0 and c["qemu_cpu_s"] > 0
+    assert d["ratio"] == p["wall_s"] / c["wall_s"]
+    assert "ratio of the median wall times" in format_speed(d)
+    code = main(["capture", "--speed", "--repeat", "0"])
+    assert code != 0 and "--repeat 0: expected at least 1" in capsys.readouterr().err

@@ -72,6 +72,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "policy need --kallsyms FILE from an earlier capture of the same kernel "
                         "(nokaslr: the same addresses)")
     p.add_argument("--report", metavar="HTML", help="with --policy: also write the HTML report")
+    p.add_argument("--speed", action="store_true",
+                   help="measure instead of capturing: boot the guest with the counting plugin, "
+                        "then captured and piped into the replay (against --policy, if given; "
+                        "--coalesce is implied), --repeat times in turn, and print wall and CPU "
+                        "times, accesses per second of each stage, peak memory and the ratio")
+    p.add_argument("--nice", type=int, default=0, metavar="N",
+                   help="with --policy or --speed: add N (0..19) to the nice values of the "
+                        "plugin's writer thread and of the replay, so that QEMU's vCPU thread, "
+                        "the boot's critical path, keeps its core when they share one")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="with --speed: rounds of the two boots (default 1; the ratio is of the "
+                        "median wall times)")
     p.add_argument("qemu_args", nargs="*", metavar="-- QEMU_ARG",
                    help="more qemu-system-x86_64 arguments, verbatim, after '--'")
 
@@ -98,6 +110,7 @@ def _capture_and_replay(args: argparse.Namespace, qemu_args: list[str]) -> int:
 
     from . import capture_pipe
     from ..symbols import Symbolizer
+    from .speed import lower_thread_priority
     from ..trace.replay import replay
     if args.output or args.count_only:
         raise PksEmuError("--policy replays the capture as it runs: leave out -o and --count-only "
@@ -109,7 +122,9 @@ def _capture_and_replay(args: argparse.Namespace, qemu_args: list[str]) -> int:
                                kallsyms_out=args.kallsyms, timeout=args.timeout,
                                start=args.start, limit=args.limit,
                                modules=_modules(args.module, args.kernel), pa=not args.no_pa,
-                               save_kallsyms=not args.no_kallsyms, coalesce=args.coalesce)
+                               save_kallsyms=not args.no_kallsyms, coalesce=args.coalesce,
+                               writer_nice=args.nice)
+    lower_thread_priority(args.nice)   # this thread only: QEMU's keeps its value
     try:
         result = replay(reader, policy=args.policy, kallsyms=known)
     finally:
@@ -134,8 +149,36 @@ def _capture_and_replay(args: argparse.Namespace, qemu_args: list[str]) -> int:
     return 0
 
 
+def _speed(args: argparse.Namespace, qemu_args: list[str]) -> int:
+    from .speed import format_speed, measure_speed
+    if args.output or args.count_only or args.report or args.limit is not None:
+        raise PksEmuError("--speed runs its own boots: leave out -o, --count-only, --report "
+                          "and --limit")
+    if args.repeat < 1:
+        raise PksEmuError(f"--repeat {args.repeat}: expected at least 1")
+    known = args.kallsyms if args.kallsyms and os.path.isfile(args.kallsyms) else None
+    doc = measure_speed(policy=args.policy, kallsyms=known, repeat=args.repeat, nice=args.nice,
+                        progress=lambda m: print(f"pks-emu capture --speed: {m}", file=sys.stderr),
+                        kernel=args.kernel, initrd=args.initrd, append=args.append,
+                        workload=args.workload, memory=args.memory, smp=args.smp,
+                        fetches=args.fetches, extra_qemu_args=qemu_args, timeout=args.timeout,
+                        start=args.start, modules=_modules(args.module, args.kernel),
+                        pa=not args.no_pa, save_kallsyms=not args.no_kallsyms)
+    if args.json:
+        json.dump(doc, sys.stdout, indent=1)
+        print()
+    else:
+        print(format_speed(doc))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from . import capture
+    if not 0 <= args.nice <= 19:
+        raise PksEmuError(f"--nice {args.nice}: expected 0..19")
+    if args.speed:
+        qemu_args = list(args.qemu_args)
+        return _speed(args, qemu_args[1:] if qemu_args[:1] == ["--"] else qemu_args)
     if args.policy:
         qemu_args = list(args.qemu_args)
         return _capture_and_replay(args, qemu_args[1:] if qemu_args[:1] == ["--"] else qemu_args)

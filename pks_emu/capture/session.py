@@ -114,7 +114,7 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
             count_only: bool = False, start: str = "boot", limit: int | None = None,
             modules: Sequence[str | os.PathLike] = (), pa: bool = True,
             writer_thread: bool = True, save_kallsyms: bool = True,
-            coalesce: bool = False) -> CaptureInfo:
+            coalesce: bool = False, writer_nice: int = 0) -> CaptureInfo:
     """Boot a kernel under QEMU TCG with the capture plugin; return what happened.
 
     ``out``: where the trace-v2 stream goes: a path (written as ``PATH.part``,
@@ -138,7 +138,9 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
     kind by the same instruction (next bytes, same page) into its record, as
     ``rep movs``/``rep stos`` make; counts stay per access. ``pa``: look up
     physical addresses. ``writer_thread``: encode on the
-    plugin's writer thread (else on the vCPU threads). ``save_kallsyms``: the
+    plugin's writer thread (else on the vCPU threads); ``writer_nice``: added
+    to that thread's nice value (Linux), so that it yields the core to a vCPU
+    thread it shares one with. ``save_kallsyms``: the
     built-in guest dumps ``/proc/kallsyms`` after the workload (in the trace:
     about as many kernel accesses as the boot itself; off saves that).
 
@@ -223,6 +225,10 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
                 args["pa"] = "off"
             if not writer_thread:
                 args["thread"] = "off"
+            if writer_nice:
+                if not 0 <= writer_nice <= 19:
+                    raise PksEmuError(f"writer_nice {writer_nice}: expected 0..19")
+                args["writer_nice"] = writer_nice
             if coalesce:
                 args["coalesce"] = "on"
             if limit is not None:

@@ -35,6 +35,8 @@
  *   chunk=N             records per chunk (writer default when absent)
  *   bufsize=N           records per vCPU buffer (default 8192)
  *   thread=on|off       encode on a writer thread (default on)
+ *   writer_nice=N       raise the writer thread's nice value by N (0..19,
+ *                       default 0)
  *   coalesce=on|off     merge runs (default off): an access that continues the
  *                       previous access of the same kind by the same instruction
  *                       (the next bytes, same page: see merge() for why the
@@ -46,6 +48,9 @@
  *                       Counts stay per access.
  */
 #include <pthread.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "common.h"
 #include "pks_trace.h"
@@ -141,9 +146,21 @@ static void write_buf_locked(buf *b)
     b->n = 0;
 }
 
+static int writer_nice;           /* added to the writer thread's nice value */
+
 static void *writer_main(void *arg)
 {
     (void)arg;
+    if (writer_nice) {
+        /* Linux: a thread's own nice value.  The vCPU thread is the boot's
+         * critical path; when the writer (and a replay reading the pipe) share
+         * a core with it, the scheduler then gives it that core. */
+        id_t tid = (id_t)syscall(SYS_gettid);
+        errno = 0;
+        int cur = getpriority(PRIO_PROCESS, tid);
+        if (errno == 0)
+            (void)setpriority(PRIO_PROCESS, tid, cur + writer_nice);
+    }
     pthread_mutex_lock(&lock);
     for (;;) {
         while (!qhead && !done)
@@ -471,6 +488,7 @@ PKS_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t
         UINT_OPT("ncpus", 255, ncpus)
         UINT_OPT("chunk", PKS_TW_MAX_CHUNK, cfg.chunk_records)
         UINT_OPT("bufsize", 1u << 24, bufcap)
+        UINT_OPT("writer_nice", 19, writer_nice)
         else {
         bad:
             fprintf(stderr, "pks_capture: bad option '%s' (see the comment at the top of "
