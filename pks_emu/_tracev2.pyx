@@ -346,8 +346,10 @@ cdef int _decode_pa(const uint8_t* src, size_t n, uint32_t nrec, const uint8_t* 
     cdef unsigned modes = 0, mode, h
     cdef uint64_t va, v, d, x
     cdef const uint8_t* r
-    cdef tv2_cpu* c
     cdef size_t rem
+    # the current CPU's last delta in a register (see tv2_decode's predictors)
+    cdef unsigned cur = 0
+    cdef uint64_t last_d = st.cpu[0].last_d
     for i in range(nrec):
         if p >= fast_end and not in_tail:
             rem = <size_t>(end - p)
@@ -363,13 +365,16 @@ cdef int _decode_pa(const uint8_t* src, size_t n, uint32_t nrec, const uint8_t* 
         mode = (modes >> (2 * (i & 3))) & 3
         r = recs + 24 * <size_t>i
         va = (<const uint64_t*>(r + 8))[0]
-        c = &st.cpu[r[1]]
+        if r[1] != cur:
+            st.cpu[cur].last_d = last_d
+            cur = r[1]
+            last_d = st.cpu[cur].last_d
         if mode == 0:
             pa[i] = PA_NONE_C
         else:
             h = _pa_hash(va)
             if mode == 1:
-                d = c.last_d
+                d = last_d
             elif mode == 2:
                 d = st.pa_cache[h]
             else:
@@ -380,7 +385,7 @@ cdef int _decode_pa(const uint8_t* src, size_t n, uint32_t nrec, const uint8_t* 
                     x = ((v >> 1) << 12) | (va & 0xFFF)
                 d = x - va
             pa[i] = va + d
-            c.last_d = d
+            last_d = d
             st.pa_cache[h] = d
         if bad:
             err.record = i
@@ -390,6 +395,7 @@ cdef int _decode_pa(const uint8_t* src, size_t n, uint32_t nrec, const uint8_t* 
             err.record = i
             err.code = TV2_E_PA_TRUNCATED
             return TV2_E_PA_TRUNCATED
+    st.cpu[cur].last_d = last_d
     if p != end:
         err.record = nrec
         err.code = TV2_E_PA_TRAILING
