@@ -463,8 +463,12 @@ def _replay_v2(run: _Run, name: str, stream, policy, compat, api, kallsyms) -> R
     return result
 
 
-def _replay_lackey(run: _Run, name: str, stream, policy, compat, api, skip_bad,
-                   threads: bool = True) -> ReplayResult:
+#: Lackey input is decompressed and scanned in threads ahead of the replay
+#: (the tests compare both ways).
+LACKEY_THREADS = True
+
+
+def _replay_lackey(run: _Run, name: str, stream, policy, compat, api, skip_bad) -> ReplayResult:
     from ..lackey import iter_records
     from .policy import Policy, load_policy, policy_machine
     if not isinstance(policy, Policy):
@@ -478,7 +482,7 @@ def _replay_lackey(run: _Run, name: str, stream, policy, compat, api, skip_bad,
     stats: dict[str, Any] = {"lines": 0, "skipped_lines": 0, "bad_lines": 0, "bad_examples": []}
     start = time.perf_counter()
     done = 0
-    chunks = iter_records(stream, skip_bad=skip_bad, threads=threads)
+    chunks = iter_records(stream, skip_bad=skip_bad, threads=LACKEY_THREADS)
     try:
         for chunk in chunks:
             n = len(chunk)
@@ -498,7 +502,7 @@ def _replay_lackey(run: _Run, name: str, stream, policy, compat, api, skip_bad,
                     where = f"{name}:{line}: {text!r} (record {done + i})"
                 raise TraceFormatError(f"{where}: access size {int(chunk.records['size'][i])}: "
                                        "expected 1..4096 (the largest access a native trace records)")
-            mapper.map_pages(chunk.pages)
+            mapper.map_new_pages(chunk.pages)
             status = _run_chunk(run, name, engine, header, chunk.records, done, chunk.ip, None)
             done = done + n if status != REPLAY_STATUS["stopped"] else engine.records_done
             run.after_chunk(engine, done, None)
