@@ -386,24 +386,31 @@ class RecordChunk:
 
 
 def iter_records(path, *, chunk_records: int = 1 << 19, skip_bad: bool = False,
-                 threads: bool = True) -> Iterator[RecordChunk]:
+                 threads: bool = True, reuse: bool = False) -> Iterator[RecordChunk]:
     """The replay's reader: :func:`iter_lackey` scanning straight into
     native records (pks_emu.trace.format.RECORD) and finding the pages
     first touched on the way. With ``threads``, compressed input is
     decompressed in one thread and the lines are scanned in another, each
     a bounded queue ahead of the consumer, so that decompression, scanning
     and the replay overlap; the chunks, counters and errors are those of
-    the plain reading."""
+    the plain reading. ``reuse``: the chunks' arrays are recycled, so each
+    chunk is valid only until the next one is asked for (fresh arrays cost
+    the kernel a page fault and a page clearing every 4 KiB)."""
     if (isinstance(chunk_records, bool) or not isinstance(chunk_records, int)
             or not 2 <= chunk_records <= 1 << 40):
         raise ValueError(f"chunk_records = {chunk_records!r}: expected an int from 2 "
                          "(an M line is two records) to 2**40")
+    # Threaded: one chunk with the consumer, _AHEAD in the queue, one being filled.
+    ring = (_AHEAD + 2 if threads else 1) if reuse else 0
     gen = _read(path, chunk_records=chunk_records, skip_bad=skip_bad, records=True,
-                prefetch=threads)
+                prefetch=threads, ring=ring)
     return _ahead(gen) if threads else gen
 
 
-def _ahead(gen: Iterator, depth: int = 1) -> Iterator:
+_AHEAD = 1
+
+
+def _ahead(gen: Iterator, depth: int = _AHEAD) -> Iterator:
     """``gen`` run in a thread, at most ``depth`` items ahead of the consumer
     (each item is a chunk's arrays: this bounds the memory)."""
     q: queue.Queue = queue.Queue(depth)
@@ -448,12 +455,14 @@ def _ahead(gen: Iterator, depth: int = 1) -> Iterator:
 
 def _read(path: str | os.PathLike[str], *, chunk_records: int | None, skip_bad: bool,
           block_size: int = _BLOCK, max_line: int = _MAX_LINE, records: bool = False,
-          prefetch: bool = False) -> Iterator:
+          prefetch: bool = False, ring: int = 0) -> Iterator:
     """The reader behind the entry points.
 
     ``chunk_records=None``: one trace, the arrays growing geometrically.
     ``records``: :class:`RecordChunk` items instead of :class:`LackeyTrace`
-    (``chunk_records`` required); ``prefetch``: decompress in a thread.
+    (``chunk_records`` required); ``prefetch``: decompress in a thread;
+    ``ring``: records mode, cycle through that many sets of arrays (0: new
+    arrays for each chunk).
     ``block_size``/``max_line`` are parameters only so that the tests can put
     block boundaries everywhere.
     """
@@ -470,13 +479,14 @@ def _read(path: str | os.PathLike[str], *, chunk_records: int | None, skip_bad: 
             reader = _Prefetch(reader)  # type: ignore[assignment]
         try:
             yield from _blocks(reader, path, raw, fspath, compression, chunk_records, skip_bad,
-                               block_size, max_line, records)
+                               block_size, max_line, records, ring)
         finally:
             reader.close()
 
 
 def _blocks(reader, path, raw, fspath: str, compression: str, chunk_records: int | None,
-            skip_bad: bool, block_size: int, max_line: int, records: bool) -> Iterator:
+            skip_bad: bool, block_size: int, max_line: int, records: bool,
+            ring: int = 0) -> Iterator:
     grow = chunk_records is None
     if grow:
         # A guess from the file size (about 14 bytes a line) saves most
@@ -490,14 +500,17 @@ def _blocks(reader, path, raw, fspath: str, compression: str, chunk_records: int
         from .trace.format import KEEP_CPL, RECORD, RecordType
         assert not grow
         pages = PageSet()
-        rec = np.empty(cap, dtype=RECORD)
-        va = size = kind = rec  # unused
+        rings = [(np.empty(cap, dtype=RECORD), np.empty(cap, dtype=np.uint64))
+                 for _ in range(max(ring, 1))]
+        rec, ip = rings[0]
+        used = 1
+        va = size = kind = rec  # not used in this mode
         big = -1
     else:
         va = np.empty(cap, dtype=np.uint64)
         size = np.empty(cap, dtype=np.uint16)
         kind = np.empty(cap, dtype=np.uint8)
-    ip = np.empty(cap, dtype=np.uint64)
+        ip = np.empty(cap, dtype=np.uint64)
     last_ip = 0        # address of the latest I line, carried across blocks
     n = 0
     start = 0          # records of the chunks already yielded
@@ -598,13 +611,18 @@ def _blocks(reader, path, raw, fspath: str, compression: str, chunk_records: int
                     start += n
                     first_line += lines
                     if records:
-                        rec = np.empty(chunk_records, dtype=RECORD)
+                        if ring:
+                            rec, ip = rings[used % ring]
+                            used += 1
+                        else:
+                            rec = np.empty(chunk_records, dtype=RECORD)
+                            ip = np.empty(chunk_records, dtype=np.uint64)
                         big = -1
                     else:
                         va = np.empty(chunk_records, dtype=np.uint64)
                         size = np.empty(chunk_records, dtype=np.uint16)
                         kind = np.empty(chunk_records, dtype=np.uint8)
-                    ip = np.empty(chunk_records, dtype=np.uint64)
+                        ip = np.empty(chunk_records, dtype=np.uint64)
                     n = 0
                     lines = skipped = bad = 0
                     examples = []

@@ -242,3 +242,18 @@ def test_big_access_in_compressed_file_names_the_line(tmp_path):
     with pytest.raises(TraceFormatError, match=re.escape(f"{p}:3: ' S 3000,5000' (record 2): "
                                                          "access size 5000")):
         replay(p, policy=POLICY)
+
+
+@pytest.mark.parametrize("threads", [False, True])
+def test_reused_arrays_hold_each_chunk_until_the_next(tmp_path, threads):
+    p = tmp_path / "t.lackey.xz"
+    p.write_bytes(lzma.compress(_sample()))
+    fresh = [(c.records.copy(), c.ip.copy(), c.pages.copy())
+             for c in iter_records(p, chunk_records=999, threads=threads)]
+    reused = []
+    for c in iter_records(p, chunk_records=999, threads=threads, reuse=True):
+        reused.append((c.records.copy(), c.ip.copy(), c.pages.copy()))
+    assert len(fresh) == len(reused) > 3
+    for (r1, i1, p1), (r2, i2, p2) in zip(fresh, reused):
+        assert r1.tobytes() == r2.tobytes() and i1.tolist() == i2.tolist()
+        assert p1.tolist() == p2.tolist()

@@ -482,7 +482,7 @@ def _replay_lackey(run: _Run, name: str, stream, policy, compat, api, skip_bad) 
     stats: dict[str, Any] = {"lines": 0, "skipped_lines": 0, "bad_lines": 0, "bad_examples": []}
     start = time.perf_counter()
     done = 0
-    chunks = iter_records(stream, skip_bad=skip_bad, threads=LACKEY_THREADS)
+    chunks = iter_records(stream, skip_bad=skip_bad, threads=LACKEY_THREADS, reuse=True)
     try:
         for chunk in chunks:
             n = len(chunk)
