@@ -160,8 +160,8 @@ class LackeyEndToEnd:
         pks_emu.replay(paths["xz"], policy=paths["policy"])
 
     def track_plain_mlines_per_s(self, paths: dict[str, str]) -> float:
-        from pks_emu.bench import _median
         import pks_emu
+        from pks_emu.bench import _median
         ts = []
         for _ in range(5):
             t = time.perf_counter()

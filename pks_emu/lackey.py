@@ -48,7 +48,7 @@ import queue
 import re
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import numpy as np
 
@@ -424,7 +424,7 @@ def iter_records(path, *, chunk_records: int = 1 << 19, skip_bad: bool = False,
 _AHEAD = 1
 
 
-def _ahead(gen: Iterator, depth: int = _AHEAD) -> Iterator:
+def _ahead(gen: Generator, depth: int = _AHEAD) -> Iterator:
     """``gen`` run in a thread, at most ``depth`` items ahead of the consumer
     (each item is a chunk's arrays: this bounds the memory)."""
     q: queue.Queue = queue.Queue(depth)
@@ -469,7 +469,7 @@ def _ahead(gen: Iterator, depth: int = _AHEAD) -> Iterator:
 
 def _read(path: str | os.PathLike[str], *, chunk_records: int | None, skip_bad: bool,
           block_size: int = _BLOCK, max_line: int = _MAX_LINE, records: bool = False,
-          prefetch: bool = False, ring: int = 0) -> Iterator:
+          prefetch: bool = False, ring: int = 0) -> Generator:
     """The reader behind the entry points.
 
     ``chunk_records=None``: one trace, the arrays growing geometrically.
@@ -518,7 +518,10 @@ def _blocks(reader, path, raw, fspath: str, compression: str, chunk_records: int
                  for _ in range(max(ring, 1))]
         rec, ip = rings[0]
         used = 1
-        va = size = kind = rec  # not used in this mode
+        # The arrays of the other mode, empty: chunk() and the scan call name them.
+        va = np.empty(0, dtype=np.uint64)
+        size = np.empty(0, dtype=np.uint16)
+        kind = np.empty(0, dtype=np.uint8)
         big = -1
     else:
         va = np.empty(cap, dtype=np.uint64)

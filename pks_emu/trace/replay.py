@@ -17,7 +17,7 @@ from .._core import FAULT_DTYPE_FIELDS, REPLAY_STATUS, ReplayEngine, load_cpu_st
 from ..constants import PKS_INIT_VALUE, pf_error_code_str
 from ..errors import PksEmuError, TraceFormatError
 from ..machine import Machine
-from .format import (API_CODES, FRAME_ENTRY_SIZE, FRAME_SIZE, KEEP_CPL, MAGIC, MAX_TASKS_LIMIT,
+from .format import (API_CODES, FRAME_ENTRY_SIZE, FRAME_SIZE, MAGIC, MAX_TASKS_LIMIT,
                      RECORD, RECORD_PROBLEMS, RECORD_SIZE, RecordType, TraceHeader, api_name,
                      read_header)
 
