@@ -463,9 +463,17 @@ def _replay_v2(run: _Run, name: str, stream, policy, compat, api, kallsyms) -> R
     return result
 
 
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 #: Lackey input is decompressed and scanned in threads ahead of the replay
-#: (the tests compare both ways).
-LACKEY_THREADS = True
+#: when the process may run on two CPUs or more; on one, the threads only
+#: add hand-offs (the tests compare both ways).
+LACKEY_THREADS = _cpus() >= 2
 
 
 def _replay_lackey(run: _Run, name: str, stream, policy, compat, api, skip_bad) -> ReplayResult:
