@@ -183,6 +183,7 @@ def _same_result(a, b):
 def test_real_trace_threaded_xz_plain_and_unthreaded_agree(tmp_path, real_text, monkeypatch):
     plain = tmp_path / "gzip-services.lackey"
     plain.write_bytes(real_text)
+    monkeypatch.setattr(replay_mod, "LACKEY_THREADS", True)
     threaded_xz = replay(REAL_TRACE, policy=POLICY)
     threaded_plain = replay(plain, policy=POLICY)
     monkeypatch.setattr(replay_mod, "LACKEY_THREADS", False)
@@ -193,7 +194,8 @@ def test_real_trace_threaded_xz_plain_and_unthreaded_agree(tmp_path, real_text, 
     assert threaded_xz.input_info["lines"] == real_text.count(b"\n")
 
 
-def test_stopping_early_ends_the_threads(real_text):
+def test_stopping_early_ends_the_threads(real_text, monkeypatch):
+    monkeypatch.setattr(replay_mod, "LACKEY_THREADS", True)
     before = threading.active_count()
     r = replay(REAL_TRACE, policy=POLICY, max_faults=3)
     assert r.stopped_early and r.fault_count == 3
@@ -202,7 +204,9 @@ def test_stopping_early_ends_the_threads(real_text):
 
 
 @pytest.mark.parametrize("compression", ["xz", "gzip", "bzip2"])
-def test_bad_line_in_compressed_file_names_file_and_line(tmp_path, compression):
+@pytest.mark.parametrize("threads", [False, True])
+def test_bad_line_in_compressed_file_names_file_and_line(tmp_path, compression, threads, monkeypatch):
+    monkeypatch.setattr(replay_mod, "LACKEY_THREADS", threads)
     lines = _sample(20_000).split(b"\n")
     lines[15_000] = b" Q 0401ab70,3"
     p = tmp_path / f"bad.lackey.{compression}"
@@ -216,7 +220,9 @@ def test_bad_line_in_compressed_file_names_file_and_line(tmp_path, compression):
     assert r.input_info["bad_examples"] == [[15001, " Q 0401ab70,3"]]
 
 
-def test_truncated_xz_is_a_clear_error_not_a_hang(tmp_path):
+@pytest.mark.parametrize("threads", [False, True])
+def test_truncated_xz_is_a_clear_error_not_a_hang(tmp_path, threads, monkeypatch):
+    monkeypatch.setattr(replay_mod, "LACKEY_THREADS", threads)
     p = tmp_path / "cut.lackey.xz"
     packed = lzma.compress(_sample(50_000))
     p.write_bytes(packed[:len(packed) // 2])
@@ -257,3 +263,16 @@ def test_reused_arrays_hold_each_chunk_until_the_next(tmp_path, threads):
     for (r1, i1, p1), (r2, i2, p2) in zip(fresh, reused):
         assert r1.tobytes() == r2.tobytes() and i1.tolist() == i2.tolist()
         assert p1.tolist() == p2.tolist()
+
+
+def test_threads_are_decided_by_spare_cpus(monkeypatch):
+    monkeypatch.setattr(replay_mod, "LACKEY_THREADS", None)
+    monkeypatch.setattr(replay_mod.os, "sched_getaffinity", lambda pid: {0})
+    assert replay_mod._lackey_threads() is False
+    monkeypatch.setattr(replay_mod.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(replay_mod.os, "getloadavg", lambda: (0.9, 0.0, 0.0))
+    assert replay_mod._lackey_threads() is True
+    monkeypatch.setattr(replay_mod.os, "getloadavg", lambda: (1.7, 0.0, 0.0))
+    assert replay_mod._lackey_threads() is False
+    monkeypatch.setattr(replay_mod, "LACKEY_THREADS", True)
+    assert replay_mod._lackey_threads() is True

@@ -136,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         ratio = (f"{e2e['xz_seconds']:.3f} s / xz -dc alone {dc:.3f} s = "
                  f"{e2e['xz_over_xz_dc']:.2f}x (target <= 1.1x: "
                  f"{'met' if e2e['xz_over_xz_dc'] <= 1.1 else 'NOT met'})" if dc else "no xz tool")
-        print(f"lackey end to end, {e2e['lines']:,} lines, {e2e['faults']:,} faults, medians:")
+        how = "threaded reading" if e2e["threads"] else "one thread (no CPU to spare)"
+        print(f"lackey end to end, {e2e['lines']:,} lines, {e2e['faults']:,} faults, {how}, medians:")
         print(f"  plain {e2e['plain_seconds']:.3f} s = {e2e['plain_mlines_per_s']:.1f} M lines/s; "
               f"xz {e2e['xz_mlines_per_s']:.1f} M lines/s, {ratio}")
     if instr:

@@ -463,17 +463,27 @@ def _replay_v2(run: _Run, name: str, stream, policy, compat, api, kallsyms) -> R
     return result
 
 
-def _cpus() -> int:
+#: Lackey input decompressed and scanned in threads ahead of the replay:
+#: True, False, or None to decide for each replay (:func:`_lackey_threads`).
+LACKEY_THREADS: bool | None = None
+
+
+def _lackey_threads() -> bool:
+    """Threads pay only with a CPU to spare: with one CPU, or with the others
+    busy (the 1-minute load average within half a CPU of the CPU count), the
+    stages only take turns and the hand-offs cost 10-20 %."""
+    if LACKEY_THREADS is not None:
+        return LACKEY_THREADS
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-#: Lackey input is decompressed and scanned in threads ahead of the replay
-#: when the process may run on two CPUs or more; on one, the threads only
-#: add hand-offs (the tests compare both ways).
-LACKEY_THREADS = _cpus() >= 2
+        cpus = os.cpu_count() or 1
+    if cpus < 2:
+        return False
+    try:
+        return os.getloadavg()[0] < cpus - 0.5
+    except OSError:  # pragma: no cover - no load average
+        return True
 
 
 def _replay_lackey(run: _Run, name: str, stream, policy, compat, api, skip_bad) -> ReplayResult:
@@ -490,7 +500,7 @@ def _replay_lackey(run: _Run, name: str, stream, policy, compat, api, skip_bad) 
     stats: dict[str, Any] = {"lines": 0, "skipped_lines": 0, "bad_lines": 0, "bad_examples": []}
     start = time.perf_counter()
     done = 0
-    chunks = iter_records(stream, skip_bad=skip_bad, threads=LACKEY_THREADS, reuse=True)
+    chunks = iter_records(stream, skip_bad=skip_bad, threads=_lackey_threads(), reuse=True)
     try:
         for chunk in chunks:
             n = len(chunk)
