@@ -35,6 +35,12 @@ module reads the file in 16 MiB blocks and carries the partial last line of
 each block over to the next. :func:`iter_lackey` therefore holds one block,
 one chunk's arrays (19 bytes a record) and the decompressor's own state (an
 ``xz -9`` stream needs its 64 MiB dictionary), whatever the file's size.
+
+The replay reads with :func:`iter_records`: native records (32 bytes a
+record with the instruction pointer) and the pages first touched, found by
+the scanner. Its threaded form adds at most 8 MiB of decompressed data
+ahead and two more chunks (one queued, one being filled), so it too is
+bounded whatever the file's size.
 """
 from __future__ import annotations
 
