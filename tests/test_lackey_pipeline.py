@@ -276,3 +276,16 @@ def test_threads_are_decided_by_spare_cpus(monkeypatch):
     assert replay_mod._lackey_threads() is False
     monkeypatch.setattr(replay_mod, "LACKEY_THREADS", True)
     assert replay_mod._lackey_threads() is True
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_stream_input_threaded_and_not(tmp_path, compression, monkeypatch):
+    p = tmp_path / "t.lackey"
+    p.write_bytes(COMPRESS[compression](_sample()))
+    results = []
+    for threads in (False, True):
+        monkeypatch.setattr(replay_mod, "LACKEY_THREADS", threads)
+        with open(p, "rb") as f:
+            results.append(replay(f, policy=POLICY))
+    _same_result(*results)
+    assert results[0].input_info["lines"] == _sample().count(b"\n")
