@@ -18,12 +18,16 @@ prefixes ``"I "``, ``" L"``, ``" S"``, ``" M"``)::
     ==7525== ...         valgrind's own messages: skipped
 """
 from libc.stdint cimport uint8_t, uint16_t, uint64_t, int64_t
+from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memchr
+
+import numpy as np
 
 # Status of a scan call.
 ST_DONE = 0   # every line of the block was consumed
 ST_FULL = 1   # stopped before a record that does not fit the output arrays
 ST_BAD = 2    # stopped right after a malformed line (only when asked to)
+ST_NOMEM = 3  # the page set could not grow
 
 # Why a line is malformed (index into WHY in lackey.py).
 WHY_PREFIX = 1      # not 'I  ', ' L ', ' S ', ' M ', 'SB ', '==' or empty
@@ -38,6 +42,7 @@ cdef enum:
     _ST_DONE = 0
     _ST_FULL = 1
     _ST_BAD = 2
+    _ST_NOMEM = 3
 
 cdef enum:
     _WHY_PREFIX = 1
@@ -92,6 +97,114 @@ cdef struct scan_out:
     Py_ssize_t bad_end
     int why
     uint64_t last_ip
+    Py_ssize_t big       # first record (index in the output) larger than 4096 bytes, or -1
+
+
+# The replay needs every page a record touches mapped before the record runs;
+# finding the new ones here, during the scan, costs a hash probe per page
+# change instead of sorting every chunk's addresses.
+cdef struct page_set:
+    uint64_t* slots      # page + 1; 0 is a free slot
+    Py_ssize_t cap       # a power of two
+    Py_ssize_t used
+    uint64_t* fresh      # pages seen for the first time since the last take()
+    Py_ssize_t nfresh
+    Py_ssize_t fresh_cap
+    uint64_t recent0     # the last two pages looked up (code and data alternate)
+    uint64_t recent1
+
+
+cdef inline uint64_t _mix(uint64_t x) noexcept nogil:
+    x ^= x >> 33
+    x *= <uint64_t>0xff51afd7ed558ccd
+    x ^= x >> 33
+    return x
+
+
+cdef int _ps_grow(page_set* s) noexcept nogil:
+    cdef Py_ssize_t ncap = s.cap * 2
+    cdef uint64_t* ns = <uint64_t*>calloc(ncap, sizeof(uint64_t))
+    cdef Py_ssize_t i, j
+    cdef uint64_t k
+    if ns == NULL:
+        return -1
+    for i in range(s.cap):
+        k = s.slots[i]
+        if k:
+            j = <Py_ssize_t>(_mix(k) & <uint64_t>(ncap - 1))
+            while ns[j]:
+                j = (j + 1) & (ncap - 1)
+            ns[j] = k
+    free(s.slots)
+    s.slots = ns
+    s.cap = ncap
+    return 0
+
+
+cdef inline int _ps_add(page_set* s, uint64_t page) noexcept nogil:
+    """Remember ``page``; 0, or -1 when out of memory."""
+    cdef uint64_t k
+    cdef Py_ssize_t j
+    cdef uint64_t* nf
+    if page == s.recent0 or page == s.recent1:
+        return 0
+    s.recent1 = s.recent0
+    s.recent0 = page
+    k = page + 1
+    j = <Py_ssize_t>(_mix(k) & <uint64_t>(s.cap - 1))
+    while s.slots[j]:
+        if s.slots[j] == k:
+            return 0
+        j = (j + 1) & (s.cap - 1)
+    s.slots[j] = k
+    s.used += 1
+    if s.nfresh == s.fresh_cap:
+        nf = <uint64_t*>realloc(s.fresh, 2 * s.fresh_cap * sizeof(uint64_t))
+        if nf == NULL:
+            return -1
+        s.fresh = nf
+        s.fresh_cap *= 2
+    s.fresh[s.nfresh] = page
+    s.nfresh += 1
+    if 2 * s.used > s.cap:
+        return _ps_grow(s)
+    return 0
+
+
+cdef class PageSet:
+    """The pages (va >> 12) that records have touched so far, for the
+    replay's map-on-first-touch; :meth:`take` returns those first touched
+    since the previous call."""
+    cdef page_set s
+
+    def __cinit__(self):
+        self.s.cap = 1024
+        self.s.slots = <uint64_t*>calloc(self.s.cap, sizeof(uint64_t))
+        self.s.fresh_cap = 1024
+        self.s.fresh = <uint64_t*>calloc(self.s.fresh_cap, sizeof(uint64_t))
+        # No page number reaches 2**52, so these match nothing at first.
+        self.s.recent0 = <uint64_t>-1
+        self.s.recent1 = <uint64_t>-1
+        if self.s.slots == NULL or self.s.fresh == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.s.slots)
+        free(self.s.fresh)
+
+    def __len__(self):
+        return self.s.used
+
+    def take(self):
+        """Sorted page numbers first touched since the last call."""
+        out = np.empty(self.s.nfresh, dtype=np.uint64)
+        cdef uint64_t[::1] o = out
+        cdef Py_ssize_t i
+        for i in range(self.s.nfresh):
+            o[i] = self.s.fresh[i]
+        self.s.nfresh = 0
+        out.sort()
+        return out
 
 
 cdef inline const uint8_t* _eol(const uint8_t* q) noexcept nogil:
@@ -103,18 +216,37 @@ cdef inline const uint8_t* _eol(const uint8_t* q) noexcept nogil:
     return NULL
 
 
-cdef inline int _record(const uint8_t* q, uint64_t* addr, uint64_t* size,
+cdef inline int _record(const uint8_t* q, const uint8_t* end, uint64_t* addr, uint64_t* size,
                         const uint8_t** nxt) noexcept nogil:
     """Parse ``ADDR,SIZE`` and the line end at ``q``; 0 or a WHY code.
 
     Safe without bounds: every line of the block ends with '\\n', which
-    stops each loop and fails each character test.
+    stops each loop and fails each character test; the eight bytes read at
+    once stay before ``end``, the end of the block.
     """
     cdef const uint8_t* q0 = q
     cdef uint64_t a = 0
     cdef uint64_t s = 0
-    cdef uint8_t h = _HEX[q[0]]
+    cdef uint8_t h
+    cdef uint8_t h0, h1, h2, h3, h4, h5, h6, h7
     cdef unsigned int d
+    # Lackey zero-pads addresses to eight digits: take those without a
+    # branch per digit, then any further digits one at a time.
+    if q + 8 <= end:
+        h0 = _HEX[q[0]]
+        h1 = _HEX[q[1]]
+        h2 = _HEX[q[2]]
+        h3 = _HEX[q[3]]
+        h4 = _HEX[q[4]]
+        h5 = _HEX[q[5]]
+        h6 = _HEX[q[6]]
+        h7 = _HEX[q[7]]
+        if (h0 | h1 | h2 | h3 | h4 | h5 | h6 | h7) < 16:
+            a = ((<uint64_t>h0 << 28) | (<uint64_t>h1 << 24) | (<uint64_t>h2 << 20)
+                 | (<uint64_t>h3 << 16) | (<uint64_t>h4 << 12) | (<uint64_t>h5 << 8)
+                 | (<uint64_t>h6 << 4) | <uint64_t>h7)
+            q += 8
+    h = _HEX[q[0]]
     while h < 16:
         a = (a << 4) | h
         q += 1
@@ -145,9 +277,26 @@ cdef inline int _record(const uint8_t* q, uint64_t* addr, uint64_t* size,
     return 0
 
 
+cdef inline void _put_rec(uint8_t* rec, Py_ssize_t i, uint8_t rtype, uint8_t cpl, uint8_t k,
+                          uint64_t addr, uint64_t size) noexcept nogil:
+    """Record ``i`` of a native RECORD array (pks_emu.trace.format): an access on CPU 0."""
+    cdef uint8_t* r = rec + 24 * i
+    r[0] = rtype
+    r[1] = 0
+    r[2] = k
+    r[3] = 0
+    (<uint16_t*>(r + 4))[0] = <uint16_t>size
+    r[6] = cpl
+    r[7] = 0
+    (<uint64_t*>(r + 8))[0] = addr
+    (<uint64_t*>(r + 16))[0] = 0
+
+
 cdef int _scan(const uint8_t* buf, Py_ssize_t pos, Py_ssize_t limit,
                uint64_t* va, uint16_t* sz, uint8_t* kd, uint64_t* ipo, Py_ssize_t n,
-               Py_ssize_t cap, bint stop_on_bad, scan_out* o) noexcept nogil:
+               Py_ssize_t cap, bint stop_on_bad, scan_out* o,
+               uint8_t* rec=NULL, uint8_t rtype=0, uint8_t cpl=0,
+               page_set* pages=NULL) noexcept nogil:
     cdef const uint8_t* p = buf + pos
     cdef const uint8_t* end = buf + limit
     cdef const uint8_t* q
@@ -215,7 +364,7 @@ cdef int _scan(const uint8_t* buf, Py_ssize_t pos, Py_ssize_t limit,
             why = _WHY_PREFIX
 
         if k >= 0:
-            why = _record(p + 3, &addr, &size, &nxt)
+            why = _record(p + 3, end, &addr, &size, &nxt)
             if why == 0:
                 if n + (2 if k == K_MODIFY else 1) > cap:
                     status = _ST_FULL
@@ -226,7 +375,21 @@ cdef int _scan(const uint8_t* buf, Py_ssize_t pos, Py_ssize_t limit,
                     ipo[n] = cur_ip
                     if k == K_MODIFY:
                         ipo[n + 1] = cur_ip
-                if k == K_MODIFY:
+                if pages != NULL:
+                    if _ps_add(pages, addr >> 12) or _ps_add(pages, (addr + size - 1) >> 12):
+                        status = _ST_NOMEM
+                        break
+                if size > 4096 and o.big < 0:
+                    o.big = n
+                if rec != NULL:
+                    if k == K_MODIFY:
+                        _put_rec(rec, n, rtype, cpl, K_READ, addr, size)
+                        _put_rec(rec, n + 1, rtype, cpl, K_WRITE, addr, size)
+                        n += 2
+                    else:
+                        _put_rec(rec, n, rtype, cpl, <uint8_t>k, addr, size)
+                        n += 1
+                elif k == K_MODIFY:
                     # lackey merges a load and a store to the same location
                     # into one M line; the access order is load, then store.
                     va[n] = addr
@@ -326,7 +489,48 @@ cdef tuple _scan_block(const uint8_t[::1] buf, Py_ssize_t pos, Py_ssize_t limit,
     o.bad_start = 0
     o.bad_end = 0
     o.why = 0
+    o.big = -1
     o.last_ip = last_ip
     with nogil:
         status = _scan(&buf[0], pos, limit, pva, psz, pkd, pip, n, cap, stop_on_bad, &o)
     return (status, o.pos, o.n, o.lines, o.skipped, o.bad, o.bad_start, o.bad_end, o.why, o.last_ip)
+
+
+def scan_block_records(const uint8_t[::1] buf not None, Py_ssize_t pos, Py_ssize_t limit,
+                       uint8_t[::1] rec not None, uint64_t[::1] ip not None, Py_ssize_t n,
+                       bint stop_on_bad, uint64_t last_ip, uint8_t rtype, uint8_t cpl,
+                       PageSet pages not None):
+    """:func:`scan_block_ip` writing native records (24 bytes each, type
+    ``rtype``, CPU 0, CPL ``cpl``) into ``rec`` instead of three arrays, and
+    adding the pages the records touch to ``pages``. Returns the 10 values
+    of :func:`scan_block_ip` and the index of the first record of this call
+    larger than 4096 bytes (-1 if none). Status ``ST_NOMEM``: the page set
+    could not grow.
+    """
+    cdef Py_ssize_t cap = rec.shape[0] // 24
+    cdef scan_out o
+    cdef int status
+    if rec.shape[0] % 24:
+        raise ValueError(f"rec has {rec.shape[0]} bytes: expected a multiple of 24")
+    if ip.shape[0] != cap:
+        raise ValueError(f"ip must have one entry a record, got {ip.shape[0]} for {cap}")
+    if not 0 <= n <= cap:
+        raise ValueError(f"n = {n}: expected 0..{cap}")
+    if not 0 <= pos <= limit <= buf.shape[0]:
+        raise ValueError(f"pos = {pos}, limit = {limit}: expected 0 <= pos <= limit <= {buf.shape[0]}")
+    if pos == limit:
+        return (_ST_DONE, pos, n, 0, 0, 0, 0, 0, 0, last_ip, -1)
+    if buf[limit - 1] != C_NL:
+        raise ValueError("the block must end with a newline")
+    if cap == 0:
+        raise ValueError("rec must hold at least one record")
+    o.bad_start = 0
+    o.bad_end = 0
+    o.why = 0
+    o.big = -1
+    o.last_ip = last_ip
+    with nogil:
+        status = _scan(&buf[0], pos, limit, NULL, NULL, NULL, &ip[0], n, cap, stop_on_bad, &o,
+                       &rec[0], rtype, cpl, &pages.s)
+    return (status, o.pos, o.n, o.lines, o.skipped, o.bad, o.bad_start, o.bad_end, o.why,
+            o.last_ip, o.big)

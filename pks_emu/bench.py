@@ -252,6 +252,68 @@ def bench_lackey(path: str, repeat: int) -> float:
     return -_best(lambda: -once(), repeat)
 
 
+def make_lackey_inputs(src: str, tmp: str, copies: int) -> tuple[str, str, int]:
+    """A plain and an xz lackey trace: ``copies`` times the trace in ``src``
+    (an .xz file). The xz file is the compressed file repeated (xz reads
+    concatenated streams), so no compression time is spent; the plain file
+    is its text. Returns (plain, xz, lines)."""
+    import lzma
+    packed = Path(src).read_bytes()
+    text = lzma.decompress(packed)
+    plain = os.path.join(tmp, "end-to-end.lackey")
+    xz = plain + ".xz"
+    with open(plain, "wb") as f:
+        for _ in range(copies):
+            f.write(text)
+    with open(xz, "wb") as f:
+        for _ in range(copies):
+            f.write(packed)
+    return plain, xz, copies * text.count(b"\n")
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def bench_lackey_end_to_end(plain: str, xz: str, policy: str, lines: int,
+                            repeat: int) -> dict[str, float | None]:
+    """``replay(TRACE, policy=...)`` from the file to the result, plain and
+    xz, and ``xz -dc TRACE.xz > /dev/null`` alone, interleaved in one run
+    (medians of ``repeat``): M lines/s plain and xz, and the xz path's time
+    over ``xz -dc``'s. The page cache holds both files. ``threads``: whether
+    the replays read in threads (decided by the spare CPUs at the start)."""
+    from .trace.replay import _lackey_threads, replay
+    xz_tool = shutil.which("xz")
+    threads = _lackey_threads()
+    t_plain: list[float] = []
+    t_xz: list[float] = []
+    t_dc: list[float] = []
+    faults = None
+    replay(plain, policy=policy)     # warm: the files in the page cache, the imports done
+    for _ in range(repeat):
+        t = time.perf_counter()
+        r = replay(plain, policy=policy)
+        t_plain.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        rx = replay(xz, policy=policy)
+        t_xz.append(time.perf_counter() - t)
+        if faults is None:
+            faults = r.fault_count
+            if rx.fault_count != faults:
+                raise AssertionError(f"xz replay found {rx.fault_count} faults, plain {faults}")
+        if xz_tool:
+            t = time.perf_counter()
+            subprocess.run([xz_tool, "-dc", xz], stdout=subprocess.DEVNULL, check=True)
+            t_dc.append(time.perf_counter() - t)
+    p, x = _median(t_plain), _median(t_xz)
+    dc = _median(t_dc) if t_dc else None
+    return {"plain_mlines_per_s": lines / p / 1e6, "xz_mlines_per_s": lines / x / 1e6,
+            "plain_seconds": p, "xz_seconds": x, "xz_dc_seconds": dc,
+            "xz_over_xz_dc": x / dc if dc else None, "lines": lines, "faults": faults,
+            "threads": threads}
+
+
 TARGETS = {
     "access_single_ns": ("cpu.access() on a TLB hit", "ns/call", 150, "max"),
     "batch_hit": ("access_batch, TLB hits, 64 pages (out= reused)", "M acc/s", 100, "min"),
@@ -263,6 +325,8 @@ TARGETS = {
     "replay_hit": ("replay, TLB-resident, 1 WRMSR per 100 accesses", "M acc/s", 100, "min"),
     "replay_miss": ("replay, tlb-miss-scan (4-level walks)", "M acc/s", 20, "min"),
     "lackey_import": ("lackey import, uncompressed", "M lines/s", 5, "min"),
+    "lackey_end_to_end": ("lackey replay end to end (file to result), uncompressed", "M lines/s",
+                          20, "min"),
 }
 
 

@@ -35,6 +35,12 @@ module reads the file in 16 MiB blocks and carries the partial last line of
 each block over to the next. :func:`iter_lackey` therefore holds one block,
 one chunk's arrays (19 bytes a record) and the decompressor's own state (an
 ``xz -9`` stream needs its 64 MiB dictionary), whatever the file's size.
+
+The replay reads with :func:`iter_records`: native records (32 bytes a
+record with the instruction pointer) and the pages first touched, found by
+the scanner. Its threaded form adds at most 8 MiB of decompressed data
+ahead and two more chunks (one queued, one being filled), so it too is
+bounded whatever the file's size.
 """
 from __future__ import annotations
 
@@ -44,13 +50,15 @@ import gzip
 import io
 import lzma
 import os
+import queue
 import re
+import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import numpy as np
 
-from ._lackey import ST_BAD, ST_DONE, ST_FULL, scan_block_ip
+from ._lackey import ST_BAD, ST_DONE, ST_FULL, ST_NOMEM, PageSet, scan_block_ip, scan_block_records
 from .errors import TraceFormatError
 
 __all__ = ["LackeyTrace", "iter_lackey", "line_of_record", "parse_lackey", "MAX_BAD_EXAMPLES"]
@@ -59,6 +67,7 @@ __all__ = ["LackeyTrace", "iter_lackey", "line_of_record", "parse_lackey", "MAX_
 MAX_BAD_EXAMPLES = 20
 
 _BLOCK = 16 << 20
+_PIECE = 256 << 10
 _MAX_LINE = 64 << 10
 _TEXT_MAX = 80
 _EXPECTED = "expected 'I  ADDR,SIZE' or ' L|S|M ADDR,SIZE'"
@@ -269,7 +278,10 @@ class _Reader:
             except OSError as e:
                 raise _with_path(e, self.fspath) from None
         try:
-            n = self.stream.readinto(mv)
+            # Small pieces: the decompressor's output then stays in the CPU's
+            # caches through the copies (from liblzma, through the Python
+            # reader, into the block); 16 MiB at once costs a fifth more.
+            n = self.stream.readinto(mv[:_PIECE])
         except (EOFError, OSError, lzma.LZMAError, zlib.error) as e:
             # The stream's own position counts the bytes decompressed before
             # the error, including those of this (failed) call.
@@ -290,12 +302,187 @@ class _Reader:
         self.decompressed += n
         return n
 
+    def close(self) -> None:
+        pass
+
+
+class _Prefetch:
+    """Reads a :class:`_Reader` ahead in a thread, a bounded queue of blocks
+    between them: the decompressors (zlib, lzma, bz2) release the GIL, so
+    decompression runs on one core while the scan and the replay use another.
+    Errors (with the decompressed byte count of the reader) are raised by
+    :meth:`readinto` in the order the data would have come."""
+
+    def __init__(self, reader: _Reader, block: int = _PIECE, depth: int = 32) -> None:
+        self.reader = reader
+        self.block = block
+        self.q: queue.Queue = queue.Queue(depth)
+        # Blocks the consumer has copied out, for the worker to fill again.
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        self.held: bytearray | None = None
+        self.stop = threading.Event()
+        self.cur = memoryview(b"")
+        self.done = False
+        self.thread = threading.Thread(target=self._work, name="pks-emu decompress", daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        # A timeout, so that close() is noticed while the queue is full.
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self) -> None:
+        try:
+            while not self.stop.is_set():
+                try:
+                    buf = self.free.get_nowait()
+                except queue.Empty:
+                    buf = bytearray(self.block)
+                n = self.reader.readinto(memoryview(buf))
+                if not n:
+                    self._put(None)
+                    return
+                if not self._put((buf, n)):
+                    return
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put(e)
+
+    def readinto(self, mv: memoryview) -> int:
+        while not len(self.cur):
+            if self.held is not None:
+                self.free.put(self.held)
+                self.held = None
+            if self.done:
+                return 0
+            item = self.q.get()
+            if item is None:
+                self.done = True
+                return 0
+            if isinstance(item, BaseException):
+                self.done = True
+                raise item
+            self.held, got = item
+            self.cur = memoryview(self.held)[:got]
+        n = min(len(mv), len(self.cur))
+        mv[:n] = self.cur[:n]
+        self.cur = self.cur[n:]
+        return n
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+class RecordChunk:
+    """A chunk of :func:`iter_records`: native access records ready to
+    replay, the ``ip`` of each, and ``pages``, the page numbers (va >> 12,
+    sorted) that these records touch for the first time in the trace.
+    ``big`` is the index of the first record larger than 4096 bytes, or -1.
+    The counters are those of :class:`LackeyTrace` chunks."""
+
+    __slots__ = ("records", "ip", "pages", "big", "lines", "skipped_lines", "bad_lines",
+                 "bad_examples", "start", "first_line")
+
+    def __init__(self, records, ip, pages, big, lines, skipped_lines, bad_lines, bad_examples,
+                 start, first_line) -> None:
+        self.records = records
+        self.ip = ip
+        self.pages = pages
+        self.big = big
+        self.lines = lines
+        self.skipped_lines = skipped_lines
+        self.bad_lines = bad_lines
+        self.bad_examples = bad_examples
+        self.start = start
+        self.first_line = first_line
+
+    def __len__(self) -> int:
+        return int(self.records.shape[0])
+
+
+def iter_records(path, *, chunk_records: int = 1 << 19, skip_bad: bool = False,
+                 threads: bool = True, reuse: bool = False) -> Iterator[RecordChunk]:
+    """The replay's reader: :func:`iter_lackey` scanning straight into
+    native records (pks_emu.trace.format.RECORD) and finding the pages
+    first touched on the way. With ``threads``, compressed input is
+    decompressed in one thread and the lines are scanned in another, each
+    a bounded queue ahead of the consumer, so that decompression, scanning
+    and the replay overlap; the chunks, counters and errors are those of
+    the plain reading. ``reuse``: the chunks' arrays are recycled, so each
+    chunk is valid only until the next one is asked for (fresh arrays cost
+    the kernel a page fault and a page clearing every 4 KiB)."""
+    if (isinstance(chunk_records, bool) or not isinstance(chunk_records, int)
+            or not 2 <= chunk_records <= 1 << 40):
+        raise ValueError(f"chunk_records = {chunk_records!r}: expected an int from 2 "
+                         "(an M line is two records) to 2**40")
+    # Threaded: one chunk with the consumer, _AHEAD in the queue, one being filled.
+    ring = (_AHEAD + 2 if threads else 1) if reuse else 0
+    gen = _read(path, chunk_records=chunk_records, skip_bad=skip_bad, records=True,
+                prefetch=threads, ring=ring)
+    return _ahead(gen) if threads else gen
+
+
+_AHEAD = 1
+
+
+def _ahead(gen: Generator, depth: int = _AHEAD) -> Iterator:
+    """``gen`` run in a thread, at most ``depth`` items ahead of the consumer
+    (each item is a chunk's arrays: this bounds the memory)."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in gen:
+                if not put((0, item)):
+                    break
+            else:
+                put((1, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            put((2, e))
+        finally:
+            gen.close()
+
+    t = threading.Thread(target=work, name="pks-emu lackey scan", daemon=True)
+    t.start()
+    try:
+        while True:
+            what, item = q.get()
+            if what == 0:
+                yield item
+            elif what == 1:
+                return
+            else:
+                raise item
+    finally:
+        stop.set()
+        t.join()
+
 
 def _read(path: str | os.PathLike[str], *, chunk_records: int | None, skip_bad: bool,
-          block_size: int = _BLOCK, max_line: int = _MAX_LINE) -> Iterator[LackeyTrace]:
-    """The reader behind both entry points.
+          block_size: int = _BLOCK, max_line: int = _MAX_LINE, records: bool = False,
+          prefetch: bool = False, ring: int = 0) -> Generator:
+    """The reader behind the entry points.
 
     ``chunk_records=None``: one trace, the arrays growing geometrically.
+    ``records``: :class:`RecordChunk` items instead of :class:`LackeyTrace`
+    (``chunk_records`` required); ``prefetch``: decompress in a thread;
+    ``ring``: records mode, cycle through that many sets of arrays (0: new
+    arrays for each chunk).
     ``block_size``/``max_line`` are parameters only so that the tests can put
     block boundaries everywhere.
     """
@@ -308,135 +495,184 @@ def _read(path: str | os.PathLike[str], *, chunk_records: int | None, skip_bad: 
         raw, stream, compression = _open(fspath)
     with raw, stream:
         reader = _Reader(fspath, stream, compression)
-        grow = chunk_records is None
-        if grow:
-            # A guess from the file size (about 14 bytes a line) saves most
-            # regrowths; the untouched tail of an overestimate costs no memory.
-            cap = (max(1024, os.fstat(raw.fileno()).st_size // 12)
-                   if compression == "none" and not hasattr(path, "peek") else 1 << 16)
-        else:
-            assert chunk_records is not None
-            cap = chunk_records
+        if prefetch and compression != "none":
+            reader = _Prefetch(reader)  # type: ignore[assignment]
+        try:
+            yield from _blocks(reader, path, raw, fspath, compression, chunk_records, skip_bad,
+                               block_size, max_line, records, ring)
+        finally:
+            reader.close()
+
+
+def _blocks(reader, path, raw, fspath: str, compression: str, chunk_records: int | None,
+            skip_bad: bool, block_size: int, max_line: int, records: bool,
+            ring: int = 0) -> Iterator:
+    grow = chunk_records is None
+    if grow:
+        # A guess from the file size (about 14 bytes a line) saves most
+        # regrowths; the untouched tail of an overestimate costs no memory.
+        cap = (max(1024, os.fstat(raw.fileno()).st_size // 12)
+               if compression == "none" and not hasattr(path, "peek") else 1 << 16)
+    else:
+        assert chunk_records is not None
+        cap = chunk_records
+    if records:
+        from .trace.format import KEEP_CPL, RECORD, RecordType
+        assert not grow
+        pages = PageSet()
+        rings = [(np.empty(cap, dtype=RECORD), np.empty(cap, dtype=np.uint64))
+                 for _ in range(max(ring, 1))]
+        rec, ip = rings[0]
+        used = 1
+        # The arrays of the other mode, empty: chunk() and the scan call name them.
+        va = np.empty(0, dtype=np.uint64)
+        size = np.empty(0, dtype=np.uint16)
+        kind = np.empty(0, dtype=np.uint8)
+        big = -1
+    else:
         va = np.empty(cap, dtype=np.uint64)
         size = np.empty(cap, dtype=np.uint16)
         kind = np.empty(cap, dtype=np.uint8)
         ip = np.empty(cap, dtype=np.uint64)
-        last_ip = 0        # address of the latest I line, carried across blocks
-        n = 0
-        start = 0          # records of the chunks already yielded
-        first_line = 0     # lines of the chunks already yielded
-        lines = skipped = bad = 0   # this chunk's counters
-        examples: list[tuple[int, str]] = []
-        n_examples = 0     # over the whole file
+    last_ip = 0        # address of the latest I line, carried across blocks
+    n = 0
+    start = 0          # records of the chunks already yielded
+    first_line = 0     # lines of the chunks already yielded
+    lines = skipped = bad = 0   # this chunk's counters
+    examples: list[tuple[int, str]] = []
+    n_examples = 0     # over the whole file
 
-        # One byte past the data is kept free for a missing final newline.
-        buf = bytearray(block_size + max_line + 1)
-        mv = memoryview(buf)
-        have = 0
-        eof = False
-        discarding = False   # inside an over-long line, dropping up to its newline
-        target = block_size
+    # One byte past the data is kept free for a missing final newline.
+    buf = bytearray(block_size + max_line + 1)
+    mv = memoryview(buf)
+    have = 0
+    eof = False
+    discarding = False   # inside an over-long line, dropping up to its newline
+    target = block_size
 
-        def bad_line(text: bytes, why: int) -> None:
-            nonlocal n_examples
-            lineno = first_line + lines
-            if not skip_bad:
-                err = TraceFormatError(f"{fspath}:{lineno}: bad record {_text(text)!r}: "
-                                       f"{_EXPECTED} ({_WHY[why]})")
-                err.path = fspath  # type: ignore[attr-defined]
-                err.line_number = lineno  # type: ignore[attr-defined]
-                err.text = text  # type: ignore[attr-defined]
-                raise err
-            if n_examples < MAX_BAD_EXAMPLES:
-                examples.append((lineno, _text(text)))
-                n_examples += 1
+    def bad_line(text: bytes, why: int) -> None:
+        nonlocal n_examples
+        lineno = first_line + lines
+        if not skip_bad:
+            err = TraceFormatError(f"{fspath}:{lineno}: bad record {_text(text)!r}: "
+                                   f"{_EXPECTED} ({_WHY[why]})")
+            err.path = fspath  # type: ignore[attr-defined]
+            err.line_number = lineno  # type: ignore[attr-defined]
+            err.text = text  # type: ignore[attr-defined]
+            raise err
+        if n_examples < MAX_BAD_EXAMPLES:
+            examples.append((lineno, _text(text)))
+            n_examples += 1
 
-        def chunk() -> LackeyTrace:
-            for a in (va, size, kind, ip):
-                a.resize(n, refcheck=False)
-            return LackeyTrace(va, size, kind, lines=lines, skipped_lines=skipped, bad_lines=bad,
-                               bad_examples=examples, path=fspath, compression=compression,
-                               start=start, first_line=first_line, ip=ip)
+    def chunk():
+        if records:
+            return RecordChunk(rec[:n], ip[:n], pages.take(), big, lines, skipped, bad,
+                               examples, start, first_line)
+        for a in (va, size, kind, ip):
+            a.resize(n, refcheck=False)
+        return LackeyTrace(va, size, kind, lines=lines, skipped_lines=skipped, bad_lines=bad,
+                           bad_examples=examples, path=fspath, compression=compression,
+                           start=start, first_line=first_line, ip=ip)
 
-        while True:
-            while not eof and have < target:
-                got = reader.readinto(mv[have:len(buf) - 1])
-                if not got:
-                    eof = True
-                else:
-                    have += got
-            target = block_size
-            if discarding:
-                nl = buf.find(b"\n", 0, have)
-                if nl < 0:
-                    have = 0
-                    if eof:
-                        break
-                    continue
-                rest = have - (nl + 1)
-                buf[0:rest] = buf[nl + 1:have]
-                have = rest
-                discarding = False
-                continue
-            if eof:
-                if have and buf[have - 1] != 0x0A:
-                    buf[have] = 0x0A
-                    have += 1
-                limit = have
+    while True:
+        while not eof and have < target:
+            got = reader.readinto(mv[have:len(buf) - 1])
+            if not got:
+                eof = True
             else:
-                limit = buf.rfind(b"\n", 0, have) + 1
-            pos = 0
-            while True:
+                have += got
+        target = block_size
+        if discarding:
+            nl = buf.find(b"\n", 0, have)
+            if nl < 0:
+                have = 0
+                if eof:
+                    break
+                continue
+            rest = have - (nl + 1)
+            buf[0:rest] = buf[nl + 1:have]
+            have = rest
+            discarding = False
+            continue
+        if eof:
+            if have and buf[have - 1] != 0x0A:
+                buf[have] = 0x0A
+                have += 1
+            limit = have
+        else:
+            limit = buf.rfind(b"\n", 0, have) + 1
+        pos = 0
+        while True:
+            if records:
+                status, pos, n0, dl, ds, db, bs, be, why, last_ip, b = scan_block_records(
+                    buf, pos, limit, rec.view(np.uint8), ip, n,
+                    not skip_bad or n_examples < MAX_BAD_EXAMPLES, last_ip,
+                    RecordType.ACCESS, KEEP_CPL, pages)
+                if big < 0 <= b:
+                    big = b
+                n = n0
+            else:
                 status, pos, n, dl, ds, db, bs, be, why, last_ip = scan_block_ip(
                     buf, pos, limit, va, size, kind, ip, n,
                     not skip_bad or n_examples < MAX_BAD_EXAMPLES, last_ip)
-                lines += dl
-                skipped += ds
-                bad += db
-                if status == ST_DONE:
-                    break
-                if status == ST_BAD:
-                    text = bytes(buf[bs:be])
-                    bad_line(text[:-1] if text.endswith(b"\r") else text, why)
-                elif status == ST_FULL:
-                    if grow:
-                        cap = max(2 * cap, 1024)
-                        for a in (va, size, kind, ip):
-                            a.resize(cap, refcheck=False)
+            lines += dl
+            skipped += ds
+            bad += db
+            if status == ST_DONE:
+                break
+            if status == ST_BAD:
+                text = bytes(buf[bs:be])
+                bad_line(text[:-1] if text.endswith(b"\r") else text, why)
+            elif status == ST_FULL:
+                if grow:
+                    cap = max(2 * cap, 1024)
+                    for a in (va, size, kind, ip):
+                        a.resize(cap, refcheck=False)
+                else:
+                    assert chunk_records is not None
+                    yield chunk()
+                    start += n
+                    first_line += lines
+                    if records:
+                        if ring:
+                            rec, ip = rings[used % ring]
+                            used += 1
+                        else:
+                            rec = np.empty(chunk_records, dtype=RECORD)
+                            ip = np.empty(chunk_records, dtype=np.uint64)
+                        big = -1
                     else:
-                        assert chunk_records is not None
-                        yield chunk()
-                        start += n
-                        first_line += lines
                         va = np.empty(chunk_records, dtype=np.uint64)
                         size = np.empty(chunk_records, dtype=np.uint16)
                         kind = np.empty(chunk_records, dtype=np.uint8)
                         ip = np.empty(chunk_records, dtype=np.uint64)
-                        n = 0
-                        lines = skipped = bad = 0
-                        examples = []
-                else:  # pragma: no cover - the scanner has no other status
-                    raise AssertionError(f"scan_block status {status}")
-            if eof:
-                break
-            rest = have - limit
-            if rest > max_line:
-                # No record is this long; it is a valgrind message or garbage.
-                lines += 1
-                if buf[limit:limit + 2] == b"==":
-                    skipped += 1
-                else:
-                    bad += 1
-                    # Enough bytes for _text() to show the same prefix as for a short line.
-                    bad_line(bytes(buf[limit:limit + 4 * _TEXT_MAX + 4]), 8)
-                discarding = True
-                have = 0
-                continue
-            buf[0:rest] = buf[limit:have]
-            have = rest
-            # The carried partial line needs at least one more read.
-            target = max(block_size, have + 1)
+                    n = 0
+                    lines = skipped = bad = 0
+                    examples = []
+            elif status == ST_NOMEM:
+                raise MemoryError(f"{fspath}: out of memory for the set of touched pages")
+            else:  # pragma: no cover - the scanner has no other status
+                raise AssertionError(f"scan_block status {status}")
+        if eof:
+            break
+        rest = have - limit
+        if rest > max_line:
+            # No record is this long; it is a valgrind message or garbage.
+            lines += 1
+            if buf[limit:limit + 2] == b"==":
+                skipped += 1
+            else:
+                bad += 1
+                # Enough bytes for _text() to show the same prefix as for a short line.
+                bad_line(bytes(buf[limit:limit + 4 * _TEXT_MAX + 4]), 8)
+            discarding = True
+            have = 0
+            continue
+        buf[0:rest] = buf[limit:have]
+        have = rest
+        # The carried partial line needs at least one more read.
+        target = max(block_size, have + 1)
 
-        if grow or n or lines:
-            yield chunk()
+    if grow or n or lines:
+        yield chunk()
 

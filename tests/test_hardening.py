@@ -429,7 +429,7 @@ def test_lackey_replay_interrupted_leaves_no_temporary(tmp_path, capsys, monkeyp
     def interrupted(*a, **k):
         raise KeyboardInterrupt
     # The lackey replay maps each chunk's pages as it goes: interrupt it there.
-    monkeypatch.setattr(pol.PolicyMapper, "map_pages", interrupted)
+    monkeypatch.setattr(pol.PolicyMapper, "map_new_pages", interrupted)
     code, _, err = run(capsys, "replay", lk)
     assert code == 130
     one_error_line(err, "interrupted")

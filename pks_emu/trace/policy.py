@@ -244,13 +244,29 @@ class PolicyMapper:
         self.bits = 57 if policy.paging_levels == 5 else 48
         self.next_pa = DATA_BASE
         self.mapped = np.empty(0, dtype=np.uint64)
+        # Pages given to map_new_pages, merged into ``mapped`` when map_pages needs it.
+        self._new: list[np.ndarray] = []
         self.stats = {"pages_mapped": 0, "pages_unmapped": 0}
 
     def map_pages(self, pages: np.ndarray) -> None:
+        if self._new:
+            self.mapped = np.union1d(self.mapped, np.concatenate(self._new))
+            self._new = []
         pages = np.setdiff1d(np.asarray(pages, dtype=np.uint64), self.mapped, assume_unique=False)
         if not len(pages):
             return
         self.mapped = np.union1d(self.mapped, pages)
+        self._map(pages)
+
+    def map_new_pages(self, pages: np.ndarray) -> None:
+        """:meth:`map_pages` for sorted pages known to be new (the scanner's
+        page set finds them): no set operations, which would cost more than
+        the mapping (np.unique also imports numpy.ma, 50 ms of start-up)."""
+        if len(pages):
+            self._new.append(pages)
+            self._map(pages)
+
+    def _map(self, pages: np.ndarray) -> None:
         policy, stats = self.policy, self.stats
         # Group runs of consecutive pages under the same rule: map_range fills
         # whole page-table pages at once.

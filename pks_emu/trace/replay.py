@@ -17,7 +17,7 @@ from .._core import FAULT_DTYPE_FIELDS, REPLAY_STATUS, ReplayEngine, load_cpu_st
 from ..constants import PKS_INIT_VALUE, pf_error_code_str
 from ..errors import PksEmuError, TraceFormatError
 from ..machine import Machine
-from .format import (API_CODES, FRAME_ENTRY_SIZE, FRAME_SIZE, KEEP_CPL, MAGIC, MAX_TASKS_LIMIT,
+from .format import (API_CODES, FRAME_ENTRY_SIZE, FRAME_SIZE, MAGIC, MAX_TASKS_LIMIT,
                      RECORD, RECORD_PROBLEMS, RECORD_SIZE, RecordType, TraceHeader, api_name,
                      read_header)
 
@@ -463,9 +463,32 @@ def _replay_v2(run: _Run, name: str, stream, policy, compat, api, kallsyms) -> R
     return result
 
 
+#: Lackey input decompressed and scanned in threads ahead of the replay:
+#: True, False, or None to decide for each replay (:func:`_lackey_threads`).
+LACKEY_THREADS: bool | None = None
+
+
+def _lackey_threads() -> bool:
+    """Threads pay only with a CPU to spare: with one CPU, or with the others
+    busy (the 1-minute load average within half a CPU of the CPU count), the
+    stages only take turns and the hand-offs cost 10-20 %."""
+    if LACKEY_THREADS is not None:
+        return LACKEY_THREADS
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    if cpus < 2:
+        return False
+    try:
+        return os.getloadavg()[0] < cpus - 0.5
+    except OSError:  # pragma: no cover - no load average
+        return True
+
+
 def _replay_lackey(run: _Run, name: str, stream, policy, compat, api, skip_bad) -> ReplayResult:
-    from ..lackey import iter_lackey
-    from .policy import Policy, load_policy, policy_machine, touched
+    from ..lackey import iter_records
+    from .policy import Policy, load_policy, policy_machine
     if not isinstance(policy, Policy):
         policy = load_policy(policy)
     m, mapper = policy_machine(policy, compat=compat or "sdm")
@@ -473,41 +496,39 @@ def _replay_lackey(run: _Run, name: str, stream, policy, compat, api, skip_bad) 
                          maxphyaddr=m.maxphyaddr, features=frozenset(m.features),
                          api=api or "v10")
     engine = run.engine(m, header, header.api)
-    recs = np.zeros(1 << 20, dtype=RECORD)
-    recs["type"] = RecordType.ACCESS
-    recs["cpl"] = KEEP_CPL
     status = REPLAY_STATUS["done"]
     stats: dict[str, Any] = {"lines": 0, "skipped_lines": 0, "bad_lines": 0, "bad_examples": []}
     start = time.perf_counter()
     done = 0
-    for chunk in iter_lackey(stream, chunk_records=1 << 20, skip_bad=skip_bad):
-        n = len(chunk)
-        stats["lines"] += chunk.lines
-        stats["skipped_lines"] += chunk.skipped_lines
-        stats["bad_lines"] += chunk.bad_lines
-        if len(stats["bad_examples"]) < 20:
-            stats["bad_examples"] += chunk.bad_examples[:20 - len(stats["bad_examples"])]
-        if not n:
-            continue
-        if int(chunk.size.max()) > 4096:
-            i = int(np.argmax(chunk.size > 4096))
-            where = f"{name}: record {done + i}"
-            if os.path.isfile(name):
-                from .convert import line_of_record
-                line, text = line_of_record(name, done + i, skip_bad=skip_bad)
-                where = f"{name}:{line}: {text!r} (record {done + i})"
-            raise TraceFormatError(f"{where}: access size {int(chunk.size[i])}: expected 1..4096 "
-                                   "(the largest access a native trace records)")
-        mapper.map_pages(touched(chunk.va, chunk.size))
-        r = recs[:n]
-        r["op"] = chunk.kind
-        r["size"] = chunk.size
-        r["addr"] = chunk.va
-        status = _run_chunk(run, name, engine, header, r, done, chunk.ip, None)
-        done = done + n if status != REPLAY_STATUS["stopped"] else engine.records_done
-        run.after_chunk(engine, done, None)
-        if status == REPLAY_STATUS["stopped"]:
-            break
+    chunks = iter_records(stream, skip_bad=skip_bad, threads=_lackey_threads(), reuse=True)
+    try:
+        for chunk in chunks:
+            n = len(chunk)
+            stats["lines"] += chunk.lines
+            stats["skipped_lines"] += chunk.skipped_lines
+            stats["bad_lines"] += chunk.bad_lines
+            if len(stats["bad_examples"]) < 20:
+                stats["bad_examples"] += chunk.bad_examples[:20 - len(stats["bad_examples"])]
+            if not n:
+                continue
+            if chunk.big >= 0:
+                i = chunk.big
+                where = f"{name}: record {done + i}"
+                if os.path.isfile(name):
+                    from .convert import line_of_record
+                    line, text = line_of_record(name, done + i, skip_bad=skip_bad)
+                    where = f"{name}:{line}: {text!r} (record {done + i})"
+                raise TraceFormatError(f"{where}: access size {int(chunk.records['size'][i])}: "
+                                       "expected 1..4096 (the largest access a native trace records)")
+            mapper.map_new_pages(chunk.pages)
+            status = _run_chunk(run, name, engine, header, chunk.records, done, chunk.ip, None)
+            done = done + n if status != REPLAY_STATUS["stopped"] else engine.records_done
+            run.after_chunk(engine, done, None)
+            if status == REPLAY_STATUS["stopped"]:
+                break
+    finally:
+        # Stops the reading threads before the caller closes the stream.
+        chunks.close()  # type: ignore[attr-defined]
     if done == 0 and status != REPLAY_STATUS["stopped"]:
         raise TraceFormatError(f"{name}: no records in {stats['lines']} lines: expected lackey "
                                "'I  ADDR,SIZE' or ' L|S|M ADDR,SIZE' lines")
