@@ -233,8 +233,13 @@ ctypedef struct pks_cpu_t:
     uint8_t perm[384]
     uint8_t perm_fast[512]
     # deny[sel]: bit k = key k is denied by that mask (recomputed on WRMSR
-    # IA32_PKRS and WRPKRU: four lookups in a table by register byte).
+    # IA32_PKRS and WRPKRU, through a two-entry cache of recent values).
     uint16_t deny[8]
+    # (PKRS, PKRU): the last values the masks were built for. All zero at
+    # first, which is right: the masks of the value 0 are 0.
+    uint32_t deny_key[2][2]
+    uint32_t deny_val[2][2]     # their AD | AD-or-WD << 16 masks
+    uint32_t deny_next[2]
     uint64_t rsvd_table[6]      # reserved bits of a non-leaf entry by level
     uint64_t rsvd_large[4]      # reserved bits of a PS=1 entry at level 2 / 3
     uint64_t derived_cr0, derived_cr4, derived_efer   # the values perm was built from

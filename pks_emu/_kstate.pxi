@@ -64,6 +64,11 @@ KSTATE_COUNTERS = ("pkrs_writes", "pkrs_writes_avoided", "context_switches", "ex
 KAPI_CODES = {"v6": KAPI_V6, "v7": KAPI_V7, "v10": KAPI_V10}
 
 
+cimport cython
+
+# Final: the replay loop calls its operations directly (no vtable), and the
+# C compiler may inline the small ones.
+@cython.final
 cdef class KernelState:
     """The PKS state of an emulated kernel, shared by the Python model and
     the replay loop (see the comment at the top of _kstate.pxi).

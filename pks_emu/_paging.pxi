@@ -342,8 +342,7 @@ cdef inline uint32_t _even_bits(uint32_t x) noexcept nogil:
 # _DENY_BYTE[b]: the deny bits of the four keys whose fields make up byte
 # ``b`` of a key register (SDM §4.6.2: bit 2k is AD, bit 2k+1 WD): AD of
 # those keys in bits 3:0, AD-or-WD in bits 19:16. A register's two masks
-# are then four lookups, whatever its value (kernels write many values:
-# per task, per exception frame, per consumer update).
+# are then four lookups, whatever its value.
 cdef uint32_t _DENY_BYTE[256]
 
 
@@ -369,9 +368,27 @@ cdef inline uint32_t _deny_pair(uint32_t x) noexcept nogil:
             | (_DENY_BYTE[(x >> 16) & 255] << 8) | (_DENY_BYTE[x >> 24] << 12))
 
 
-cdef inline void _set_deny(pks_cpu_t *c, int reg, uint32_t x) noexcept nogil:
-    """The two deny masks of a key register (reg 0 = PKRS, 1 = PKRU)."""
+cdef uint32_t _deny_fill(pks_cpu_t *c, int reg, uint32_t x) noexcept nogil:
     cdef uint32_t v = _deny_pair(x)
+    cdef uint32_t slot = c.deny_next[reg]
+    c.deny_next[reg] = slot ^ 1
+    c.deny_key[reg][slot] = x
+    c.deny_val[reg][slot] = v
+    return v
+
+
+cdef inline void _set_deny(pks_cpu_t *c, int reg, uint32_t x) noexcept nogil:
+    """The two deny masks of a key register (reg 0 = PKRS, 1 = PKRU). Kernels
+    switch a CPU's PKRS between a few values (the task's, the default in a
+    handler), so two recent values are kept: then a write costs a compare
+    and a load; any other value four table lookups (out of line)."""
+    cdef uint32_t v
+    if c.deny_key[reg][0] == x:
+        v = c.deny_val[reg][0]
+    elif c.deny_key[reg][1] == x:
+        v = c.deny_val[reg][1]
+    else:
+        v = _deny_fill(c, reg, x)
     memcpy(&c.deny[1 + 2 * reg], &v, 4)     # deny[1 + 2reg] = AD, deny[2 + 2reg] = AD or WD
 
 

@@ -353,161 +353,50 @@ cdef class ReplayEngine:
 
     cdef int _step(self, const pks_record_t *r, uint64_t i, uint64_t first,
                    const uint64_t *ipp, const uint64_t *pap) noexcept nogil:
-        """Record ``i`` of a chunk (global index ``first + i``) through the
-        full path: validated, executed, its fault logged. _GO_ON, or the
+        """Access record ``i`` of a chunk (global index ``first + i``) through
+        the full path: validated, executed, its fault logged. _GO_ON, or the
         status that ends the run."""
-        cdef uint64_t pa = 0, v = 0, ipv = 0, rfl = 0
+        cdef uint64_t pa = 0, ipv = 0, rfl = 0
         cdef int32_t w
         cdef bint windows = self.mapper is not None and self.mapper.n_windows > 0
         cdef pks_cpu_t *c
         cdef int32_t res
         cdef int cpu, why
-        cdef uint32_t cpl_before, depth
         cpu = r.cpu
         why = record_problem(r, self.ncpus, self.max_tasks, self.api)
         if why != BAD_NONE:
             return self._invalid(first + i, why)
         c = self.cpus[cpu]
-        if r.type == REC_ACCESS:
-            if r.cpl != 0xFF:
-                c.cpl = r.cpl
-            if ipp != NULL:
-                ipv = ipp[i]
-                if windows and ipv != 0:
-                    w = self.mapper.window_at(cpu, ipv)
-                    if w != self.mapper.open_w[cpu]:
-                        res = self.mapper.switch_window(self.kernel, cpu, w)
-                        if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
-                            return REPLAY_OUT_OF_MEMORY
-            if r.flags & 2:
-                # Kernel code between stac and clac (a capture's FLAG_AC).
-                rfl = c.rflags
-                c.rflags = rfl | PKS_RFLAGS_AC
-            res = _access(c, r.addr, r.op, r.size, (r.flags & 1) != 0, &pa)
-            if self.mapper is not None:
-                res = self._demand(c, r, res, pa, pap[i] if pap != NULL else _PA_UNKNOWN)
-                if res == PKS_UD:
-                    self.error_record = first + i
-                    return REPLAY_OUT_OF_MEMORY
-            if r.flags & 2:
-                c.rflags = rfl
-            if res == PKS_OK:
-                return _GO_ON
-            if res == PKS_GP:
-                if self._log_fault(first + i, cpu, 13, 0, r.addr, -1, r.op, ipv) != 0:
-                    return REPLAY_OUT_OF_MEMORY
-            elif self._log_fault(first + i, cpu, 14, res, c.last_fault_va, c.last_pkey, r.op,
-                                 ipv) != 0:
-                return REPLAY_OUT_OF_MEMORY
-            if self.max_faults and self.total_faults >= self.max_faults:
-                self.records_done = first + i + 1
-                return REPLAY_STOPPED
-            return _GO_ON
-        ipv = ipp[i] if ipp != NULL else 0
-        self.rec_counts[r.type] += 1
-        res = PKS_OK
-        if r.type == REC_WRMSR:
-            res = pks_wrmsr(c, <uint32_t>r.addr, r.value)
-            if res == PKS_OK:
-                if r.addr == PKS_MSR_IA32_PKRS:
-                    # A PKRS write is the consumer's pks_write_pkrs: the
-                    # running task's value and the cache follow it.
-                    self.kernel.msr_written(cpu, r.value)
-                return _GO_ON
-            if self._insn_fault(first + i, cpu, res, r.addr, ipv) != 0:
-                return REPLAY_OUT_OF_MEMORY
-        elif r.type == REC_RDMSR:
-            res = pks_rdmsr(c, <uint32_t>r.addr, &v)
-            if res == PKS_OK:
-                return _GO_ON
-            if self._insn_fault(first + i, cpu, res, r.addr, ipv) != 0:
-                return REPLAY_OUT_OF_MEMORY
-        elif r.type == REC_WRPKRU:
-            res = pks_wrpkru(c, <uint32_t>r.value, <uint32_t>r.addr, <uint32_t>(r.addr >> 32))
-            if res == PKS_OK:
-                return _GO_ON
-            if self._insn_fault(first + i, cpu, res, 0, ipv) != 0:
-                return REPLAY_OUT_OF_MEMORY
-        elif r.type == REC_MOV_CR:
-            if r.op == 0:
-                res = pks_write_cr0(c, r.value)
-            elif r.op == 3:
-                res = pks_write_cr3(c, r.value)
-            else:
-                res = pks_write_cr4(c, r.value)
-            if res == PKS_OK:
-                return _GO_ON
-            if self._insn_fault(first + i, cpu, res, r.value, ipv) != 0:
-                return REPLAY_OUT_OF_MEMORY
-        elif r.type == REC_INVLPG:
-            pks_invlpg(c, r.addr)
-            return _GO_ON
-        elif r.type == REC_PTE_WRITE:
-            if pks_mem_write_u64(c.mem, r.addr, r.value) != 0:
+        if r.cpl != 0xFF:
+            c.cpl = r.cpl
+        if ipp != NULL:
+            ipv = ipp[i]
+            if windows and ipv != 0:
+                w = self.mapper.window_at(cpu, ipv)
+                if w != self.mapper.open_w[cpu]:
+                    res = self.mapper.switch_window(self.kernel, cpu, w)
+                    if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
+                        return REPLAY_OUT_OF_MEMORY
+        if r.flags & 2:
+            # Kernel code between stac and clac (a capture's FLAG_AC).
+            rfl = c.rflags
+            c.rflags = rfl | PKS_RFLAGS_AC
+        res = _access(c, r.addr, r.op, r.size, (r.flags & 1) != 0, &pa)
+        if self.mapper is not None:
+            res = self._demand(c, r, res, pa, pap[i] if pap != NULL else _PA_UNKNOWN)
+            if res == PKS_UD:
                 self.error_record = first + i
                 return REPLAY_OUT_OF_MEMORY
-            return _GO_ON
-        elif r.type == REC_CONTEXT_SWITCH:
-            if r.addr != 0:
-                # __switch_to runs at CPL 0 whatever the outgoing task's CPL.
-                cpl_before = c.cpl
-                c.cpl = 0
-                res = pks_write_cr3(c, r.addr)
-                c.cpl = cpl_before
-                if self._insn_fault(first + i, cpu, res, r.addr, ipv) != 0:
-                    return REPLAY_OUT_OF_MEMORY
-            res = self.kernel.switch_to(cpu, <int64_t>r.value)
-            if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
-                return REPLAY_OUT_OF_MEMORY
-            return _GO_ON
-        elif r.type == REC_EXCEPTION_ENTRY:
-            cpl_before = c.cpl
-            c.cpl = 0
-            # Vector 2 is an NMI (irqentry_nmi_enter: saves in every version).
-            if self.kernel.entry(cpu, r.value == 2, (r.flags & 1) != 0 or cpl_before == 3,
-                                 cpl_before, &res) != 0:
-                self.error_record = first + i
-                return REPLAY_OUT_OF_MEMORY
-            depth = self.kernel.depth_of(cpu)
-            if depth > self.max_exception_depth:
-                self.max_exception_depth = depth
-            if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
-                return REPLAY_OUT_OF_MEMORY
-            return _GO_ON
-        elif r.type == REC_EXCEPTION_EXIT:
-            if self.kernel.exit(cpu, &cpl_before, &res) != 0:
-                self.error_record = first + i
-                self.records_done = first + i
-                return REPLAY_EXIT_WITHOUT_ENTRY
-            c.cpl = cpl_before
-            if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
-                return REPLAY_OUT_OF_MEMORY
-            return _GO_ON
-        elif r.type == REC_SET_RFLAGS:
-            c.rflags = (r.value & PKS_RFLAGS_KNOWN) | PKS_RFLAGS_FIXED
-            return _GO_ON
-        elif r.type == REC_TASK_FORK:
-            self.kernel.fork(cpu, <int64_t>r.value, (r.flags & 1) != 0)
-            return _GO_ON
-        elif r.type == REC_TASK_EXEC:
-            self.kernel.exec_task(<int64_t>r.value)
-            return _GO_ON
-        elif r.type == REC_PKS_UPDATE:
-            res = self.kernel.update_current(cpu, <int>r.value, r.op)
-            if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
-                return REPLAY_OUT_OF_MEMORY
-            return _GO_ON
-        elif r.type == REC_PKS_ABANDON:
-            # V7 pks_abandon_protections: the key leaves the allowed mask
-            # for good, and the current task gets read/write on it.
-            self.kernel.mask &= ~(<uint64_t>3 << (2 * r.value)) & <uint64_t>0xFFFFFFFF
-            res = self.kernel.update_current(cpu, <int>r.value, 0)
-            if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
-                return REPLAY_OUT_OF_MEMORY
-            return _GO_ON
+        if r.flags & 2:
+            c.rflags = rfl
         if res == PKS_OK:
             return _GO_ON
-        # Only faulting records reach this point.
+        if res == PKS_GP:
+            if self._log_fault(first + i, cpu, 13, 0, r.addr, -1, r.op, ipv) != 0:
+                return REPLAY_OUT_OF_MEMORY
+        elif self._log_fault(first + i, cpu, 14, res, c.last_fault_va, c.last_pkey, r.op,
+                             ipv) != 0:
+            return REPLAY_OUT_OF_MEMORY
         if self.max_faults and self.total_faults >= self.max_faults:
             self.records_done = first + i + 1
             return REPLAY_STOPPED
@@ -525,13 +414,21 @@ cdef class ReplayEngine:
         # _step the key is rebuilt from the record it ran (or cleared).
         # It does what _access_m does on a hit, minus the physical address,
         # which only the kernel mapper reads (no hot path with a mapper).
-        cdef uint64_t i, hdr, va, leaf, tmask = 0, key = PKS_REC_NO_KEY
+        cdef uint64_t i, hdr, va, leaf, tmask = 0, key = PKS_REC_NO_KEY, held
         cdef const pks_record_t *r = recs
         cdef const pks_record_t *end = recs + n
         cdef pks_cpu_t *c = NULL
+        cdef pks_cpu_t *hc
+        cdef pks_cpu_t *cc
+        cdef uint64_t v = 0, ipv
+        cdef int32_t res
+        cdef uint32_t cpl_before, depth
+        cdef int cpu
+        cdef bint faulted
         cdef pks_tlb_entry_t *tlb = NULL
         cdef pks_tlb_entry_t *t
-        cdef uint32_t sm = 0, lim = 0, idx, p
+        cdef uint32_t sm = 0, idx, p
+        cdef uint64_t last = 0
         cdef int st
         cdef bint hot = self.mapper is None
         # The loop keeps only the CPU pointer and what the key fixed in
@@ -541,7 +438,11 @@ cdef class ReplayEngine:
             if (hdr & ~PKS_REC_OP_KIND) == key:
                 va = r.addr
                 t = &tlb[(va >> 12) & tmask]
-                if (<uint64_t *>t)[(hdr >> 16) & 1] == ((va & ~<uint64_t>0xFFF) | 1) and (va & 0xFFF) <= lim:
+                # The tag is compared with the page of the access's last byte
+                # in the slot of its first: equal only if both bytes are on
+                # the cached page (the next page, or page 0 after a wrap,
+                # has another slot when the TLB has two or more entries).
+                if (<uint64_t *>t)[(hdr >> 16) & 1] == (((va + last) & ~<uint64_t>0xFFF) | 1):
                     leaf = t.leaf
                     # kind << 7 | smode << 4 | leaf bits 4:1, as in _access_m
                     idx = (<uint32_t>(hdr >> 9) & 0x180) | sm | <uint32_t>((leaf >> 1) & 15)
@@ -558,26 +459,159 @@ cdef class ReplayEngine:
                         r += 1
                         continue
             i = <uint64_t>(r - recs)
-            st = self._step(r, i, first, ipp, pap)
+            held = key
+            hc = c
+            if r.type == REC_ACCESS:
+                st = self._step(r, i, first, ipp, pap)
+            elif (r.type == REC_WRMSR and r.addr == PKS_MSR_IA32_PKRS and r.cpu < self.ncpus
+                    and _wrmsr_pkrs_plain(self.cpus[r.cpu], r.value)):
+                # A kernel's WRMSR IA32_PKRS, in line: valid (the MSR number
+                # fits in 32 bits), and it cannot fault. Then as below.
+                _pkrs_store(self.cpus[r.cpu], r.value)
+                self.kernel.msr_written(r.cpu, r.value)
+                self.rec_counts[REC_WRMSR] += 1
+                st = _GO_ON
+            elif (r.type == REC_WRPKRU and r.cpu < self.ncpus
+                    and _wrpkru_plain(self.cpus[r.cpu], <uint32_t>r.addr, <uint32_t>(r.addr >> 32))):
+                _pkru_store(self.cpus[r.cpu], <uint32_t>r.value)
+                self.rec_counts[REC_WRPKRU] += 1
+                st = _GO_ON
+            else:
+                # A control record, in line (a call costs as much as some of them).
+                st = record_problem(r, self.ncpus, self.max_tasks, self.api)
+                if st != BAD_NONE:
+                    return self._invalid(first + i, st)
+                st = _GO_ON
+                cpu = r.cpu
+                cc = self.cpus[cpu]
+                faulted = False
+                ipv = ipp[i] if ipp != NULL else 0
+                self.rec_counts[r.type] += 1
+                res = PKS_OK
+                if r.type == REC_WRMSR:
+                    res = pks_wrmsr(cc, <uint32_t>r.addr, r.value)
+                    if res == PKS_OK:
+                        if r.addr == PKS_MSR_IA32_PKRS:
+                            # A PKRS write is the consumer's pks_write_pkrs: the
+                            # running task's value and the cache follow it.
+                            self.kernel.msr_written(cpu, r.value)
+                    else:
+                        if self._insn_fault(first + i, cpu, res, r.addr, ipv) != 0:
+                            return REPLAY_OUT_OF_MEMORY
+                        faulted = True
+                elif r.type == REC_RDMSR:
+                    res = pks_rdmsr(cc, <uint32_t>r.addr, &v)
+                    if res != PKS_OK:
+                        if self._insn_fault(first + i, cpu, res, r.addr, ipv) != 0:
+                            return REPLAY_OUT_OF_MEMORY
+                        faulted = True
+                elif r.type == REC_WRPKRU:
+                    res = pks_wrpkru(cc, <uint32_t>r.value, <uint32_t>r.addr, <uint32_t>(r.addr >> 32))
+                    if res != PKS_OK:
+                        if self._insn_fault(first + i, cpu, res, 0, ipv) != 0:
+                            return REPLAY_OUT_OF_MEMORY
+                        faulted = True
+                elif r.type == REC_MOV_CR:
+                    if r.op == 0:
+                        res = pks_write_cr0(cc, r.value)
+                    elif r.op == 3:
+                        res = pks_write_cr3(cc, r.value)
+                    else:
+                        res = pks_write_cr4(cc, r.value)
+                    if res != PKS_OK:
+                        if self._insn_fault(first + i, cpu, res, r.value, ipv) != 0:
+                            return REPLAY_OUT_OF_MEMORY
+                        faulted = True
+                elif r.type == REC_INVLPG:
+                    pks_invlpg(cc, r.addr)
+                elif r.type == REC_PTE_WRITE:
+                    if pks_mem_write_u64(cc.mem, r.addr, r.value) != 0:
+                        self.error_record = first + i
+                        return REPLAY_OUT_OF_MEMORY
+                elif r.type == REC_CONTEXT_SWITCH:
+                    if r.addr != 0:
+                        # __switch_to runs at CPL 0 whatever the outgoing task's CPL.
+                        cpl_before = cc.cpl
+                        cc.cpl = 0
+                        res = pks_write_cr3(cc, r.addr)
+                        cc.cpl = cpl_before
+                        if self._insn_fault(first + i, cpu, res, r.addr, ipv) != 0:
+                            return REPLAY_OUT_OF_MEMORY
+                    res = self.kernel.switch_to(cpu, <int64_t>r.value)
+                    if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
+                        return REPLAY_OUT_OF_MEMORY
+                elif r.type == REC_EXCEPTION_ENTRY:
+                    cpl_before = cc.cpl
+                    cc.cpl = 0
+                    # Vector 2 is an NMI (irqentry_nmi_enter: saves in every version).
+                    if self.kernel.entry(cpu, r.value == 2, (r.flags & 1) != 0 or cpl_before == 3,
+                                         cpl_before, &res) != 0:
+                        self.error_record = first + i
+                        return REPLAY_OUT_OF_MEMORY
+                    depth = self.kernel.depth_of(cpu)
+                    if depth > self.max_exception_depth:
+                        self.max_exception_depth = depth
+                    if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
+                        return REPLAY_OUT_OF_MEMORY
+                elif r.type == REC_EXCEPTION_EXIT:
+                    if self.kernel.exit(cpu, &cpl_before, &res) != 0:
+                        self.error_record = first + i
+                        self.records_done = first + i
+                        return REPLAY_EXIT_WITHOUT_ENTRY
+                    cc.cpl = cpl_before
+                    if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
+                        return REPLAY_OUT_OF_MEMORY
+                elif r.type == REC_SET_RFLAGS:
+                    cc.rflags = (r.value & PKS_RFLAGS_KNOWN) | PKS_RFLAGS_FIXED
+                elif r.type == REC_TASK_FORK:
+                    self.kernel.fork(cpu, <int64_t>r.value, (r.flags & 1) != 0)
+                elif r.type == REC_TASK_EXEC:
+                    self.kernel.exec_task(<int64_t>r.value)
+                elif r.type == REC_PKS_UPDATE:
+                    res = self.kernel.update_current(cpu, <int>r.value, r.op)
+                    if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
+                        return REPLAY_OUT_OF_MEMORY
+                elif r.type == REC_PKS_ABANDON:
+                    # V7 pks_abandon_protections: the key leaves the allowed mask
+                    # for good, and the current task gets read/write on it.
+                    self.kernel.mask &= ~(<uint64_t>3 << (2 * r.value)) & <uint64_t>0xFFFFFFFF
+                    res = self.kernel.update_current(cpu, <int>r.value, 0)
+                    if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
+                        return REPLAY_OUT_OF_MEMORY
+                # A faulting WRMSR, RDMSR, WRPKRU or MOV to CR counts toward max_faults.
+                if faulted and self.max_faults and self.total_faults >= self.max_faults:
+                    self.records_done = first + i + 1
+                    return REPLAY_STOPPED
             if st != _GO_ON:
                 return st
-            if r.type == REC_ACCESS and hot and not (r.flags & 2):
-                c = self.cpus[r.cpu]
+            if r.type == REC_ACCESS:
+                held = PKS_REC_NO_KEY
+                if hot and not (r.flags & 2) and self.cpus[r.cpu].tlb_mask != 0:
+                    hc = self.cpus[r.cpu]
+                    held = hdr & ~PKS_REC_OP_KIND
+            elif held != PKS_REC_NO_KEY:
+                # A control record leaves the key's CPU, size and flags; it
+                # may have changed the CPL or EFLAGS.AC (smode is derived
+                # again below), but the key's records write a CPL of their
+                # own, which the hot path does not: that CPL must still hold.
+                if (held >> 48) & 0xFF != 0xFF and hc.cpl != (held >> 48) & 0xFF:
+                    held = PKS_REC_NO_KEY
+            # Every hot-path value is set here on both branches, so that only
+            # ``held`` and ``hc`` live across the call to _step: the loop
+            # above keeps the rest in registers.
+            if held != PKS_REC_NO_KEY:
+                c = hc
                 tlb = c.tlb
                 tmask = c.tlb_mask
-                sm = _smode(c, (r.flags & 1) != 0) << 4
-                lim = 4096 - <uint32_t>r.size
-                key = hdr & ~PKS_REC_OP_KIND
+                sm = _smode(c, ((held >> 24) & 1) != 0) << 4
+                last = ((held >> 32) & 0xFFFF) - 1
             else:
-                # Every hot-path value is set on both branches, so that none
-                # is live across the call to _step: the compiler can keep
-                # them all in registers in the loop above.
                 c = NULL
                 tlb = NULL
                 tmask = 0
                 sm = 0
-                lim = 0
-                key = PKS_REC_NO_KEY
+                last = 0
+            key = held
             r += 1
         self.records_done = first + n
         return REPLAY_DONE
