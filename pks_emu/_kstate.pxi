@@ -170,17 +170,26 @@ cdef class KernelState:
         self.n_tasks = cap
 
     # --- the operations (GIL-free; the replay loop calls them directly) ------
-    cdef int32_t write_pkrs(self, int cpu, uint64_t value) noexcept nogil:
-        """The cached MSR write; PKS_OK or the WRMSR's exception."""
-        cdef pks_cpu_t *c = self.cpus[cpu]
-        cdef uint32_t cpl
-        cdef int32_t r
+    cdef inline int32_t write_pkrs(self, int cpu, uint64_t value) noexcept nogil:
+        """The cached MSR write; PKS_OK or the WRMSR's exception. The
+        cache test is in line in its callers (most writes are avoided)."""
         if not self.active:
             return PKS_OK
         if self.cache[cpu] == value:
             self.counts[cpu * KC_COUNT + KC_PKRS_WRITES_AVOIDED] += 1
             return PKS_OK
+        return self._write_msr(cpu, value)
+
+    cdef int32_t _write_msr(self, int cpu, uint64_t value) noexcept nogil:
+        cdef pks_cpu_t *c = self.cpus[cpu]
+        cdef uint32_t cpl
+        cdef int32_t r
         self.cache[cpu] = value
+        if (self.force_cpl0 or c.cpl == 0) and _wrmsr_pkrs_plain_at0(c, value):
+            # The WRMSR at CPL 0 cannot fault and does nothing else.
+            _pkrs_store(c, value)
+            self.counts[cpu * KC_COUNT + KC_PKRS_WRITES] += 1
+            return PKS_OK
         if self.force_cpl0:
             cpl = c.cpl
             c.cpl = 0
@@ -198,13 +207,13 @@ cdef class KernelState:
             return self.init_val & self.mask
         return self.init_val
 
-    cdef int32_t switch_to(self, int cpu, int64_t task) noexcept nogil:
+    cdef inline int32_t switch_to(self, int cpu, int64_t task) noexcept nogil:
         """__switch_to: ``task`` becomes current, then sched_in."""
         self.current[cpu] = task
         self.counts[cpu * KC_COUNT + KC_CONTEXT_SWITCHES] += 1
         return self.sched_in(cpu, task)
 
-    cdef int32_t sched_in(self, int cpu, int64_t task) noexcept nogil:
+    cdef inline int32_t sched_in(self, int cpu, int64_t task) noexcept nogil:
         """The switch-in hook: the task's value (V7: ANDed with the mask
         first) through the cached write."""
         if self.kapi == KAPI_V7:

@@ -125,9 +125,13 @@ cdef int32_t _write_efer(pks_cpu_t *c, uint64_t value) noexcept nogil:
 # the common case in line: _*_plain says that pks_wrmsr / pks_wrpkru would
 # succeed and do nothing but _*_store.
 
+cdef inline bint _wrmsr_pkrs_plain_at0(pks_cpu_t *c, uint64_t value) noexcept nogil:
+    # (at CPL 0)
+    return (c.features & PKS_FEAT_PKS) != 0 and (value >> 32) == 0 and c.compat != PKS_COMPAT_QEMU
+
+
 cdef inline bint _wrmsr_pkrs_plain(pks_cpu_t *c, uint64_t value) noexcept nogil:
-    return (c.cpl == 0 and (c.features & PKS_FEAT_PKS) != 0 and (value >> 32) == 0
-            and c.compat != PKS_COMPAT_QEMU)
+    return c.cpl == 0 and _wrmsr_pkrs_plain_at0(c, value)
 
 
 cdef inline void _pkrs_store(pks_cpu_t *c, uint64_t value) noexcept nogil:

@@ -458,11 +458,10 @@ cdef class ReplayEngine:
                         c.last_pkey = <int32_t>(leaf >> PKS_PTE_PKEY_SHIFT)
                         r += 1
                         continue
-            i = <uint64_t>(r - recs)
             held = key
             hc = c
             if r.type == REC_ACCESS:
-                st = self._step(r, i, first, ipp, pap)
+                st = self._step(r, <uint64_t>(r - recs), first, ipp, pap)
             elif (r.type == REC_WRMSR and r.addr == PKS_MSR_IA32_PKRS and r.cpu < self.ncpus
                     and _wrmsr_pkrs_plain(self.cpus[r.cpu], r.value)):
                 # A kernel's WRMSR IA32_PKRS, in line: valid (the MSR number
@@ -476,8 +475,20 @@ cdef class ReplayEngine:
                 _pkru_store(self.cpus[r.cpu], <uint32_t>r.value)
                 self.rec_counts[REC_WRPKRU] += 1
                 st = _GO_ON
+            elif (r.type == REC_CONTEXT_SWITCH and r.addr == 0 and r.cpu < self.ncpus
+                    and r.value < self.max_tasks):
+                # A context switch without CR3, valid: as below.
+                self.rec_counts[REC_CONTEXT_SWITCH] += 1
+                res = self.kernel.switch_to(r.cpu, <int64_t>r.value)
+                st = _GO_ON
+                if res != PKS_OK:
+                    i = <uint64_t>(r - recs)
+                    if self._insn_fault(first + i, r.cpu, res, PKS_MSR_IA32_PKRS,
+                                        ipp[i] if ipp != NULL else 0) != 0:
+                        return REPLAY_OUT_OF_MEMORY
             else:
                 # A control record, in line (a call costs as much as some of them).
+                i = <uint64_t>(r - recs)
                 st = record_problem(r, self.ncpus, self.max_tasks, self.api)
                 if st != BAD_NONE:
                     return self._invalid(first + i, st)
