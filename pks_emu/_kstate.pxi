@@ -175,8 +175,16 @@ cdef class KernelState:
         cache test is in line in its callers (most writes are avoided)."""
         if not self.active:
             return PKS_OK
+        cdef pks_cpu_t *c
         if self.cache[cpu] == value:
             self.counts[cpu * KC_COUNT + KC_PKRS_WRITES_AVOIDED] += 1
+            return PKS_OK
+        c = self.cpus[cpu]
+        if (self.force_cpl0 or c.cpl == 0) and _wrmsr_pkrs_plain_at0(c, value):
+            # The WRMSR runs at CPL 0, cannot fault and does nothing else.
+            self.cache[cpu] = value
+            _pkrs_store(c, value)
+            self.counts[cpu * KC_COUNT + KC_PKRS_WRITES] += 1
             return PKS_OK
         return self._write_msr(cpu, value)
 
@@ -185,11 +193,6 @@ cdef class KernelState:
         cdef uint32_t cpl
         cdef int32_t r
         self.cache[cpu] = value
-        if (self.force_cpl0 or c.cpl == 0) and _wrmsr_pkrs_plain_at0(c, value):
-            # The WRMSR at CPL 0 cannot fault and does nothing else.
-            _pkrs_store(c, value)
-            self.counts[cpu * KC_COUNT + KC_PKRS_WRITES] += 1
-            return PKS_OK
         if self.force_cpl0:
             cpl = c.cpl
             c.cpl = 0
@@ -247,7 +250,7 @@ cdef class KernelState:
             self.task_pkrs[t] = value
         return PKS_OK
 
-    cdef int push_frame(self, int cpu, bint nmi, bint user, uint32_t cs_cpl) noexcept nogil:
+    cdef inline int push_frame(self, int cpu, bint nmi, bint user, uint32_t cs_cpl) noexcept nogil:
         """Exception entry, first half: a frame on the current task's stack,
         its slot not filled yet. 0, or -1 (no task, out of memory)."""
         cdef int64_t t = self.current[cpu]
@@ -275,7 +278,7 @@ cdef class KernelState:
         self.counts[cpu * KC_COUNT + (KC_NMIS if nmi else KC_EXCEPTIONS)] += 1
         return 0
 
-    cdef int32_t save_frame(self, int cpu) noexcept nogil:
+    cdef inline int32_t save_frame(self, int cpu) noexcept nogil:
         """Exception entry, second half, on the innermost frame: fill the
         slot if this version saves on this entry, then run the handler with
         the default. PKS_OK or the WRMSR's exception."""
@@ -294,7 +297,7 @@ cdef class KernelState:
             return self.write_pkrs(cpu, self.init_val & self.mask)   # pkrs_save_irq
         return self.write_pkrs(cpu, self.init_val)
 
-    cdef int entry(self, int cpu, bint nmi, bint user, uint32_t cs_cpl, int32_t *r) noexcept nogil:
+    cdef inline int entry(self, int cpu, bint nmi, bint user, uint32_t cs_cpl, int32_t *r) noexcept nogil:
         """Exception entry on ``cpu``: push_frame, then save_frame. 0, or -1."""
         r[0] = PKS_OK
         if self.push_frame(cpu, nmi, user, cs_cpl) != 0:
@@ -302,7 +305,7 @@ cdef class KernelState:
         r[0] = self.save_frame(cpu)
         return 0
 
-    cdef int exit(self, int cpu, uint32_t *cs_cpl, int32_t *r) noexcept nogil:
+    cdef inline int exit(self, int cpu, uint32_t *cs_cpl, int32_t *r) noexcept nogil:
         """Exception exit of the innermost frame of the current task: the
         slot's value back into the thread and the MSR. 0, or -1 when the
         task has no frame."""
@@ -340,7 +343,7 @@ cdef class KernelState:
         if self.kapi != KAPI_V10:
             self.task_pkrs[task] = self.new_task_value()
 
-    cdef uint32_t depth_of(self, int cpu) noexcept nogil:
+    cdef inline uint32_t depth_of(self, int cpu) noexcept nogil:
         cdef int64_t t = self.current[cpu]
         return self.stacks[t].depth if t >= 0 else 0
 
