@@ -486,6 +486,35 @@ cdef class ReplayEngine:
                     if self._insn_fault(first + i, r.cpu, res, PKS_MSR_IA32_PKRS,
                                         ipp[i] if ipp != NULL else 0) != 0:
                         return REPLAY_OUT_OF_MEMORY
+            elif (r.type == REC_EXCEPTION_ENTRY or r.type == REC_EXCEPTION_EXIT) and r.cpu < self.ncpus:
+                # Valid: these records have no other field to check (so the path
+                # below never sees one).
+                cpu = r.cpu
+                cc = self.cpus[cpu]
+                self.rec_counts[r.type] += 1
+                st = _GO_ON
+                if r.type == REC_EXCEPTION_ENTRY:
+                    cpl_before = cc.cpl
+                    cc.cpl = 0
+                    # Vector 2 is an NMI (irqentry_nmi_enter: saves in every version).
+                    if self.kernel.entry(cpu, r.value == 2, (r.flags & 1) != 0 or cpl_before == 3,
+                                         cpl_before, &res) != 0:
+                        self.error_record = first + <uint64_t>(r - recs)
+                        return REPLAY_OUT_OF_MEMORY
+                    depth = self.kernel.depth_of(cpu)
+                    if depth > self.max_exception_depth:
+                        self.max_exception_depth = depth
+                else:
+                    if self.kernel.exit(cpu, &cpl_before, &res) != 0:
+                        self.error_record = first + <uint64_t>(r - recs)
+                        self.records_done = first + <uint64_t>(r - recs)
+                        return REPLAY_EXIT_WITHOUT_ENTRY
+                    cc.cpl = cpl_before
+                if res != PKS_OK:
+                    i = <uint64_t>(r - recs)
+                    if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS,
+                                        ipp[i] if ipp != NULL else 0) != 0:
+                        return REPLAY_OUT_OF_MEMORY
             else:
                 # A control record, in line (a call costs as much as some of them).
                 i = <uint64_t>(r - recs)
@@ -549,27 +578,6 @@ cdef class ReplayEngine:
                         if self._insn_fault(first + i, cpu, res, r.addr, ipv) != 0:
                             return REPLAY_OUT_OF_MEMORY
                     res = self.kernel.switch_to(cpu, <int64_t>r.value)
-                    if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
-                        return REPLAY_OUT_OF_MEMORY
-                elif r.type == REC_EXCEPTION_ENTRY:
-                    cpl_before = cc.cpl
-                    cc.cpl = 0
-                    # Vector 2 is an NMI (irqentry_nmi_enter: saves in every version).
-                    if self.kernel.entry(cpu, r.value == 2, (r.flags & 1) != 0 or cpl_before == 3,
-                                         cpl_before, &res) != 0:
-                        self.error_record = first + i
-                        return REPLAY_OUT_OF_MEMORY
-                    depth = self.kernel.depth_of(cpu)
-                    if depth > self.max_exception_depth:
-                        self.max_exception_depth = depth
-                    if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
-                        return REPLAY_OUT_OF_MEMORY
-                elif r.type == REC_EXCEPTION_EXIT:
-                    if self.kernel.exit(cpu, &cpl_before, &res) != 0:
-                        self.error_record = first + i
-                        self.records_done = first + i
-                        return REPLAY_EXIT_WITHOUT_ENTRY
-                    cc.cpl = cpl_before
                     if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
                         return REPLAY_OUT_OF_MEMORY
                 elif r.type == REC_SET_RFLAGS:
