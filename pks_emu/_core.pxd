@@ -226,14 +226,19 @@ ctypedef struct pks_cpu_t:
     # denies; bits 3:1 = which deny mask of the key rule applies (0 none,
     # 1 PKRS AD, 2 PKRS AD|WD, 3 PKRU AD, 4 PKRU AD|WD). smode = CPL==3 << 2
     # | implicit << 1 | EFLAGS.AC. Recomputed on CR0/CR4/EFER writes and TLB
-    # flushes. perm_fast is perm with bit 0 forced while stale_check is on.
+    # flushes. perm_fast is perm with bit 0 forced while stale_check is on,
+    # plus a kind-3 row of 1s: the replay's hot loop indexes it with the
+    # record's two-bit op field unchecked, and an op of 3 (invalid) must
+    # leave it for the full path, which refuses the record.
     uint8_t perm[384]
-    uint8_t perm_fast[384]
+    uint8_t perm_fast[512]
     # deny[sel]: bit k = key k is denied by that mask (recomputed on WRMSR
-    # IA32_PKRS and WRPKRU: a few shifts).
+    # IA32_PKRS and WRPKRU, through a two-entry cache of recent values).
     uint16_t deny[8]
-    uint64_t deny_key[2][2]     # the last key-register values the masks were built for
-    uint32_t deny_val[2][2]     # (PKRS, PKRU): their AD | AD-or-WD << 16 masks
+    # (PKRS, PKRU): the last values the masks were built for. All zero at
+    # first, which is right: the masks of the value 0 are 0.
+    uint32_t deny_key[2][2]
+    uint32_t deny_val[2][2]     # their AD | AD-or-WD << 16 masks
     uint32_t deny_next[2]
     uint64_t rsvd_table[6]      # reserved bits of a non-leaf entry by level
     uint64_t rsvd_large[4]      # reserved bits of a PS=1 entry at level 2 / 3

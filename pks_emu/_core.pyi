@@ -176,7 +176,7 @@ def access_batch(
 KSTATE_COUNTERS: tuple[str, ...]
 KAPI_CODES: dict[str, int]
 
-@disjoint_base
+@final
 class KernelState:
     def __init__(self, machine: Any, api: str = "v10", *, init_value: int = 0x55555554,
                  pks_active: bool = True, ntasks: int = 0, task_value: int = 0x55555554,

@@ -149,7 +149,6 @@ cdef class CPU:
         self.st.psc_epoch = PKS_PSC_EPOCH_ONE
         self.st.memo_epoch = 1
         self.st.derived_cr0 = ~<uint64_t>0          # force the first build
-        memset(self.st.deny_key, 0xFF, sizeof(self.st.deny_key))   # no 32-bit value matches
         _derive_all(&self.st)
 
     def __dealloc__(self):

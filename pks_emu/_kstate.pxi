@@ -64,6 +64,11 @@ KSTATE_COUNTERS = ("pkrs_writes", "pkrs_writes_avoided", "context_switches", "ex
 KAPI_CODES = {"v6": KAPI_V6, "v7": KAPI_V7, "v10": KAPI_V10}
 
 
+cimport cython
+
+# Final: the replay loop calls its operations directly (no vtable), and the
+# C compiler may inline the small ones.
+@cython.final
 cdef class KernelState:
     """The PKS state of an emulated kernel, shared by the Python model and
     the replay loop (see the comment at the top of _kstate.pxi).
@@ -165,16 +170,28 @@ cdef class KernelState:
         self.n_tasks = cap
 
     # --- the operations (GIL-free; the replay loop calls them directly) ------
-    cdef int32_t write_pkrs(self, int cpu, uint64_t value) noexcept nogil:
-        """The cached MSR write; PKS_OK or the WRMSR's exception."""
-        cdef pks_cpu_t *c = self.cpus[cpu]
-        cdef uint32_t cpl
-        cdef int32_t r
+    cdef inline int32_t write_pkrs(self, int cpu, uint64_t value) noexcept nogil:
+        """The cached MSR write; PKS_OK or the WRMSR's exception. The
+        cache test is in line in its callers (most writes are avoided)."""
         if not self.active:
             return PKS_OK
+        cdef pks_cpu_t *c
         if self.cache[cpu] == value:
             self.counts[cpu * KC_COUNT + KC_PKRS_WRITES_AVOIDED] += 1
             return PKS_OK
+        c = self.cpus[cpu]
+        if (self.force_cpl0 or c.cpl == 0) and _wrmsr_pkrs_plain_at0(c, value):
+            # The WRMSR runs at CPL 0, cannot fault and does nothing else.
+            self.cache[cpu] = value
+            _pkrs_store(c, value)
+            self.counts[cpu * KC_COUNT + KC_PKRS_WRITES] += 1
+            return PKS_OK
+        return self._write_msr(cpu, value)
+
+    cdef int32_t _write_msr(self, int cpu, uint64_t value) noexcept nogil:
+        cdef pks_cpu_t *c = self.cpus[cpu]
+        cdef uint32_t cpl
+        cdef int32_t r
         self.cache[cpu] = value
         if self.force_cpl0:
             cpl = c.cpl
@@ -193,13 +210,13 @@ cdef class KernelState:
             return self.init_val & self.mask
         return self.init_val
 
-    cdef int32_t switch_to(self, int cpu, int64_t task) noexcept nogil:
+    cdef inline int32_t switch_to(self, int cpu, int64_t task) noexcept nogil:
         """__switch_to: ``task`` becomes current, then sched_in."""
         self.current[cpu] = task
         self.counts[cpu * KC_COUNT + KC_CONTEXT_SWITCHES] += 1
         return self.sched_in(cpu, task)
 
-    cdef int32_t sched_in(self, int cpu, int64_t task) noexcept nogil:
+    cdef inline int32_t sched_in(self, int cpu, int64_t task) noexcept nogil:
         """The switch-in hook: the task's value (V7: ANDed with the mask
         first) through the cached write."""
         if self.kapi == KAPI_V7:
@@ -233,7 +250,7 @@ cdef class KernelState:
             self.task_pkrs[t] = value
         return PKS_OK
 
-    cdef int push_frame(self, int cpu, bint nmi, bint user, uint32_t cs_cpl) noexcept nogil:
+    cdef inline int push_frame(self, int cpu, bint nmi, bint user, uint32_t cs_cpl) noexcept nogil:
         """Exception entry, first half: a frame on the current task's stack,
         its slot not filled yet. 0, or -1 (no task, out of memory)."""
         cdef int64_t t = self.current[cpu]
@@ -261,7 +278,7 @@ cdef class KernelState:
         self.counts[cpu * KC_COUNT + (KC_NMIS if nmi else KC_EXCEPTIONS)] += 1
         return 0
 
-    cdef int32_t save_frame(self, int cpu) noexcept nogil:
+    cdef inline int32_t save_frame(self, int cpu) noexcept nogil:
         """Exception entry, second half, on the innermost frame: fill the
         slot if this version saves on this entry, then run the handler with
         the default. PKS_OK or the WRMSR's exception."""
@@ -280,7 +297,7 @@ cdef class KernelState:
             return self.write_pkrs(cpu, self.init_val & self.mask)   # pkrs_save_irq
         return self.write_pkrs(cpu, self.init_val)
 
-    cdef int entry(self, int cpu, bint nmi, bint user, uint32_t cs_cpl, int32_t *r) noexcept nogil:
+    cdef inline int entry(self, int cpu, bint nmi, bint user, uint32_t cs_cpl, int32_t *r) noexcept nogil:
         """Exception entry on ``cpu``: push_frame, then save_frame. 0, or -1."""
         r[0] = PKS_OK
         if self.push_frame(cpu, nmi, user, cs_cpl) != 0:
@@ -288,7 +305,7 @@ cdef class KernelState:
         r[0] = self.save_frame(cpu)
         return 0
 
-    cdef int exit(self, int cpu, uint32_t *cs_cpl, int32_t *r) noexcept nogil:
+    cdef inline int exit(self, int cpu, uint32_t *cs_cpl, int32_t *r) noexcept nogil:
         """Exception exit of the innermost frame of the current task: the
         slot's value back into the thread and the MSR. 0, or -1 when the
         task has no frame."""
@@ -326,7 +343,7 @@ cdef class KernelState:
         if self.kapi != KAPI_V10:
             self.task_pkrs[task] = self.new_task_value()
 
-    cdef uint32_t depth_of(self, int cpu) noexcept nogil:
+    cdef inline uint32_t depth_of(self, int cpu) noexcept nogil:
         cdef int64_t t = self.current[cpu]
         return self.stacks[t].depth if t >= 0 else 0
 

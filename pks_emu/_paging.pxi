@@ -319,6 +319,8 @@ cdef void _derive_perm(pks_cpu_t *c) noexcept nogil:
                 i = (<uint32_t>kind << 7) | (<uint32_t>smode << 4) | <uint32_t>attr
                 c.perm[i] = <uint8_t>((1 if fault else 0) | (sel << 1))
                 c.perm_fast[i] = c.perm[i] | (1 if c.stale_check else 0)
+    for i in range(384, 512):
+        c.perm_fast[i] = 1
     c.fill_bits[0] = ((PKS_LEAF_PKE if c.cr4 & PKS_CR4_PKE else 0)
                       | (PKS_LEAF_PKS if c.cr4 & PKS_CR4_PKS else 0))
     c.fill_bits[1] = c.fill_bits[0] | (PKS_LEAF_EN if c.cr4 & PKS_CR4_PKE else 0)
@@ -337,16 +339,33 @@ cdef inline uint32_t _even_bits(uint32_t x) noexcept nogil:
     return (x | (x >> 8)) & 0x0000FFFFU
 
 
+# _DENY_BYTE[b]: the deny bits of the four keys whose fields make up byte
+# ``b`` of a key register (SDM §4.6.2: bit 2k is AD, bit 2k+1 WD): AD of
+# those keys in bits 3:0, AD-or-WD in bits 19:16. A register's two masks
+# are then four lookups, whatever its value.
+cdef uint32_t _DENY_BYTE[256]
+
+
+cdef void _init_deny_byte() noexcept nogil:
+    cdef uint32_t b, k, f, v
+    for b in range(256):
+        v = 0
+        for k in range(4):
+            f = (b >> (2 * k)) & 3
+            if f & 1:
+                v |= <uint32_t>1 << k
+            if f:
+                v |= <uint32_t>1 << (16 + k)
+        _DENY_BYTE[b] = v
+
+
+_init_deny_byte()
+
+
 cdef inline uint32_t _deny_pair(uint32_t x) noexcept nogil:
-    """The AD mask (bits 15:0) and the AD-or-WD mask (bits 31:16) of a key
-    register: AD spread over the even bits of the low word, AD|WD over the
-    even bits of the high word, both compacted at once."""
-    cdef uint64_t y = (x & 0x55555555U) | (<uint64_t>((x | (x >> 1)) & 0x55555555U) << 32)
-    y = (y | (y >> 1)) & 0x3333333333333333ULL
-    y = (y | (y >> 2)) & 0x0F0F0F0F0F0F0F0FULL
-    y = (y | (y >> 4)) & 0x00FF00FF00FF00FFULL
-    y = (y | (y >> 8)) & 0x0000FFFF0000FFFFULL
-    return <uint32_t>(y | (y >> 16))
+    """The AD mask (bits 15:0) and the AD-or-WD mask (bits 31:16) of a key register."""
+    return (_DENY_BYTE[x & 255] | (_DENY_BYTE[(x >> 8) & 255] << 4)
+            | (_DENY_BYTE[(x >> 16) & 255] << 8) | (_DENY_BYTE[x >> 24] << 12))
 
 
 cdef uint32_t _deny_fill(pks_cpu_t *c, int reg, uint32_t x) noexcept nogil:
@@ -358,21 +377,18 @@ cdef uint32_t _deny_fill(pks_cpu_t *c, int reg, uint32_t x) noexcept nogil:
     return v
 
 
-ctypedef uint32_t (*_deny_fill_fn)(pks_cpu_t *, int, uint32_t) noexcept nogil
-cdef _deny_fill_fn _deny_fill_p = _deny_fill
-
-
 cdef inline void _set_deny(pks_cpu_t *c, int reg, uint32_t x) noexcept nogil:
-    """The two deny masks of a key register (reg 0 = PKRS, 1 = PKRU), through
-    a two-entry cache: kernels switch PKRS between a few values (the task's,
-    the default), so a WRMSR mostly costs two compares and one store."""
+    """The two deny masks of a key register (reg 0 = PKRS, 1 = PKRU). Kernels
+    switch a CPU's PKRS between a few values (the task's, the default in a
+    handler), so two recent values are kept: then a write costs a compare
+    and a load; any other value four table lookups (out of line)."""
     cdef uint32_t v
     if c.deny_key[reg][0] == x:
         v = c.deny_val[reg][0]
     elif c.deny_key[reg][1] == x:
         v = c.deny_val[reg][1]
     else:
-        v = _deny_fill_p(c, reg, x)
+        v = _deny_fill(c, reg, x)
     memcpy(&c.deny[1 + 2 * reg], &v, 4)     # deny[1 + 2reg] = AD, deny[2 + 2reg] = AD or WD
 
 

@@ -121,6 +121,35 @@ cdef int32_t _write_efer(pks_cpu_t *c, uint64_t value) noexcept nogil:
     return PKS_OK
 
 
+# The two key-register writes in pieces, for the replay loop, which runs
+# the common case in line: _*_plain says that pks_wrmsr / pks_wrpkru would
+# succeed and do nothing but _*_store.
+
+cdef inline bint _wrmsr_pkrs_plain_at0(pks_cpu_t *c, uint64_t value) noexcept nogil:
+    # (at CPL 0)
+    return (c.features & PKS_FEAT_PKS) != 0 and (value >> 32) == 0 and c.compat != PKS_COMPAT_QEMU
+
+
+cdef inline bint _wrmsr_pkrs_plain(pks_cpu_t *c, uint64_t value) noexcept nogil:
+    return c.cpl == 0 and _wrmsr_pkrs_plain_at0(c, value)
+
+
+cdef inline void _pkrs_store(pks_cpu_t *c, uint64_t value) noexcept nogil:
+    c.pkrs = value
+    _derive_deny_pkrs(c)
+    c.counters.wrmsr_pkrs += 1
+
+
+cdef inline bint _wrpkru_plain(pks_cpu_t *c, uint32_t ecx, uint32_t edx) noexcept nogil:
+    return (c.cr4 & PKS_CR4_PKE) != 0 and ecx == 0 and edx == 0 and c.compat != PKS_COMPAT_QEMU
+
+
+cdef inline void _pkru_store(pks_cpu_t *c, uint32_t eax) noexcept nogil:
+    c.pkru = eax
+    _derive_deny_pkru(c)
+    c.counters.wrpkru += 1
+
+
 cdef int32_t pks_wrmsr(pks_cpu_t *c, uint32_t msr, uint64_t value) noexcept nogil:
     """WRMSR: CPL 0 only. IA32_PKRS (0x6E1) exists only with PKS and has bits
     63:32 reserved. No TLB flush: keys are read on every access (SDM §4.6.2);
@@ -130,9 +159,7 @@ cdef int32_t pks_wrmsr(pks_cpu_t *c, uint32_t msr, uint64_t value) noexcept nogi
     if msr == PKS_MSR_IA32_PKRS:
         if not (c.features & PKS_FEAT_PKS) or (value >> 32):
             return PKS_GP
-        c.pkrs = value
-        _derive_deny_pkrs(c)
-        c.counters.wrmsr_pkrs += 1
+        _pkrs_store(c, value)
         if c.compat == PKS_COMPAT_QEMU:
             pks_flush_tlb(c, False)         # QEMU 7.2 helper_wrmsr flushes on PKRS
         return PKS_OK
@@ -161,9 +188,7 @@ cdef int32_t pks_wrpkru(pks_cpu_t *c, uint32_t eax, uint32_t ecx, uint32_t edx) 
         return PKS_UD
     if ecx != 0 or edx != 0:
         return PKS_GP
-    c.pkru = eax
-    _derive_deny_pkru(c)
-    c.counters.wrpkru += 1
+    _pkru_store(c, eax)
     if c.compat == PKS_COMPAT_QEMU:
         pks_flush_tlb(c, False)             # QEMU 7.2 helper_wrpkru flushes
     return PKS_OK

@@ -41,6 +41,16 @@ cdef extern from *:
 
 from libc.stdlib cimport realloc
 
+cdef extern from *:
+    """
+    /* The key of the replay's hot path is a record's first eight bytes
+       (little-endian) without the low two bits of the op field, the access
+       kind; with those bits set, PKS_REC_NO_KEY equals no such key. */
+    #define PKS_REC_OP_KIND (3ULL << 16)
+    #define PKS_REC_NO_KEY (~0ULL)
+    """
+    const uint64_t PKS_REC_OP_KIND, PKS_REC_NO_KEY
+
 cdef enum:
     REC_ACCESS = 0
     REC_WRMSR = 1
@@ -79,6 +89,7 @@ cdef enum:
 
 # Status of a run() call.
 cdef enum:
+    _GO_ON = -1                 # (from _step: the run goes on)
     REPLAY_DONE = 0
     REPLAY_STOPPED = 1          # max_faults reached
     REPLAY_EXIT_WITHOUT_ENTRY = 2
@@ -340,166 +351,287 @@ cdef class ReplayEngine:
             res = _access(c, r.addr, r.op, r.size, (r.flags & 1) != 0, &got)
         return res
 
-    cdef int _run(self, const pks_record_t *recs, uint64_t n, uint64_t first,
-                  const uint64_t *ipp, const uint64_t *pap) noexcept nogil:
-        cdef uint64_t i, pa = 0, v = 0, ipv = 0, rfl = 0
+    cdef int _step(self, const pks_record_t *r, uint64_t i, uint64_t first,
+                   const uint64_t *ipp, const uint64_t *pap) noexcept nogil:
+        """Access record ``i`` of a chunk (global index ``first + i``) through
+        the full path: validated, executed, its fault logged. _GO_ON, or the
+        status that ends the run."""
+        cdef uint64_t pa = 0, ipv = 0, rfl = 0
         cdef int32_t w
         cdef bint windows = self.mapper is not None and self.mapper.n_windows > 0
-        cdef const pks_record_t *r
         cdef pks_cpu_t *c
         cdef int32_t res
         cdef int cpu, why
+        cpu = r.cpu
+        why = record_problem(r, self.ncpus, self.max_tasks, self.api)
+        if why != BAD_NONE:
+            return self._invalid(first + i, why)
+        c = self.cpus[cpu]
+        if r.cpl != 0xFF:
+            c.cpl = r.cpl
+        if ipp != NULL:
+            ipv = ipp[i]
+            if windows and ipv != 0:
+                w = self.mapper.window_at(cpu, ipv)
+                if w != self.mapper.open_w[cpu]:
+                    res = self.mapper.switch_window(self.kernel, cpu, w)
+                    if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
+                        return REPLAY_OUT_OF_MEMORY
+        if r.flags & 2:
+            # Kernel code between stac and clac (a capture's FLAG_AC).
+            rfl = c.rflags
+            c.rflags = rfl | PKS_RFLAGS_AC
+        res = _access(c, r.addr, r.op, r.size, (r.flags & 1) != 0, &pa)
+        if self.mapper is not None:
+            res = self._demand(c, r, res, pa, pap[i] if pap != NULL else _PA_UNKNOWN)
+            if res == PKS_UD:
+                self.error_record = first + i
+                return REPLAY_OUT_OF_MEMORY
+        if r.flags & 2:
+            c.rflags = rfl
+        if res == PKS_OK:
+            return _GO_ON
+        if res == PKS_GP:
+            if self._log_fault(first + i, cpu, 13, 0, r.addr, -1, r.op, ipv) != 0:
+                return REPLAY_OUT_OF_MEMORY
+        elif self._log_fault(first + i, cpu, 14, res, c.last_fault_va, c.last_pkey, r.op,
+                             ipv) != 0:
+            return REPLAY_OUT_OF_MEMORY
+        if self.max_faults and self.total_faults >= self.max_faults:
+            self.records_done = first + i + 1
+            return REPLAY_STOPPED
+        return _GO_ON
+
+    cdef int _run(self, const pks_record_t *recs, uint64_t n, uint64_t first,
+                  const uint64_t *ipp, const uint64_t *pap) noexcept nogil:
+        # The hot path, in line: an access record whose first eight bytes
+        # (type, CPU, flags, size, CPL field; the op field masked off) equal
+        # those of the last access record _step ran, that hits the TLB and
+        # that the tables allow. Such a record is valid (_step validated
+        # the same bytes; op 3 is sent back by the kind-3 row of perm_fast),
+        # and its CPU's CPL, EFLAGS.AC and the implicit flag are what they
+        # were after that record: only _step changes them, and after each
+        # _step the key is rebuilt from the record it ran (or cleared).
+        # It does what _access_m does on a hit, minus the physical address,
+        # which only the kernel mapper reads (no hot path with a mapper).
+        cdef uint64_t i, hdr, va, leaf, tmask = 0, key = PKS_REC_NO_KEY, held
+        cdef const pks_record_t *r = recs
+        cdef const pks_record_t *end = recs + n
+        cdef pks_cpu_t *c = NULL
+        cdef pks_cpu_t *hc
+        cdef pks_cpu_t *cc
+        cdef uint64_t v = 0, ipv
+        cdef int32_t res
         cdef uint32_t cpl_before, depth
-        for i in range(n):
-            r = &recs[i]
-            cpu = r.cpu
-            why = record_problem(r, self.ncpus, self.max_tasks, self.api)
-            if why != BAD_NONE:
-                return self._invalid(first + i, why)
-            c = self.cpus[cpu]
+        cdef int cpu
+        cdef bint faulted
+        cdef pks_tlb_entry_t *tlb = NULL
+        cdef pks_tlb_entry_t *t
+        cdef uint32_t sm = 0, idx, p
+        cdef uint64_t last = 0
+        cdef int st
+        cdef bint hot = self.mapper is None
+        # The loop keeps only the CPU pointer and what the key fixed in
+        # registers; the tables are read at constant offsets from ``c``.
+        while r < end:
+            memcpy(&hdr, r, 8)
+            if (hdr & ~PKS_REC_OP_KIND) == key:
+                va = r.addr
+                t = &tlb[(va >> 12) & tmask]
+                # The tag is compared with the page of the access's last byte
+                # in the slot of its first: equal only if both bytes are on
+                # the cached page (the next page, or page 0 after a wrap,
+                # has another slot when the TLB has two or more entries).
+                if (<uint64_t *>t)[(hdr >> 16) & 1] == (((va + last) & ~<uint64_t>0xFFF) | 1):
+                    leaf = t.leaf
+                    # kind << 7 | smode << 4 | leaf bits 4:1, as in _access_m
+                    idx = (<uint32_t>(hdr >> 9) & 0x180) | sm | <uint32_t>((leaf >> 1) & 15)
+                    p = c.perm_fast[idx]
+                    if ((p | (c.deny[p >> 1] >> <uint32_t>(leaf >> PKS_PTE_PKEY_SHIFT))) & 1) == 0:
+                        if PKS_EMU_DEBUG:
+                            if (record_problem(r, self.ncpus, self.max_tasks, self.api) != BAD_NONE
+                                    or _check(c, leaf, r.op, (r.flags & 1) != 0) != PKS_OK
+                                    or sm != _smode(c, (r.flags & 1) != 0) << 4
+                                    or c != self.cpus[r.cpu]):
+                                pks_debug_mismatch("replay hot path", hdr, leaf)
+                        c.counters.fast_hits[idx >> 4] += 1
+                        c.last_pkey = <int32_t>(leaf >> PKS_PTE_PKEY_SHIFT)
+                        r += 1
+                        continue
+            held = key
+            hc = c
             if r.type == REC_ACCESS:
-                if r.cpl != 0xFF:
-                    c.cpl = r.cpl
-                if ipp != NULL:
-                    ipv = ipp[i]
-                    if windows and ipv != 0:
-                        w = self.mapper.window_at(cpu, ipv)
-                        if w != self.mapper.open_w[cpu]:
-                            res = self.mapper.switch_window(self.kernel, cpu, w)
-                            if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
-                                return REPLAY_OUT_OF_MEMORY
-                if r.flags & 2:
-                    # Kernel code between stac and clac (a capture's FLAG_AC).
-                    rfl = c.rflags
-                    c.rflags = rfl | PKS_RFLAGS_AC
-                res = _access(c, r.addr, r.op, r.size, (r.flags & 1) != 0, &pa)
-                if self.mapper is not None:
-                    res = self._demand(c, r, res, pa, pap[i] if pap != NULL else _PA_UNKNOWN)
-                    if res == PKS_UD:
+                st = self._step(r, <uint64_t>(r - recs), first, ipp, pap)
+            elif (r.type == REC_WRMSR and r.addr == PKS_MSR_IA32_PKRS and r.cpu < self.ncpus
+                    and _wrmsr_pkrs_plain(self.cpus[r.cpu], r.value)):
+                # A kernel's WRMSR IA32_PKRS, in line: valid (the MSR number
+                # fits in 32 bits), and it cannot fault. Then as below.
+                _pkrs_store(self.cpus[r.cpu], r.value)
+                self.kernel.msr_written(r.cpu, r.value)
+                self.rec_counts[REC_WRMSR] += 1
+                st = _GO_ON
+            elif (r.type == REC_WRPKRU and r.cpu < self.ncpus
+                    and _wrpkru_plain(self.cpus[r.cpu], <uint32_t>r.addr, <uint32_t>(r.addr >> 32))):
+                _pkru_store(self.cpus[r.cpu], <uint32_t>r.value)
+                self.rec_counts[REC_WRPKRU] += 1
+                st = _GO_ON
+            elif (r.type == REC_CONTEXT_SWITCH and r.addr == 0 and r.cpu < self.ncpus
+                    and r.value < self.max_tasks):
+                # A context switch without CR3, valid: as below.
+                self.rec_counts[REC_CONTEXT_SWITCH] += 1
+                res = self.kernel.switch_to(r.cpu, <int64_t>r.value)
+                st = _GO_ON
+                if res != PKS_OK:
+                    i = <uint64_t>(r - recs)
+                    if self._insn_fault(first + i, r.cpu, res, PKS_MSR_IA32_PKRS,
+                                        ipp[i] if ipp != NULL else 0) != 0:
+                        return REPLAY_OUT_OF_MEMORY
+            elif (r.type == REC_EXCEPTION_ENTRY or r.type == REC_EXCEPTION_EXIT) and r.cpu < self.ncpus:
+                # Valid: these records have no other field to check (so the path
+                # below never sees one).
+                cpu = r.cpu
+                cc = self.cpus[cpu]
+                self.rec_counts[r.type] += 1
+                st = _GO_ON
+                if r.type == REC_EXCEPTION_ENTRY:
+                    cpl_before = cc.cpl
+                    cc.cpl = 0
+                    # Vector 2 is an NMI (irqentry_nmi_enter: saves in every version).
+                    if self.kernel.entry(cpu, r.value == 2, (r.flags & 1) != 0 or cpl_before == 3,
+                                         cpl_before, &res) != 0:
+                        self.error_record = first + <uint64_t>(r - recs)
+                        return REPLAY_OUT_OF_MEMORY
+                    depth = self.kernel.depth_of(cpu)
+                    if depth > self.max_exception_depth:
+                        self.max_exception_depth = depth
+                else:
+                    if self.kernel.exit(cpu, &cpl_before, &res) != 0:
+                        self.error_record = first + <uint64_t>(r - recs)
+                        self.records_done = first + <uint64_t>(r - recs)
+                        return REPLAY_EXIT_WITHOUT_ENTRY
+                    cc.cpl = cpl_before
+                if res != PKS_OK:
+                    i = <uint64_t>(r - recs)
+                    if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS,
+                                        ipp[i] if ipp != NULL else 0) != 0:
+                        return REPLAY_OUT_OF_MEMORY
+            else:
+                # A control record, in line (a call costs as much as some of them).
+                i = <uint64_t>(r - recs)
+                st = record_problem(r, self.ncpus, self.max_tasks, self.api)
+                if st != BAD_NONE:
+                    return self._invalid(first + i, st)
+                st = _GO_ON
+                cpu = r.cpu
+                cc = self.cpus[cpu]
+                faulted = False
+                ipv = ipp[i] if ipp != NULL else 0
+                self.rec_counts[r.type] += 1
+                res = PKS_OK
+                if r.type == REC_WRMSR:
+                    res = pks_wrmsr(cc, <uint32_t>r.addr, r.value)
+                    if res == PKS_OK:
+                        if r.addr == PKS_MSR_IA32_PKRS:
+                            # A PKRS write is the consumer's pks_write_pkrs: the
+                            # running task's value and the cache follow it.
+                            self.kernel.msr_written(cpu, r.value)
+                    else:
+                        if self._insn_fault(first + i, cpu, res, r.addr, ipv) != 0:
+                            return REPLAY_OUT_OF_MEMORY
+                        faulted = True
+                elif r.type == REC_RDMSR:
+                    res = pks_rdmsr(cc, <uint32_t>r.addr, &v)
+                    if res != PKS_OK:
+                        if self._insn_fault(first + i, cpu, res, r.addr, ipv) != 0:
+                            return REPLAY_OUT_OF_MEMORY
+                        faulted = True
+                elif r.type == REC_WRPKRU:
+                    res = pks_wrpkru(cc, <uint32_t>r.value, <uint32_t>r.addr, <uint32_t>(r.addr >> 32))
+                    if res != PKS_OK:
+                        if self._insn_fault(first + i, cpu, res, 0, ipv) != 0:
+                            return REPLAY_OUT_OF_MEMORY
+                        faulted = True
+                elif r.type == REC_MOV_CR:
+                    if r.op == 0:
+                        res = pks_write_cr0(cc, r.value)
+                    elif r.op == 3:
+                        res = pks_write_cr3(cc, r.value)
+                    else:
+                        res = pks_write_cr4(cc, r.value)
+                    if res != PKS_OK:
+                        if self._insn_fault(first + i, cpu, res, r.value, ipv) != 0:
+                            return REPLAY_OUT_OF_MEMORY
+                        faulted = True
+                elif r.type == REC_INVLPG:
+                    pks_invlpg(cc, r.addr)
+                elif r.type == REC_PTE_WRITE:
+                    if pks_mem_write_u64(cc.mem, r.addr, r.value) != 0:
                         self.error_record = first + i
                         return REPLAY_OUT_OF_MEMORY
-                if r.flags & 2:
-                    c.rflags = rfl
-                if res == PKS_OK:
-                    continue
-                if res == PKS_GP:
-                    if self._log_fault(first + i, cpu, 13, 0, r.addr, -1, r.op, ipv) != 0:
+                elif r.type == REC_CONTEXT_SWITCH:
+                    if r.addr != 0:
+                        # __switch_to runs at CPL 0 whatever the outgoing task's CPL.
+                        cpl_before = cc.cpl
+                        cc.cpl = 0
+                        res = pks_write_cr3(cc, r.addr)
+                        cc.cpl = cpl_before
+                        if self._insn_fault(first + i, cpu, res, r.addr, ipv) != 0:
+                            return REPLAY_OUT_OF_MEMORY
+                    res = self.kernel.switch_to(cpu, <int64_t>r.value)
+                    if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
                         return REPLAY_OUT_OF_MEMORY
-                elif self._log_fault(first + i, cpu, 14, res, c.last_fault_va, c.last_pkey, r.op,
-                                     ipv) != 0:
-                    return REPLAY_OUT_OF_MEMORY
-                if self.max_faults and self.total_faults >= self.max_faults:
+                elif r.type == REC_SET_RFLAGS:
+                    cc.rflags = (r.value & PKS_RFLAGS_KNOWN) | PKS_RFLAGS_FIXED
+                elif r.type == REC_TASK_FORK:
+                    self.kernel.fork(cpu, <int64_t>r.value, (r.flags & 1) != 0)
+                elif r.type == REC_TASK_EXEC:
+                    self.kernel.exec_task(<int64_t>r.value)
+                elif r.type == REC_PKS_UPDATE:
+                    res = self.kernel.update_current(cpu, <int>r.value, r.op)
+                    if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
+                        return REPLAY_OUT_OF_MEMORY
+                elif r.type == REC_PKS_ABANDON:
+                    # V7 pks_abandon_protections: the key leaves the allowed mask
+                    # for good, and the current task gets read/write on it.
+                    self.kernel.mask &= ~(<uint64_t>3 << (2 * r.value)) & <uint64_t>0xFFFFFFFF
+                    res = self.kernel.update_current(cpu, <int>r.value, 0)
+                    if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
+                        return REPLAY_OUT_OF_MEMORY
+                # A faulting WRMSR, RDMSR, WRPKRU or MOV to CR counts toward max_faults.
+                if faulted and self.max_faults and self.total_faults >= self.max_faults:
                     self.records_done = first + i + 1
                     return REPLAY_STOPPED
-                continue
-            ipv = ipp[i] if ipp != NULL else 0
-            self.rec_counts[r.type] += 1
-            res = PKS_OK
-            if r.type == REC_WRMSR:
-                res = pks_wrmsr(c, <uint32_t>r.addr, r.value)
-                if res == PKS_OK:
-                    if r.addr == PKS_MSR_IA32_PKRS:
-                        # A PKRS write is the consumer's pks_write_pkrs: the
-                        # running task's value and the cache follow it.
-                        self.kernel.msr_written(cpu, r.value)
-                    continue
-                if self._insn_fault(first + i, cpu, res, r.addr, ipv) != 0:
-                    return REPLAY_OUT_OF_MEMORY
-            elif r.type == REC_RDMSR:
-                res = pks_rdmsr(c, <uint32_t>r.addr, &v)
-                if res == PKS_OK:
-                    continue
-                if self._insn_fault(first + i, cpu, res, r.addr, ipv) != 0:
-                    return REPLAY_OUT_OF_MEMORY
-            elif r.type == REC_WRPKRU:
-                res = pks_wrpkru(c, <uint32_t>r.value, <uint32_t>r.addr, <uint32_t>(r.addr >> 32))
-                if res == PKS_OK:
-                    continue
-                if self._insn_fault(first + i, cpu, res, 0, ipv) != 0:
-                    return REPLAY_OUT_OF_MEMORY
-            elif r.type == REC_MOV_CR:
-                if r.op == 0:
-                    res = pks_write_cr0(c, r.value)
-                elif r.op == 3:
-                    res = pks_write_cr3(c, r.value)
-                else:
-                    res = pks_write_cr4(c, r.value)
-                if res == PKS_OK:
-                    continue
-                if self._insn_fault(first + i, cpu, res, r.value, ipv) != 0:
-                    return REPLAY_OUT_OF_MEMORY
-            elif r.type == REC_INVLPG:
-                pks_invlpg(c, r.addr)
-                continue
-            elif r.type == REC_PTE_WRITE:
-                if pks_mem_write_u64(c.mem, r.addr, r.value) != 0:
-                    self.error_record = first + i
-                    return REPLAY_OUT_OF_MEMORY
-                continue
-            elif r.type == REC_CONTEXT_SWITCH:
-                if r.addr != 0:
-                    # __switch_to runs at CPL 0 whatever the outgoing task's CPL.
-                    cpl_before = c.cpl
-                    c.cpl = 0
-                    res = pks_write_cr3(c, r.addr)
-                    c.cpl = cpl_before
-                    if self._insn_fault(first + i, cpu, res, r.addr, ipv) != 0:
-                        return REPLAY_OUT_OF_MEMORY
-                res = self.kernel.switch_to(cpu, <int64_t>r.value)
-                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
-                    return REPLAY_OUT_OF_MEMORY
-                continue
-            elif r.type == REC_EXCEPTION_ENTRY:
-                cpl_before = c.cpl
-                c.cpl = 0
-                # Vector 2 is an NMI (irqentry_nmi_enter: saves in every version).
-                if self.kernel.entry(cpu, r.value == 2, (r.flags & 1) != 0 or cpl_before == 3,
-                                     cpl_before, &res) != 0:
-                    self.error_record = first + i
-                    return REPLAY_OUT_OF_MEMORY
-                depth = self.kernel.depth_of(cpu)
-                if depth > self.max_exception_depth:
-                    self.max_exception_depth = depth
-                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
-                    return REPLAY_OUT_OF_MEMORY
-                continue
-            elif r.type == REC_EXCEPTION_EXIT:
-                if self.kernel.exit(cpu, &cpl_before, &res) != 0:
-                    self.error_record = first + i
-                    self.records_done = first + i
-                    return REPLAY_EXIT_WITHOUT_ENTRY
-                c.cpl = cpl_before
-                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
-                    return REPLAY_OUT_OF_MEMORY
-                continue
-            elif r.type == REC_SET_RFLAGS:
-                c.rflags = (r.value & PKS_RFLAGS_KNOWN) | PKS_RFLAGS_FIXED
-                continue
-            elif r.type == REC_TASK_FORK:
-                self.kernel.fork(cpu, <int64_t>r.value, (r.flags & 1) != 0)
-                continue
-            elif r.type == REC_TASK_EXEC:
-                self.kernel.exec_task(<int64_t>r.value)
-                continue
-            elif r.type == REC_PKS_UPDATE:
-                res = self.kernel.update_current(cpu, <int>r.value, r.op)
-                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
-                    return REPLAY_OUT_OF_MEMORY
-                continue
-            elif r.type == REC_PKS_ABANDON:
-                # V7 pks_abandon_protections: the key leaves the allowed mask
-                # for good, and the current task gets read/write on it.
-                self.kernel.mask &= ~(<uint64_t>3 << (2 * r.value)) & <uint64_t>0xFFFFFFFF
-                res = self.kernel.update_current(cpu, <int>r.value, 0)
-                if self._insn_fault(first + i, cpu, res, PKS_MSR_IA32_PKRS, ipv) != 0:
-                    return REPLAY_OUT_OF_MEMORY
-                continue
-            if res == PKS_OK:
-                continue
-            # Only faulting records reach this point.
-            if self.max_faults and self.total_faults >= self.max_faults:
-                self.records_done = first + i + 1
-                return REPLAY_STOPPED
+            if st != _GO_ON:
+                return st
+            if r.type == REC_ACCESS:
+                held = PKS_REC_NO_KEY
+                if hot and not (r.flags & 2) and self.cpus[r.cpu].tlb_mask != 0:
+                    hc = self.cpus[r.cpu]
+                    held = hdr & ~PKS_REC_OP_KIND
+            elif held != PKS_REC_NO_KEY:
+                # A control record leaves the key's CPU, size and flags; it
+                # may have changed the CPL or EFLAGS.AC (smode is derived
+                # again below), but the key's records write a CPL of their
+                # own, which the hot path does not: that CPL must still hold.
+                if (held >> 48) & 0xFF != 0xFF and hc.cpl != (held >> 48) & 0xFF:
+                    held = PKS_REC_NO_KEY
+            # Every hot-path value is set here on both branches, so that only
+            # ``held`` and ``hc`` live across the call to _step: the loop
+            # above keeps the rest in registers.
+            if held != PKS_REC_NO_KEY:
+                c = hc
+                tlb = c.tlb
+                tmask = c.tlb_mask
+                sm = _smode(c, ((held >> 24) & 1) != 0) << 4
+                last = ((held >> 32) & 0xFFFF) - 1
+            else:
+                c = NULL
+                tlb = NULL
+                tmask = 0
+                sm = 0
+                last = 0
+            key = held
+            r += 1
         self.records_done = first + n
         return REPLAY_DONE
 

@@ -270,6 +270,37 @@ def test_compiled_replay_matches_python_replay(tmp_path_factory, recs, compat):
         assert got.kernel[k] == v, k
 
 
+# Runs of access records with the same header but the kind (the replay's
+# hot path takes the second and later ones), between control records that
+# change CPL, EFLAGS.AC, the keys and the TLB under it.
+run_st = st.tuples(st.just("run"), st.integers(0, 1), st.sampled_from([BASE, USER]),
+                   st.sampled_from([None, 0, 3]), st.booleans(), st.sampled_from([1, 8, 16]),
+                   st.lists(st.tuples(st.integers(0, 9), st.integers(0, 2)), min_size=1, max_size=12))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(run_st | record_st, min_size=1, max_size=30), st.sampled_from(["sdm", "qemu"]))
+def test_hot_path_matches_the_full_path(tmp_path_factory, recs, compat):
+    # One record per chunk runs every record through the full path.
+    m, a = small_machine(2, compat, pages=10, read_only_every=3)
+    path = tmp_path_factory.mktemp("r") / "t.pkt"
+    depth = _Depths(2)
+    with TraceWriter(path, m, max_tasks=4) as w:
+        for rec in recs:
+            if rec[0] == "run":
+                _, cpu, base, cpl, implicit, size, steps = rec
+                for page, k in steps:
+                    _write(w, a, ("access", cpu, base, page, k, cpl, implicit, size), depth)
+            else:
+                _write(w, a, rec, depth)
+    whole = replay(path)
+    single = replay(path, chunk_records=1)
+    assert np.array_equal(whole.faults, single.faults)
+    assert whole.counters == single.counters and whole.kernel == single.kernel
+    want_faults, _ = python_replay(str(path))
+    assert [tuple(int(x) for x in f) for f in whole.faults] == want_faults
+
+
 # --- bad input ---------------------------------------------------------------
 
 def _good_trace(tmp_path, n=3):
