@@ -17,16 +17,20 @@ def python_replay(path: str):
     with open(path, "rb") as f:
         data = f.read()
     recs = np.frombuffer(data, dtype=RECORD, count=h.record_count, offset=h.records_offset)
-    task_pkrs = {}
     current = [None] * h.ncpus
     cache = [c.pkrs for c in m.cpus]
+    # before its first switch a CPU runs a boot task of its own, keyed
+    # ("boot", cpu), whose value starts as the CPU's initial IA32_PKRS
+    task_pkrs: dict = {("boot", c): v for c, v in enumerate(cache)}
+
+    def task(c):
+        return current[c] if current[c] is not None else ("boot", c)
     # Exception frames live on the task's kernel stack (a task switched in
-    # inside a handler has its own); before its first switch a CPU runs a
-    # boot task of its own, keyed ("boot", cpu) here.
+    # inside a handler has its own).
     aux: dict = {}
 
     def stack(c):
-        return aux.setdefault(current[c] if current[c] is not None else ("boot", c), [])
+        return aux.setdefault(task(c), [])
     faults = []
     k = {"context_switches": 0, "pkrs_writes": 0, "pkrs_writes_avoided": 0, "exceptions": 0,
          "max_exception_depth": 0}
@@ -72,8 +76,7 @@ def python_replay(path: str):
         elif t == RecordType.WRMSR:
             if insn(i, c, lambda: cpu.wrmsr(addr, value), addr) and addr == MSR_IA32_PKRS:
                 cache[c] = value
-                if current[c] is not None:
-                    task_pkrs[current[c]] = value
+                task_pkrs[task(c)] = value
         elif t == RecordType.RDMSR:
             insn(i, c, lambda: cpu.rdmsr(addr), addr)
         elif t == RecordType.WRPKRU:
@@ -93,15 +96,16 @@ def python_replay(path: str):
             write_cached(c, pkrs_of(value))
         elif t == RecordType.EXCEPTION_ENTRY:
             k["exceptions"] += 1
-            saved = pkrs_of(current[c]) if current[c] is not None else cpu.pkrs
+            # V10 pks_save_pt_regs: the thread's value, which the handler's
+            # PKS_INIT_VALUE does not change (V10 21/44)
+            saved = pkrs_of(task(c))
             stack(c).append((saved, cpu.cpl))
             k["max_exception_depth"] = max(k["max_exception_depth"], len(stack(c)))
             cpu.cpl = 0
             write_cached(c, h.pkrs_init)
         elif t == RecordType.EXCEPTION_EXIT:
             saved, cpl = stack(c).pop()
-            if current[c] is not None:
-                task_pkrs[current[c]] = saved
+            task_pkrs[task(c)] = saved
             write_cached(c, saved)
             cpu.cpl = cpl
         elif t == RecordType.SET_RFLAGS:
