@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from sigint import default_sigint
 from pks_emu import Machine, TraceWriter
 from pks_emu.trace.format import read_header
 
@@ -200,7 +201,7 @@ def interrupt_when_writing(argv, folder: Path, env=None, timeout=120, sig=signal
     ``folder`` containing ``marker``, default any temporary), send SIGINT."""
     e = dict(os.environ, **(env or {}))
     proc = subprocess.Popen([*PKS_EMU, *map(str, argv)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=e)
+                            stderr=subprocess.PIPE, text=True, env=e, preexec_fn=default_sigint)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -259,7 +260,7 @@ def test_ctrl_c_during_lackey_replay_leaves_no_temporary(tmp_path):
     tmp.mkdir()
     proc = subprocess.Popen([*PKS_EMU, "replay", "-", "-q"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=dict(os.environ, TMPDIR=str(tmp)))
+                            env=dict(os.environ, TMPDIR=str(tmp)), preexec_fn=default_sigint)
     try:
         for _ in range(10):
             proc.stdin.write(line)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sigint import default_sigint
 import pks_emu
 from pks_emu.cli import main
 from pks_emu.trace.convert import convert_lackey
@@ -241,6 +242,7 @@ def test_cli_interrupt_writes_the_partial_table(tmp_path):
     # cwd outside the checkout: `python -c` puts the cwd first on sys.path,
     # and the source tree has no compiled core when the package is installed.
     p = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=default_sigint,
                          text=True, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 60
