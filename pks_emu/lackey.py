@@ -26,7 +26,9 @@ The kinds are those of :class:`pks_emu.AccessKind`. Rules of this reader:
   20 are kept in ``bad_examples``. A line longer than 64 KiB cannot be a
   record: it is skipped if it starts with ``==``, else it is malformed.
 - Input may be plain, gzip, xz or bzip2, detected from the first bytes (not
-  the file name). Damaged compressed data raises ``TraceFormatError`` naming
+  the file name). xz is decoded as ``xz -dc`` does (``pks_emu/_xz.pyx``:
+  liblzma straight into the block, concatenated streams and padding, and
+  data after the last stream is an error). Damaged compressed data raises ``TraceFormatError`` naming
   the file. A missing file raises the ``FileNotFoundError`` of ``open()``,
   which names the path (any ``OSError`` of the file system passes through).
 
@@ -58,6 +60,7 @@ from collections.abc import Generator, Iterator
 
 import numpy as np
 
+from . import _xz
 from ._lackey import ST_BAD, ST_DONE, ST_FULL, ST_NOMEM, PageSet, scan_block_ip, scan_block_records
 from .errors import TraceFormatError
 
@@ -247,7 +250,7 @@ def _open(fspath) -> tuple[io.BufferedIOBase, io.BufferedIOBase, str]:
             if name == "gzip":
                 stream = gzip.GzipFile(fileobj=raw, mode="rb")
             elif name == "xz":
-                stream = lzma.LZMAFile(raw, mode="rb")
+                stream = _xz.XzStream(raw) if _xz.available() else lzma.LZMAFile(raw, mode="rb")
             else:
                 stream = bz2.BZ2File(raw, mode="rb")
             return raw, stream, name
