@@ -191,3 +191,22 @@ def test_output_path_that_is_not_a_regular_file(tmp_path):
     assert info.counts["records"] == 50_000
     chunk_records, (total, _, _) = _v2_frames(got["data"])
     assert chunk_records == total == 50_000
+
+
+def test_cancel_stops_qemu(tmp_path):
+    # A reader that gives up (a failed replay) stops the boot feeding it: QEMU
+    # must not run on to the guest's power-off as an orphan.
+    import time
+
+    from pks_emu.capture import capture_pipe
+    reader, job = capture_pipe(save_kallsyms=False, timeout=300)
+    with reader:
+        assert len(reader.read(1 << 20)) == 1 << 20   # the boot is under way
+        t0 = time.monotonic()
+        job.cancel()
+        waited = time.monotonic() - t0
+    assert job.done()
+    with pytest.raises(PksEmuError, match="the capture was cancelled and QEMU stopped"):
+        job.wait()
+    # a boot takes 5-15 s; a cancelled one ends within the SIGTERM grace
+    assert waited < 12, f"cancel() took {waited:.1f} s"

@@ -30,3 +30,23 @@ def test_run_errors(monkeypatch):
     with pytest.raises(PksEmuError, match="--json and '-o -'"):
         monkeypatch.setattr("sys.stdout.isatty", lambda: False)
         cli.run(parse("-o", "-", "--json"))
+
+
+@pytest.mark.parametrize("speed", [False, True])
+def test_bad_policy_fails_before_qemu_starts(tmp_path, monkeypatch, speed):
+    # The policy is checked first: an error after QEMU started would leave a
+    # boot running for nothing (and, before the fix, an orphaned QEMU).
+    import pks_emu.capture as capture_mod
+    import pks_emu.capture.speed as speed_mod
+    started = []
+    monkeypatch.setattr(capture_mod, "capture_pipe", lambda **kw: started.append(kw))
+    monkeypatch.setattr(speed_mod, "measure_speed", lambda **kw: started.append(kw))
+    pol = tmp_path / "p.toml"
+    pol.write_text('[[region]]\nname = "rodata"\nsection = "rodata"\npkey = 1\n')
+    argv = ["--policy", str(pol)] + (["--speed"] if speed else [])
+    with pytest.raises(PksEmuError, match=r"region 1 \(rodata\): names symbols, but no kallsyms"):
+        cli.run(parse(*argv))
+    pol.write_text('[[region]]\nname = "x"\nstart = 0x1000\nend = 0x2000\npkey = 99\n')
+    with pytest.raises(PksEmuError, match="pkey"):
+        cli.run(parse(*argv))
+    assert started == []

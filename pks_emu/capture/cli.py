@@ -110,12 +110,16 @@ def _capture_and_replay(args: argparse.Namespace, qemu_args: list[str]) -> int:
 
     from . import capture_pipe
     from ..symbols import Symbolizer
+    from .session import TRACE_LEVELS
     from .speed import lower_thread_priority
+    from ..trace.kernel import check_kernel_policy
     from ..trace.replay import replay
     if args.output or args.count_only:
         raise PksEmuError("--policy replays the capture as it runs: leave out -o and --count-only "
                           "(or capture to a file and run 'pks-emu replay FILE --policy P')")
     known = args.kallsyms if args.kallsyms and os.path.isfile(args.kallsyms) else None
+    # A bad policy fails here, not after QEMU has started booting.
+    check_kernel_policy(args.policy, known, TRACE_LEVELS)
     reader, job = capture_pipe(kernel=args.kernel, initrd=args.initrd, append=args.append,
                                workload=args.workload, memory=args.memory, smp=args.smp,
                                fetches=args.fetches, extra_qemu_args=qemu_args,
@@ -127,6 +131,10 @@ def _capture_and_replay(args: argparse.Namespace, qemu_args: list[str]) -> int:
     lower_thread_priority(args.nice)   # this thread only: QEMU's keeps its value
     try:
         result = replay(reader, policy=args.policy, kallsyms=known)
+    except BaseException:
+        reader.close()
+        job.cancel()    # the replay failed: stop the boot that feeds it
+        raise
     finally:
         reader.close()
     info = job.wait()
@@ -157,6 +165,10 @@ def _speed(args: argparse.Namespace, qemu_args: list[str]) -> int:
     if args.repeat < 1:
         raise PksEmuError(f"--repeat {args.repeat}: expected at least 1")
     known = args.kallsyms if args.kallsyms and os.path.isfile(args.kallsyms) else None
+    if args.policy:
+        from ..trace.kernel import check_kernel_policy
+        from .session import TRACE_LEVELS
+        check_kernel_policy(args.policy, known, TRACE_LEVELS)
     doc = measure_speed(policy=args.policy, kallsyms=known, repeat=args.repeat, nice=args.nice,
                         progress=lambda m: print(f"pks-emu capture --speed: {m}", file=sys.stderr),
                         kernel=args.kernel, initrd=args.initrd, append=args.append,

@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -116,12 +117,14 @@ def build_command(*, qemu: str | os.PathLike, kernel: str | os.PathLike,
 
 
 def run(cmd: Sequence[str], *, log_path: str | os.PathLike, timeout: float | None,
-        pass_fds: Sequence[int] = ()) -> tuple[int, float, bool]:
+        pass_fds: Sequence[int] = (), cancel: threading.Event | None = None
+        ) -> tuple[int, float, bool]:
     """Run QEMU with its stdout/stderr to ``log_path``.
 
-    Returns (exit status, wall seconds, timed_out). On a timeout QEMU gets
-    SIGTERM (it shuts down cleanly: the plugins' exit callbacks run and flush),
-    then SIGKILL 10 s later.
+    Returns (exit status, wall seconds, timed_out). On a timeout, or when
+    ``cancel`` is set, QEMU gets SIGTERM (it shuts down cleanly: the plugins'
+    exit callbacks run and flush), then SIGKILL 10 s later; a cancelled run
+    counts as timed out.
     """
     t0 = time.monotonic()
     with open(log_path, "wb") as log:
@@ -132,7 +135,7 @@ def run(cmd: Sequence[str], *, log_path: str | os.PathLike, timeout: float | Non
             raise PksEmuError(f"cannot start {cmd[0]}: {e.strerror}") from None
         timed_out = False
         try:
-            rc = proc.wait(timeout=timeout)
+            rc = _wait(proc, timeout, cancel)
         except subprocess.TimeoutExpired:
             timed_out = True
             proc.send_signal(signal.SIGTERM)
@@ -146,6 +149,20 @@ def run(cmd: Sequence[str], *, log_path: str | os.PathLike, timeout: float | Non
             proc.wait()
             raise
     return rc, time.monotonic() - t0, timed_out
+
+
+def _wait(proc: subprocess.Popen, timeout: float | None, cancel: threading.Event | None) -> int:
+    """``proc.wait(timeout)``, also ending (TimeoutExpired) when ``cancel`` is set."""
+    if cancel is None:
+        return proc.wait(timeout=timeout)
+    end = None if timeout is None else time.monotonic() + timeout
+    while True:
+        step = 0.1 if end is None else max(0.0, min(0.1, end - time.monotonic()))
+        try:
+            return proc.wait(timeout=step)
+        except subprocess.TimeoutExpired:
+            if cancel.is_set() or (end is not None and time.monotonic() >= end):
+                raise
 
 
 def tail(path: str | os.PathLike, lines: int = 15) -> str:

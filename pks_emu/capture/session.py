@@ -114,7 +114,8 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
             count_only: bool = False, start: str = "boot", limit: int | None = None,
             modules: Sequence[str | os.PathLike] = (), pa: bool = True,
             writer_thread: bool = True, save_kallsyms: bool = True,
-            coalesce: bool = False, writer_nice: int = 0) -> CaptureInfo:
+            coalesce: bool = False, writer_nice: int = 0,
+            cancel: threading.Event | None = None) -> CaptureInfo:
     """Boot a kernel under QEMU TCG with the capture plugin; return what happened.
 
     ``out``: where the trace-v2 stream goes: a path (written as ``PATH.part``,
@@ -143,6 +144,9 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
     thread it shares one with. ``save_kallsyms``: the
     built-in guest dumps ``/proc/kallsyms`` after the workload (in the trace:
     about as many kernel accesses as the boot itself; off saves that).
+    ``cancel``: setting this event stops QEMU (SIGTERM, as a timeout does)
+    and the capture fails with "cancelled" (how a failed replay stops the
+    boot that feeds it).
 
     Raises :class:`PksEmuError` (one line plus, where useful, the tail of the
     console or of QEMU's output) when a binary is missing, the kernel does
@@ -238,7 +242,8 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
                                   memory=memory, smp=smp, console=console, serial2=serial2,
                                   plugins=[(plugin, args)], extra_qemu_args=extra_qemu_args)
         rc, wall, timed_out = _qemu.run(cmd, log_path=log, timeout=timeout,
-                                        pass_fds=(out_fd,) if out_fd is not None else ())
+                                        pass_fds=(out_fd,) if out_fd is not None else (),
+                                        cancel=cancel)
         con_tail = _qemu.tail(console)
 
         def fail(msg: str, *, qemu_output: bool = False) -> PksEmuError:
@@ -251,6 +256,8 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
                 parts.append("guest console (last lines):\n" + con_tail)
             return PksEmuError("\n".join(parts))
 
+        if timed_out and cancel is not None and cancel.is_set():
+            raise fail("the capture was cancelled and QEMU stopped")
         if timed_out:
             raise fail(f"QEMU did not finish within {timeout:g} s and was stopped",
                        qemu_output=True)
@@ -317,7 +324,9 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
 class CaptureJob:
     """A capture running on a background thread (see :func:`capture_pipe`)."""
 
-    def __init__(self, fn, close_fd: int | None = None) -> None:
+    def __init__(self, fn, close_fd: int | None = None,
+                 cancel: threading.Event | None = None) -> None:
+        self._cancel = cancel
         self._result: CaptureInfo | None = None
         self._error: BaseException | None = None
 
@@ -335,6 +344,13 @@ class CaptureJob:
 
     def done(self) -> bool:
         return not self._thread.is_alive()
+
+    def cancel(self, timeout: float | None = 30) -> None:
+        """Stop QEMU (when it still runs) and wait for the capture to end;
+        :meth:`wait` then raises "cancelled" (or what the capture raised first)."""
+        if self._cancel is not None:
+            self._cancel.set()
+        self._thread.join(timeout)
 
     def wait(self, timeout: float | None = None) -> CaptureInfo:
         """The capture's :class:`CaptureInfo`; raises what :func:`capture` raised."""
@@ -354,11 +370,13 @@ def capture_pipe(**kwargs) -> tuple[BinaryIO, CaptureJob]:
     ``open_trace_v2``), ending when QEMU exits; ``job.wait()`` then gives the
     :class:`CaptureInfo` (or raises the capture's error). Keyword arguments are
     those of :func:`capture`. Read steadily: QEMU waits while the pipe is full.
-    Closing the reader early makes the capture fail ("Broken pipe").
+    Closing the reader early makes the capture fail ("Broken pipe"); a reader
+    that gives up calls ``job.cancel()``, which also stops QEMU.
     """
     r, w = os.pipe()
+    ev = threading.Event()
     try:
-        job = CaptureJob(lambda: capture(w, **kwargs), close_fd=w)
+        job = CaptureJob(lambda: capture(w, cancel=ev, **kwargs), close_fd=w, cancel=ev)
     except BaseException:
         os.close(r)
         os.close(w)

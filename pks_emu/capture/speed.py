@@ -73,7 +73,8 @@ def _pipeline_run(kw: dict, policy, kallsyms, coalesce: bool, nice: int) -> dict
     finally:
         reader.close()
     if "error" in out:
-        # the replay's error first: the capture then fails too (broken pipe)
+        # the replay's error first: stop the boot (it fails too)
+        job.cancel()
         try:
             job.wait()
         except Exception:

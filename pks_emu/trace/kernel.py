@@ -38,6 +38,17 @@ def entry_text(syms: Kallsyms | None) -> tuple[int, int]:
     return (syms.addr["__entry_text_start"], syms.addr["__entry_text_end"])
 
 
+def check_kernel_policy(policy, kallsyms, paging_levels: int) -> KernelPolicy:
+    """Load ``policy`` and resolve its names as a replay would (with
+    ``kallsyms``, a path or None, or the policy's own); raises what the replay
+    would raise. For a capture to fail before it starts QEMU."""
+    if not isinstance(policy, KernelPolicy):
+        policy = load_kernel_policy(policy)
+    path = find_kallsyms("", kallsyms, policy) if kallsyms or policy.kallsyms else None
+    resolve(policy, Kallsyms(path) if path is not None else None, paging_levels)
+    return policy
+
+
 def kernel_machine_for(name: str, header, policy, kallsyms, compat):
     """(machine, mapper, info) for the captured trace ``name``."""
     if not isinstance(policy, KernelPolicy):
