@@ -50,3 +50,14 @@ def test_bad_policy_fails_before_qemu_starts(tmp_path, monkeypatch, speed):
     with pytest.raises(PksEmuError, match="pkey"):
         cli.run(parse(*argv))
     assert started == []
+
+
+def test_nice_option():
+    assert parse("--nice", "7").nice == (7, 7)
+    assert parse("--nice", "5,19").nice == (5, 19)
+    assert parse().nice is None
+    from pks_emu.capture.speed import DEFAULT_NICE
+    assert cli._nice(parse()) == DEFAULT_NICE == (5, 19)
+    for bad in ("20", "-1", "1,2,3", "x", "5,"):
+        with pytest.raises(SystemExit):
+            parse("--nice", bad)

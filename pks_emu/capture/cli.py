@@ -77,15 +77,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "then captured and piped into the replay (against --policy, if given; "
                         "--coalesce is implied), --repeat times in turn, and print wall and CPU "
                         "times, accesses per second of each stage, peak memory and the ratio")
-    p.add_argument("--nice", type=int, default=0, metavar="N",
-                   help="with --policy or --speed: add N (0..19) to the nice values of the "
-                        "plugin's writer thread and of the replay, so that QEMU's vCPU thread, "
-                        "the boot's critical path, keeps its core when they share one")
+    p.add_argument("--nice", type=_nice_pair, default=None, metavar="W[,R]",
+                   help="with --policy or --speed: add W to the nice value of the plugin's "
+                        "writer thread and R to the replay's (0..19; one number: both; default "
+                        "5,19), so that QEMU's vCPU thread, the boot's critical path, keeps "
+                        "its core and the writer keeps up with it; 0 leaves all equal")
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="with --speed: rounds of the two boots (default 1; the ratio is of the "
                         "median wall times)")
     p.add_argument("qemu_args", nargs="*", metavar="-- QEMU_ARG",
                    help="more qemu-system-x86_64 arguments, verbatim, after '--'")
+
+
+def _nice_pair(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    try:
+        vals = [int(x) for x in parts]
+    except ValueError:
+        vals = []
+    if len(vals) not in (1, 2) or not all(0 <= v <= 19 for v in vals):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or W,R with each 0..19")
+    return (vals[0], vals[-1])
+
+
+def _nice(args: argparse.Namespace) -> tuple[int, int]:
+    from .speed import DEFAULT_NICE
+    return DEFAULT_NICE if args.nice is None else args.nice
 
 
 def _modules(names: list[str], kernel: str | None) -> list[Path]:
@@ -127,8 +144,8 @@ def _capture_and_replay(args: argparse.Namespace, qemu_args: list[str]) -> int:
                                start=args.start, limit=args.limit,
                                modules=_modules(args.module, args.kernel), pa=not args.no_pa,
                                save_kallsyms=not args.no_kallsyms, coalesce=args.coalesce,
-                               writer_nice=args.nice)
-    lower_thread_priority(args.nice)   # this thread only: QEMU's keeps its value
+                               writer_nice=_nice(args)[0])
+    lower_thread_priority(_nice(args)[1])   # this thread only: QEMU's keeps its value
     try:
         result = replay(reader, policy=args.policy, kallsyms=known)
     except BaseException:
@@ -169,7 +186,9 @@ def _speed(args: argparse.Namespace, qemu_args: list[str]) -> int:
         from ..trace.kernel import check_kernel_policy
         from .session import TRACE_LEVELS
         check_kernel_policy(args.policy, known, TRACE_LEVELS)
-    doc = measure_speed(policy=args.policy, kallsyms=known, repeat=args.repeat, nice=args.nice,
+    writer_nice, replay_nice = _nice(args)
+    doc = measure_speed(policy=args.policy, kallsyms=known, repeat=args.repeat,
+                        writer_nice=writer_nice, replay_nice=replay_nice,
                         progress=lambda m: print(f"pks-emu capture --speed: {m}", file=sys.stderr),
                         kernel=args.kernel, initrd=args.initrd, append=args.append,
                         workload=args.workload, memory=args.memory, smp=args.smp,
@@ -186,8 +205,6 @@ def _speed(args: argparse.Namespace, qemu_args: list[str]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from . import capture
-    if not 0 <= args.nice <= 19:
-        raise PksEmuError(f"--nice {args.nice}: expected 0..19")
     if args.speed:
         qemu_args = list(args.qemu_args)
         return _speed(args, qemu_args[1:] if qemu_args[:1] == ["--"] else qemu_args)

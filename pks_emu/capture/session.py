@@ -363,13 +363,15 @@ class CaptureJob:
         return self._result
 
 
-def capture_pipe(**kwargs) -> tuple[BinaryIO, CaptureJob]:
+def capture_pipe(*, buffer: int = 256 << 20, **kwargs) -> tuple[BinaryIO, CaptureJob]:
     """Start a capture whose trace comes through a pipe: ``(reader, job)``.
 
     ``reader`` is a binary file object with the trace-v2 stream (for
     ``open_trace_v2``), ending when QEMU exits; ``job.wait()`` then gives the
     :class:`CaptureInfo` (or raises the capture's error). Keyword arguments are
-    those of :func:`capture`. Read steadily: QEMU waits while the pipe is full.
+    those of :func:`capture`. ``reader`` reads the pipe ahead on a thread and
+    holds up to ``buffer`` bytes of the stream (:class:`pipebuf.PipeBuffer`:
+    QEMU runs ahead while the replay is behind); QEMU waits when it is full.
     Closing the reader early makes the capture fail ("Broken pipe"); a reader
     that gives up calls ``job.cancel()``, which also stops QEMU.
     """
@@ -381,4 +383,5 @@ def capture_pipe(**kwargs) -> tuple[BinaryIO, CaptureJob]:
         os.close(r)
         os.close(w)
         raise
-    return os.fdopen(r, "rb", buffering=1 << 20), job
+    from .pipebuf import PipeBuffer
+    return PipeBuffer(r, buffer), job

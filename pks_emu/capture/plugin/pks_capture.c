@@ -34,6 +34,8 @@
  *                       0x55555554, 0, the machine's vCPU count)
  *   chunk=N             records per chunk (writer default when absent)
  *   bufsize=N           records per vCPU buffer (default 8192)
+ *   pool=N              buffers for the writer's queue, besides 4 per vCPU
+ *                       (default 64: 16 MiB, ~0.1 s of boot)
  *   thread=on|off       encode on a writer thread (default on)
  *   writer_nice=N       raise the writer thread's nice value by N (0..19,
  *                       default 0)
@@ -80,6 +82,7 @@ typedef struct vstate {
 static vstate *vs;
 static unsigned nvcpus;
 static size_t bufcap = 8192;   /* 256 KiB: stays in cache between the two threads */
+static unsigned pool_bufs = 64; /* buffers for the writer's queue (+3 per vCPU) */
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t queued_cv = PTHREAD_COND_INITIALIZER;  /* queue non-empty or done */
@@ -423,15 +426,19 @@ static void on_qemu_exit(qemu_plugin_id_t id, void *udata)
     for (unsigned i = 0; i < nvcpus; i++)
         for (int k = 0; k < C_NCOUNT; k++)
             tot[k] += vs[i].cnt.c[k];
+    /* QEMU's own peak (a parent's getrusage of its children would count
+     * the parent's memory at fork time too) */
+    struct rusage ru;
+    long maxrss = getrusage(RUSAGE_SELF, &ru) == 0 ? ru.ru_maxrss : 0;
     char extra[512];
     snprintf(extra, sizeof(extra),
              "\"records\": %llu, \"records_dropped\": %llu, \"merged\": %llu, \"pa_none\": %llu, "
-             "\"limit_reached\": %s, \"write_error\": %s%s%s",
+             "\"qemu_maxrss_kib\": %ld, \"limit_reached\": %s, \"write_error\": %s%s%s",
              (unsigned long long)written_records,
              (unsigned long long)(tot[C_KLOAD] + tot[C_KSTORE] + tot[C_ULOAD] + tot[C_USTORE]
                                   + tot[C_KFETCH] + tot[C_UFETCH] - written_records
                                   - tot[C_MERGED]),
-             (unsigned long long)tot[C_MERGED], (unsigned long long)pa_none_count,
+             (unsigned long long)tot[C_MERGED], (unsigned long long)pa_none_count, maxrss,
              queued_records >= limit ? "true" : "false",
              write_err ? "\"" : "null", write_err ? strerror(-write_err) : "",
              write_err ? "\"" : "");
@@ -488,6 +495,7 @@ PKS_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t
         UINT_OPT("ncpus", 255, ncpus)
         UINT_OPT("chunk", PKS_TW_MAX_CHUNK, cfg.chunk_records)
         UINT_OPT("bufsize", 1u << 24, bufcap)
+        UINT_OPT("pool", 4096, pool_bufs)
         UINT_OPT("writer_nice", 19, writer_nice)
         else {
         bad:
@@ -529,8 +537,11 @@ PKS_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t
     if (!vs)
         return -1;
     memset(vs, 0, sizeof(vstate) * nvcpus);
-    /* one buffer per vCPU in use, plus a pool for the queue */
-    unsigned nbufs = nvcpus + (use_thread ? 3 * nvcpus + 4 : 0);
+    /* one buffer per vCPU in use, plus the pool the writer empties: deep
+     * enough that the vCPU runs on while the writer shares a core with the
+     * replay (with 8 buffers, 3 ms of boot, the vCPU waited and a core idled:
+     * docs/capture.md, "Speed") */
+    unsigned nbufs = nvcpus + (use_thread ? 3 * nvcpus + pool_bufs : 0);
     for (unsigned i = 0; i < nbufs; i++) {
         buf *b = calloc(1, sizeof(buf));
         if (!b || !(b->recs = malloc(sizeof(cap_rec) * bufcap))) {
