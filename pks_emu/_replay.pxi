@@ -413,7 +413,10 @@ cdef class ReplayEngine:
         # were after that record: only _step changes them, and after each
         # _step the key is rebuilt from the record it ran (or cleared).
         # It does what _access_m does on a hit, minus the physical address,
-        # which only the kernel mapper reads (no hot path with a mapper).
+        # which only the kernel mapper reads: with a mapper (a captured
+        # kernel) the record's own physical address must then be in the
+        # cached frame (else _demand follows a remap), and there is no hot
+        # path while the policy has windows (window_at runs per record).
         cdef uint64_t i, hdr, va, leaf, tmask = 0, key = PKS_REC_NO_KEY, held
         cdef const pks_record_t *r = recs
         cdef const pks_record_t *end = recs + n
@@ -430,7 +433,10 @@ cdef class ReplayEngine:
         cdef uint32_t sm = 0, idx, p
         cdef uint64_t last = 0
         cdef int st
-        cdef bint hot = self.mapper is None
+        cdef bint hot = self.mapper is None or self.mapper.n_windows == 0
+        # the physical addresses the hot path must check (a mapper's trace)
+        cdef const uint64_t *hpa = pap if self.mapper is not None else NULL
+        cdef uint64_t want
         # The loop keeps only the CPU pointer and what the key fixed in
         # registers; the tables are read at constant offsets from ``c``.
         while r < end:
@@ -442,7 +448,9 @@ cdef class ReplayEngine:
                 # in the slot of its first: equal only if both bytes are on
                 # the cached page (the next page, or page 0 after a wrap,
                 # has another slot when the TLB has two or more entries).
-                if (<uint64_t *>t)[(hdr >> 16) & 1] == (((va + last) & ~<uint64_t>0xFFF) | 1):
+                if ((<uint64_t *>t)[(hdr >> 16) & 1] == (((va + last) & ~<uint64_t>0xFFF) | 1)
+                        and (hpa == NULL or (want := hpa[r - recs]) == _PA_UNKNOWN
+                             or ((want ^ t.leaf) & c.addr_mask) >> 12 == 0)):
                     leaf = t.leaf
                     # kind << 7 | smode << 4 | leaf bits 4:1, as in _access_m
                     idx = (<uint32_t>(hdr >> 9) & 0x180) | sm | <uint32_t>((leaf >> 1) & 15)
