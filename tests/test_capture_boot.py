@@ -210,3 +210,20 @@ def test_cancel_stops_qemu(tmp_path):
         job.wait()
     # a boot takes 5-15 s; a cancelled one ends within the SIGTERM grace
     assert waited < 12, f"cancel() took {waited:.1f} s"
+
+
+def test_pa_shortcut_agrees_with_the_api_on_every_access(tmp_path):
+    # pa_shortcut=check: the plugin takes each guest-RAM address both from
+    # the host address it learned and from QEMU's API, and counts disagreements.
+    info = capture(tmp_path / "c.pkt2", pa_shortcut="check", coalesce=True, start="user",
+                   save_kallsyms=False, timeout=300)
+    c = info.counts
+    assert c["pa_shortcut"] is True and c["pa_shortcut_failed"] is False
+    assert c["pa_checked"] > 1_000_000
+    assert c["pa_mismatches"] == 0
+    # off: the API alone, nothing compared
+    info = capture(tmp_path / "o.pkt2", pa_shortcut="off", start="user", limit=10_000,
+                   save_kallsyms=False, timeout=300)
+    assert info.counts["pa_shortcut"] is False and info.counts["pa_checked"] == 0
+    with pytest.raises(PksEmuError, match="pa_shortcut 'maybe'"):
+        capture(tmp_path / "x.pkt2", pa_shortcut="maybe", timeout=300)

@@ -115,7 +115,7 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
             modules: Sequence[str | os.PathLike] = (), pa: bool = True,
             writer_thread: bool = True, save_kallsyms: bool = True,
             coalesce: bool = False, writer_nice: int = 0,
-            cancel: threading.Event | None = None) -> CaptureInfo:
+            cancel: threading.Event | None = None, pa_shortcut: str = "on") -> CaptureInfo:
     """Boot a kernel under QEMU TCG with the capture plugin; return what happened.
 
     ``out``: where the trace-v2 stream goes: a path (written as ``PATH.part``,
@@ -144,6 +144,11 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
     thread it shares one with. ``save_kallsyms``: the
     built-in guest dumps ``/proc/kallsyms`` after the workload (in the trace:
     about as many kernel accesses as the boot itself; off saves that).
+    ``pa_shortcut``: "on" (default) takes guest-RAM physical addresses
+    from the host address once the plugin has learned and checked it against
+    QEMU's API (docs/capture.md, "Physical addresses"); "off" asks the API for
+    every access; "check" asks it too and counts disagreements (the counts'
+    ``pa_checked`` and ``pa_mismatches``).
     ``cancel``: setting this event stops QEMU (SIGTERM, as a timeout does)
     and the capture fails with "cancelled" (how a failed replay stops the
     boot that feeds it).
@@ -229,6 +234,10 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
                 args["pa"] = "off"
             if not writer_thread:
                 args["thread"] = "off"
+            if pa_shortcut not in ("on", "off", "check"):
+                raise PksEmuError(f"pa_shortcut {pa_shortcut!r}: expected 'on', 'off' or 'check'")
+            if pa_shortcut != "on":
+                args["pa_shortcut"] = pa_shortcut
             if writer_nice:
                 if not 0 <= writer_nice <= 19:
                     raise PksEmuError(f"writer_nice {writer_nice}: expected 0..19")
@@ -275,6 +284,10 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
         except (OSError, ValueError):
             raise fail("the capture plugin reported no totals (QEMU did not run it to exit)",
                        qemu_output=True) from None
+        if counts.get("pa_shortcut_failed"):
+            raise fail("the capture plugin's physical-address shortcut disagreed with QEMU's "
+                       "plugin API and the recording was stopped (please report this QEMU "
+                       "version; the plugin option pa_shortcut=off avoids the shortcut)")
         if counts.get("write_error"):
             raise fail(f"writing the trace failed: {counts['write_error']}")
         text = console.read_bytes().decode("utf-8", "replace") if console.exists() else ""

@@ -34,6 +34,7 @@ static inline int pks_ip_is_kernel(uint64_t ip) { return (int)(ip >> 63); }
 enum { C_KLOAD, C_KSTORE, C_ULOAD, C_USTORE, C_KUSER, C_KFETCH, C_UFETCH,
        C_PANONE,   /* recorded accesses without a physical address */
        C_MERGED,   /* accesses merged into the record before them (coalesce=on) */
+       C_PACHECKED, C_PAMISMATCH,  /* pa_shortcut=check: compared, disagreeing */
        C_NCOUNT };
 typedef struct pks_vcounts {
     uint64_t c[C_NCOUNT];

@@ -23,6 +23,10 @@
  *   stats=PATH          totals at exit as one JSON object (default stderr)
  *   fetches=on|off      record instruction fetches too (default off)
  *   pa=on|off           look up physical addresses (default on)
+ *   pa_shortcut=on|off|check   guest-RAM addresses from the host address,
+ *                       learned and checked against the API (default on; see
+ *                       lookup_pa); check: also ask the API every time and count
+ *                       disagreements (pa_checked, pa_mismatches in the totals)
  *   start=boot|kernel|user   when recording starts (see common.h)
  *   limit=N             stop recording after N records (counting goes on)
  *   ram=BYTES,lowmem=BYTES   guest RAM size and the part below 4 GiB (pc
@@ -76,6 +80,9 @@ typedef struct buf {
 
 typedef struct vstate {
     buf *cur;
+    int pa_mode;          /* the physical-address shortcut: 0 learning, 1 on, -1 off */
+    uint32_t pa_n;        /* look-ups so far (learning, then the periodic check) */
+    uintptr_t pa_base;    /* host address of guest RAM's ram_addr 0 */
     pks_vcounts cnt;
 } __attribute__((aligned(64))) vstate;
 
@@ -102,6 +109,7 @@ static int out_fd = -1;
 static int want_fetches, want_pa = 1, want_coalesce;
 static uint64_t ram_size, lowmem_size;
 static uint64_t pa_none_count;    /* summed from the vCPUs at exit */
+static int pa_shortcut_used;      /* some vCPU used it (at exit) */
 
 /* ---- buffers and the writer -------------------------------------------- */
 
@@ -325,6 +333,82 @@ static inline uint64_t guest_pa(uint64_t raw)
     return PKS_TW_PA_NONE;
 }
 
+/* Physical addresses.  qemu_plugin_hwaddr_phys_addr finds the RAM block of
+ * the access's host address (under RCU) for every access: with is_io, a fifth
+ * of the vCPU's cost per access.  Guest RAM is one RAM block (pc.ram, offset 0,
+ * ram= bytes) with one host mapping, so raw = host - base for every host
+ * address in it.  The shortcut reads the host address from the record that
+ * qemu_plugin_get_hwaddr returns: that layout (QEMU 7.2's plugin-memory.h:
+ * is_io, is_store, then a union whose RAM member is the host pointer) is not
+ * API, so it is learned and checked against the API.  Each vCPU makes its
+ * first PA_LEARN look-ups through the API, which must all agree with the
+ * layout (is_io) and on one base, else the shortcut stays off; after that
+ * every PA_CHECK-th look-up still goes through the API, and a disagreement
+ * stops the recording and fails the capture (pa_shortcut_failed) rather
+ * than leave a wrong address in the trace.  pa_shortcut=off: the API only. */
+typedef struct hw_view {
+    _Bool is_io, is_store;
+    void *host;
+} hw_view;
+#define PA_LEARN 4096u
+#define PA_CHECK 1024u
+static int want_pa_shortcut = 1;
+static atomic_int pa_shortcut_failed;
+
+static void pa_learn(vstate *v, const hw_view *hv, int io, uint64_t raw)
+{
+    if (v->pa_mode < 0)
+        return;
+    int ok = hv->is_io == (io != 0);
+    if (ok && !io && raw < ram_size) {
+        uintptr_t base = (uintptr_t)hv->host - (uintptr_t)raw;
+        if (!v->pa_base)
+            v->pa_base = base;     /* a host mapping is never at address 0 */
+        else
+            ok = base == v->pa_base;
+    }
+    if (!ok) {
+        if (v->pa_mode > 0) {
+            atomic_store(&pa_shortcut_failed, 1);
+            atomic_store(&stopped, 1);
+        }
+        v->pa_mode = -1;
+        return;
+    }
+    if (v->pa_mode == 0 && ++v->pa_n >= PA_LEARN && v->pa_base)
+        v->pa_mode = 1;
+}
+
+static inline uint64_t lookup_pa(vstate *v, qemu_plugin_meminfo_t info, uint64_t va)
+{
+    struct qemu_plugin_hwaddr *h = qemu_plugin_get_hwaddr(info, va);
+    if (!h)
+        return PKS_TW_PA_NONE;
+    const hw_view *hv = (const hw_view *)(const void *)h;
+    uint64_t fast = PKS_TW_PA_NONE;
+    int have_fast = 0;
+    if (v->pa_mode > 0 && (++v->pa_n & (PA_CHECK - 1)) != 0) {
+        uintptr_t off = (uintptr_t)hv->host - v->pa_base;
+        if (!hv->is_io && off < ram_size) {
+            if (want_pa_shortcut == 1)
+                return guest_pa(off);
+            fast = guest_pa(off);   /* pa_shortcut=check: compare with the API */
+            have_fast = 1;
+        }
+    }
+    int io = qemu_plugin_hwaddr_is_io(h);
+    uint64_t raw = io ? 0 : qemu_plugin_hwaddr_phys_addr(h);
+    uint64_t pa = io ? PKS_TW_PA_NONE : guest_pa(raw);
+    if (want_pa_shortcut && ram_size)
+        pa_learn(v, hv, io, raw);
+    if (have_fast) {
+        v->cnt.c[C_PACHECKED]++;
+        if (fast != pa)
+            v->cnt.c[C_PAMISMATCH]++;
+    }
+    return pa;
+}
+
 static void on_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t va, void *udata)
 {
     uint64_t ip = (uint64_t)(uintptr_t)udata;
@@ -357,9 +441,7 @@ static void on_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t va, v
         return;
     uint64_t pa = PKS_TW_PA_NONE;
     if (want_pa) {
-        struct qemu_plugin_hwaddr *h = qemu_plugin_get_hwaddr(info, va);
-        if (h && !qemu_plugin_hwaddr_is_io(h))
-            pa = guest_pa(qemu_plugin_hwaddr_phys_addr(h));
+        pa = lookup_pa(&vs[vcpu], info, va);
         if (pa == PKS_TW_PA_NONE)
             c[C_PANONE]++;
     }
@@ -408,6 +490,8 @@ static void on_qemu_exit(qemu_plugin_id_t id, void *udata)
             vs[i].cur = b;   /* NULL when the writer thread owns it now */
         }
         pa_none_count += vs[i].cnt.c[C_PANONE];
+        if (vs[i].pa_mode > 0)
+            pa_shortcut_used = 1;
     }
     if (thread_started) {
         pthread_mutex_lock(&lock);
@@ -430,15 +514,20 @@ static void on_qemu_exit(qemu_plugin_id_t id, void *udata)
      * the parent's memory at fork time too) */
     struct rusage ru;
     long maxrss = getrusage(RUSAGE_SELF, &ru) == 0 ? ru.ru_maxrss : 0;
-    char extra[512];
+    char extra[768];
     snprintf(extra, sizeof(extra),
              "\"records\": %llu, \"records_dropped\": %llu, \"merged\": %llu, \"pa_none\": %llu, "
-             "\"qemu_maxrss_kib\": %ld, \"limit_reached\": %s, \"write_error\": %s%s%s",
+             "\"qemu_maxrss_kib\": %ld, \"pa_shortcut\": %s, \"pa_shortcut_failed\": %s, "
+             "\"pa_checked\": %llu, \"pa_mismatches\": %llu, "
+             "\"limit_reached\": %s, \"write_error\": %s%s%s",
              (unsigned long long)written_records,
              (unsigned long long)(tot[C_KLOAD] + tot[C_KSTORE] + tot[C_ULOAD] + tot[C_USTORE]
                                   + tot[C_KFETCH] + tot[C_UFETCH] - written_records
                                   - tot[C_MERGED]),
              (unsigned long long)tot[C_MERGED], (unsigned long long)pa_none_count, maxrss,
+             pa_shortcut_used ? "true" : "false",
+             atomic_load(&pa_shortcut_failed) ? "true" : "false",
+             (unsigned long long)tot[C_PACHECKED], (unsigned long long)tot[C_PAMISMATCH],
              queued_records >= limit ? "true" : "false",
              write_err ? "\"" : "null", write_err ? strerror(-write_err) : "",
              write_err ? "\"" : "");
@@ -480,6 +569,12 @@ PKS_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t
         else if (pks_opt(a, "fd", &v)) { if (parse_uint("fd", v, 1 << 30, &u)) return -1; out_fd = (int)u; }
         else if (pks_opt(a, "fetches", &v)) { if (pks_parse_bool(v, &want_fetches)) goto bad; }
         else if (pks_opt(a, "pa", &v)) { if (pks_parse_bool(v, &want_pa)) goto bad; }
+        else if (pks_opt(a, "pa_shortcut", &v)) {
+            if (strcmp(v, "check") == 0)
+                want_pa_shortcut = 2;
+            else if (pks_parse_bool(v, &want_pa_shortcut))
+                goto bad;
+        }
         else if (pks_opt(a, "thread", &v)) { if (pks_parse_bool(v, &use_thread)) goto bad; }
         else if (pks_opt(a, "coalesce", &v)) { if (pks_parse_bool(v, &want_coalesce)) goto bad; }
         else if (pks_opt(a, "start", &v)) { if (pks_parse_start(v)) goto bad; }
