@@ -147,7 +147,7 @@ def _capture_and_replay(args: argparse.Namespace, qemu_args: list[str]) -> int:
                                writer_nice=_nice(args)[0])
     lower_thread_priority(_nice(args)[1])   # this thread only: QEMU's keeps its value
     try:
-        result = replay(reader, policy=args.policy, kallsyms=known)
+        result = replay(reader, policy=args.policy, kallsyms=known, threads=False)
     except BaseException:
         reader.close()
         job.cancel()    # the replay failed: stop the boot that feeds it

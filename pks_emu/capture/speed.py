@@ -73,7 +73,7 @@ def _pipeline_run(kw: dict, policy, kallsyms, coalesce: bool, writer_nice: int,
         # its own thread, so that its nice value does not outlive the run
         lower_thread_priority(replay_nice)
         try:
-            out["result"] = replay(reader, policy=policy, kallsyms=kallsyms)
+            out["result"] = replay(reader, policy=policy, kallsyms=kallsyms, threads=False)
         except BaseException as e:  # re-raised below
             out["error"] = e
 

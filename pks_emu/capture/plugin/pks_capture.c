@@ -510,10 +510,18 @@ static void on_qemu_exit(qemu_plugin_id_t id, void *udata)
     for (unsigned i = 0; i < nvcpus; i++)
         for (int k = 0; k < C_NCOUNT; k++)
             tot[k] += vs[i].cnt.c[k];
-    /* QEMU's own peak (a parent's getrusage of its children would count
-     * the parent's memory at fork time too) */
-    struct rusage ru;
-    long maxrss = getrusage(RUSAGE_SELF, &ru) == 0 ? ru.ru_maxrss : 0;
+    /* QEMU's own peak: VmHWM belongs to this address space (getrusage's
+     * maxrss, the parent's for its children too, keeps the peak of the
+     * process before exec: the forking parent's memory) */
+    long maxrss = 0;
+    FILE *st = fopen("/proc/self/status", "r");
+    if (st) {
+        char line[256];
+        while (fgets(line, sizeof(line), st))
+            if (sscanf(line, "VmHWM: %ld kB", &maxrss) == 1)
+                break;
+        fclose(st);
+    }
     char extra[768];
     snprintf(extra, sizeof(extra),
              "\"records\": %llu, \"records_dropped\": %llu, \"merged\": %llu, \"pa_none\": %llu, "
