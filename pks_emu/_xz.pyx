@@ -129,9 +129,13 @@ cdef class XzStream:
     cdef bytearray inbuf
     cdef bint started, eof_in, done, _closed
 
-    def __cinit__(self, raw):
-        cdef int ret
+    def __cinit__(self):
         memset(&self.strm, 0, sizeof(self.strm))
+
+    def __init__(self, raw):
+        cdef int ret
+        if self.started:
+            raise ValueError("XzStream is already initialised")
         if not _load():
             raise OSError("liblzma.so.5 not found")
         ret = _decoder(&self.strm, <unsigned long long>-1, LZMA_CONCATENATED)
@@ -153,7 +157,7 @@ cdef class XzStream:
         cdef size_t want = out.shape[0]
         cdef int ret, action
         cdef Py_ssize_t n
-        if self._closed:
+        if self._closed or not self.started:
             raise ValueError("I/O operation on closed file")
         if self.done or want == 0:
             return 0

@@ -57,6 +57,7 @@ import re
 import threading
 import zlib
 from collections.abc import Generator, Iterator
+from typing import cast
 
 import numpy as np
 
@@ -250,7 +251,9 @@ def _open(fspath) -> tuple[io.BufferedIOBase, io.BufferedIOBase, str]:
             if name == "gzip":
                 stream = gzip.GzipFile(fileobj=raw, mode="rb")
             elif name == "xz":
-                stream = _xz.XzStream(raw) if _xz.available() else lzma.LZMAFile(raw, mode="rb")
+                # XzStream has the readinto/tell/close/with of the others
+                stream = (cast(io.BufferedIOBase, _xz.XzStream(raw)) if _xz.available()
+                          else lzma.LZMAFile(raw, mode="rb"))
             else:
                 stream = bz2.BZ2File(raw, mode="rb")
             return raw, stream, name
