@@ -111,3 +111,12 @@ def test_limit_below_one_read_is_refused():
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_capture_pipe_refuses_a_small_buffer_before_starting_anything():
+    from pks_emu.capture import capture_pipe
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(ValueError, match="at least"):
+        capture_pipe(buffer=10)
+    assert set(os.listdir("/proc/self/fd")) == before     # no descriptor left open
+    assert [t.name for t in threading.enumerate() if t.name == "pks-emu-capture"] == []

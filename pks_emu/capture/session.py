@@ -388,13 +388,20 @@ def capture_pipe(*, buffer: int = 256 << 20, **kwargs) -> tuple[BinaryIO, Captur
     Closing the reader early makes the capture fail ("Broken pipe"); a reader
     that gives up calls ``job.cancel()``, which also stops QEMU.
     """
+    from .pipebuf import PipeBuffer
     r, w = os.pipe()
     ev = threading.Event()
     try:
-        job = CaptureJob(lambda: capture(w, cancel=ev, **kwargs), close_fd=w, cancel=ev)
+        # the reader first: a bad ``buffer`` fails before QEMU starts
+        reader = PipeBuffer(r, buffer)
     except BaseException:
         os.close(r)
         os.close(w)
         raise
-    from .pipebuf import PipeBuffer
-    return PipeBuffer(r, buffer), job
+    try:
+        job = CaptureJob(lambda: capture(w, cancel=ev, **kwargs), close_fd=w, cancel=ev)
+    except BaseException:
+        os.close(w)
+        reader.close()
+        raise
+    return reader, job
