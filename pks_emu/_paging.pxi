@@ -563,7 +563,7 @@ cdef inline void _allowed_fill(pks_cpu_t *c, int kind, uint64_t leaf, uint64_t *
     _tlb_fill(c, t, tag, leaf | (bits & PKS_PTE_D))
 
 
-cdef int32_t _miss(pks_cpu_t *c, uint64_t va, int kind, bint implicit, uint32_t smode,
+cdef int32_t _miss(pks_cpu_t *c, uint64_t va, int kind, uint32_t smode,
                           uint64_t *pa, pks_tlb_entry_t *t) noexcept nogil:
     """_access_slow for an access within one page that missed the TLB.
 
@@ -574,7 +574,9 @@ cdef int32_t _miss(pks_cpu_t *c, uint64_t va, int kind, bint implicit, uint32_t 
     was changed before it. A PDE-cache tag match implies a canonical ``va``
     (only canonical addresses are walked, and the tag holds every bit above
     bit 20), and no entry is valid while the caches are off (turning them
-    off bumps the epoch; a walk with them off fills nothing)."""
+    off bumps the epoch; a walk with them off fills nothing). The implicit
+    flag is bit 1 of ``smode`` (_smode): one argument fewer, all six in
+    registers."""
     cdef uint64_t key = va >> 21, ea, e, leaf, combined
     cdef uint64_t *entry
     cdef pks_psc_entry_t *pe = &c.psc[0][key & 511]
@@ -595,7 +597,8 @@ cdef int32_t _miss(pks_cpu_t *c, uint64_t va, int kind, bint implicit, uint32_t 
                 p = c.perm[i]
                 if ((p | (c.deny[p >> 1] >> <uint32_t>(leaf >> PKS_PTE_PKEY_SHIFT))) & 1) == 0:
                     if PKS_EMU_DEBUG:
-                        if _check(c, leaf, kind, implicit) != PKS_OK or not c.psc_on or not _canonical(c, va):
+                        if (_check(c, leaf, kind, (smode >> 1) & 1) != PKS_OK or not c.psc_on
+                                or not _canonical(c, va)):
                             pks_debug_mismatch("miss fast path", leaf, kind)
                     # one access, one TLB miss, one walk, one PDE-cache hit
                     c.counters.fast_misses[i >> 4] += 1
@@ -610,7 +613,7 @@ cdef int32_t _miss(pks_cpu_t *c, uint64_t va, int kind, bint implicit, uint32_t 
                     t.leaf = leaf
                     pa[0] = (leaf & c.addr_mask) | (va & 0xFFF)
                     return PKS_OK
-    return _miss_walk_p(c, va, kind, implicit, pa, t)
+    return _miss_walk_p(c, va, kind, (smode >> 1) & 1, pa, t)
 
 
 cdef int32_t _miss_walk(pks_cpu_t *c, uint64_t va, int kind, bint implicit, uint64_t *pa,
@@ -834,7 +837,7 @@ cdef inline int32_t _access_m(pks_cpu_t *c, uint64_t va, int kind, uint32_t size
     cdef uint32_t i, p
     if (va & 0xFFF) + size <= 4096:
         if (<uint64_t *>t)[kind & 1] != ((va & ~<uint64_t>0xFFF) | 1):
-            return _miss_p(c, va, kind, implicit, smode, pa, t)
+            return _miss_p(c, va, kind, smode, pa, t)
         leaf = t.leaf
         i = (<uint32_t>kind << 7) | (smode << 4) | <uint32_t>((leaf >> 1) & 15)
         p = c.perm_fast[i]
@@ -885,7 +888,7 @@ cdef int32_t _access_slow(pks_cpu_t *c, uint64_t va, int kind, uint32_t size,
 # The slow paths are called through pointers the compiler cannot see
 # through, so that they are never inlined into the loops that inline
 # _access_m: inlined, they cost the hit path its registers.
-ctypedef int32_t (*_miss_fn)(pks_cpu_t *, uint64_t, int, bint, uint32_t, uint64_t *,
+ctypedef int32_t (*_miss_fn)(pks_cpu_t *, uint64_t, int, uint32_t, uint64_t *,
                              pks_tlb_entry_t *) noexcept nogil
 ctypedef int32_t (*_hit_fault_fn)(pks_cpu_t *, uint64_t, int, bint, uint64_t *,
                                   pks_tlb_entry_t *, uint32_t) noexcept nogil
