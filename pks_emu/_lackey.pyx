@@ -431,6 +431,30 @@ cdef int _scan(const uint8_t* buf, Py_ssize_t pos, Py_ssize_t limit,
     return status
 
 
+cdef int _block_ok(const uint8_t[::1] buf, Py_ssize_t pos, Py_ssize_t limit, Py_ssize_t n,
+                   Py_ssize_t cap) except -1:
+    """The checks of every scan call before its nogil scan; 0 for an empty
+    block (nothing to scan), 1 to scan."""
+    if not 0 <= n <= cap:
+        raise ValueError(f"n = {n}: expected 0..{cap}")
+    if not 0 <= pos <= limit <= buf.shape[0]:
+        raise ValueError(f"pos = {pos}, limit = {limit}: expected 0 <= pos <= limit <= {buf.shape[0]}")
+    if pos == limit:
+        return 0
+    # The scanner runs unbounded inside a line; this newline is its guard.
+    if buf[limit - 1] != C_NL:
+        raise ValueError("the block must end with a newline")
+    return 1
+
+
+cdef inline void _out_init(scan_out *o, uint64_t last_ip) noexcept:
+    o.bad_start = 0
+    o.bad_end = 0
+    o.why = 0
+    o.big = -1
+    o.last_ip = last_ip
+
+
 def scan_block(const uint8_t[::1] buf not None, Py_ssize_t pos, Py_ssize_t limit,
                uint64_t[::1] va not None, uint16_t[::1] size not None, uint8_t[::1] kind not None,
                Py_ssize_t n, bint stop_on_bad):
@@ -471,26 +495,15 @@ cdef tuple _scan_block(const uint8_t[::1] buf, Py_ssize_t pos, Py_ssize_t limit,
     if size.shape[0] != cap or kind.shape[0] != cap:
         raise ValueError(f"va, size and kind must have one length, got {cap}, "
                          f"{size.shape[0]}, {kind.shape[0]}")
-    if not 0 <= n <= cap:
-        raise ValueError(f"n = {n}: expected 0..{cap}")
-    if not 0 <= pos <= limit <= buf.shape[0]:
-        raise ValueError(f"pos = {pos}, limit = {limit}: expected 0 <= pos <= limit <= {buf.shape[0]}")
-    if pos == limit:
+    if not _block_ok(buf, pos, limit, n, cap):
         return (_ST_DONE, pos, n, 0, 0, 0, 0, 0, 0, last_ip)
-    # The scanner runs unbounded inside a line; this newline is its guard.
-    if buf[limit - 1] != C_NL:
-        raise ValueError("the block must end with a newline")
     if cap > 0:
         pva = &va[0]
         psz = &size[0]
         pkd = &kind[0]
         if ip is not None:
             pip = &ip[0]
-    o.bad_start = 0
-    o.bad_end = 0
-    o.why = 0
-    o.big = -1
-    o.last_ip = last_ip
+    _out_init(&o, last_ip)
     with nogil:
         status = _scan(&buf[0], pos, limit, pva, psz, pkd, pip, n, cap, stop_on_bad, &o)
     return (status, o.pos, o.n, o.lines, o.skipped, o.bad, o.bad_start, o.bad_end, o.why, o.last_ip)
@@ -514,21 +527,11 @@ def scan_block_records(const uint8_t[::1] buf not None, Py_ssize_t pos, Py_ssize
         raise ValueError(f"rec has {rec.shape[0]} bytes: expected a multiple of 24")
     if ip.shape[0] != cap:
         raise ValueError(f"ip must have one entry a record, got {ip.shape[0]} for {cap}")
-    if not 0 <= n <= cap:
-        raise ValueError(f"n = {n}: expected 0..{cap}")
-    if not 0 <= pos <= limit <= buf.shape[0]:
-        raise ValueError(f"pos = {pos}, limit = {limit}: expected 0 <= pos <= limit <= {buf.shape[0]}")
-    if pos == limit:
+    if not _block_ok(buf, pos, limit, n, cap):
         return (_ST_DONE, pos, n, 0, 0, 0, 0, 0, 0, last_ip, -1)
-    if buf[limit - 1] != C_NL:
-        raise ValueError("the block must end with a newline")
     if cap == 0:
         raise ValueError("rec must hold at least one record")
-    o.bad_start = 0
-    o.bad_end = 0
-    o.why = 0
-    o.big = -1
-    o.last_ip = last_ip
+    _out_init(&o, last_ip)
     with nogil:
         status = _scan(&buf[0], pos, limit, NULL, NULL, NULL, &ip[0], n, cap, stop_on_bad, &o,
                        &rec[0], rtype, cpl, &pages.s)

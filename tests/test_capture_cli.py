@@ -61,3 +61,10 @@ def test_nice_option():
     for bad in ("20", "-1", "1,2,3", "x", "5,"):
         with pytest.raises(SystemExit):
             parse("--nice", bad)
+
+
+def test_bad_pa_shortcut_is_refused_before_anything_runs():
+    from pks_emu.capture import capture
+    for count_only in (False, True):
+        with pytest.raises(PksEmuError, match="pa_shortcut 'maybe': expected 'on', 'off' or 'check'"):
+            capture(None, count_only=count_only, pa_shortcut="maybe")

@@ -161,6 +161,8 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
         raise PksEmuError(f"start {start!r}: expected one of {', '.join(START_MODES)}")
     if limit is not None and limit < 0:
         raise PksEmuError(f"limit {limit}: expected a record count >= 0")
+    if pa_shortcut not in ("on", "off", "check"):
+        raise PksEmuError(f"pa_shortcut {pa_shortcut!r}: expected 'on', 'off' or 'check'")
     qemu_bin = _qemu.find_qemu()
     kernel = Path(kernel) if kernel is not None else _qemu.find_default_kernel()
     if not kernel.is_file():
@@ -234,8 +236,6 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
                 args["pa"] = "off"
             if not writer_thread:
                 args["thread"] = "off"
-            if pa_shortcut not in ("on", "off", "check"):
-                raise PksEmuError(f"pa_shortcut {pa_shortcut!r}: expected 'on', 'off' or 'check'")
             if pa_shortcut != "on":
                 args["pa_shortcut"] = pa_shortcut
             if writer_nice:

@@ -44,7 +44,7 @@ def check_kernel_policy(policy, kallsyms, paging_levels: int) -> KernelPolicy:
     would raise. For a capture to fail before it starts QEMU."""
     if not isinstance(policy, KernelPolicy):
         policy = load_kernel_policy(policy)
-    path = find_kallsyms("", kallsyms, policy) if kallsyms or policy.kallsyms else None
+    path = os.fspath(kallsyms) if kallsyms is not None else policy.kallsyms
     resolve(policy, Kallsyms(path) if path is not None else None, paging_levels)
     return policy
 
