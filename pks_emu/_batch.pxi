@@ -87,7 +87,7 @@ def access_batch(CPU cpu not None, va, kind, size=1, implicit=False, *, out=None
             if n and smask == 0 and imask == 0:
                 # The common call: one size and one implicit flag for all
                 # (fewer live values: the loop stays in registers).
-                _batch_loop_scalar_p(c, vp, kp, kmask, sp[0], ip[0], smode0 | (<uint32_t>ip[0] << 1),
+                _batch_loop_scalar_p(c, vp, kp, kmask, sp[0], smode0 | (<uint32_t>ip[0] << 1),
                                    pp, ep, n)
                 n = 0
             for i in range(n):
@@ -102,20 +102,108 @@ def access_batch(CPU cpu not None, va, kind, size=1, implicit=False, *, out=None
     return pa_out, err_out
 
 
-cdef void _batch_loop_scalar(pks_cpu_t *c, const uint64_t *vp, const uint8_t *kp, Py_ssize_t kmask,
-                             uint32_t size, uint8_t imp, uint32_t smode, uint64_t *pp, int32_t *ep,
-                             Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
+cdef inline Py_ssize_t _batch_misses(pks_cpu_t *c, const uint64_t *vp, const uint8_t *kp,
+                                    Py_ssize_t kmask, uint32_t size, uint32_t smode, uint64_t *pp,
+                                    int32_t *ep, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """Accesses ``i``.. of _batch_loop_scalar while they miss the TLB, from
+    access ``i`` (within one page, a miss). Returns the index of the first
+    access left to the caller's loop: a hit or a page-crossing access, or
+    ``n``. Each access runs exactly what _access_m runs for it (_miss); a run
+    of misses (random order over many pages) then costs no call per access."""
+    cdef uint64_t va = vp[i]
+    cdef int kind = kp[i & kmask]
+    cdef pks_tlb_entry_t *t = &c.tlb[(va >> 12) & c.tlb_mask]
     cdef int32_t r
-    for i in range(n):
-        r = _access_m(c, vp[i], kp[i & kmask], size, imp != 0, smode, &pp[i])
-        ep[i] = r
+    while True:
+        r = _miss(c, va, kind, smode, &pp[i], t)
         if r != PKS_OK:
             pp[i] = 0
+        ep[i] = r
+        i += 1
+        if i == n:
+            return n
+        va = vp[i]
+        kind = kp[i & kmask]
+        if (va & 0xFFF) + size > 4096:
+            return i
+        t = &c.tlb[(va >> 12) & c.tlb_mask]
+        if (<uint64_t *>t)[kind & 1] == ((va & ~<uint64_t>0xFFF) | 1):
+            return i
+
+
+cdef inline Py_ssize_t _batch_hits(pks_cpu_t *c, const uint64_t *vp, const uint8_t *kp,
+                                   Py_ssize_t kmask, uint32_t size, uint32_t smode, uint64_t *pp,
+                                   int32_t *ep, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """Accesses ``i``.. of _batch_loop_scalar up to the first one within a
+    page that misses the TLB (its index is returned, or ``n``). No miss
+    handling in here: the hit loop keeps its values in registers."""
+    cdef int32_t r
+    while i < n:
+        r = _access_m(c, vp[i], kp[i & kmask], size, (smode >> 1) & 1, smode, &pp[i], True)
+        ep[i] = r                   # (a deferred miss's is overwritten by _batch_misses)
+        if r != PKS_OK:
+            if r == _MISS_DEFERRED:
+                return i
+            pp[i] = 0
+        i += 1
+    return n
+
+
+# Two copies of each loop, with the kind mask a constant: one kind per
+# access (the common case: one register and two instructions fewer per
+# access) or one kind for all.
+cdef Py_ssize_t _batch_hits_each(pks_cpu_t *c, const uint64_t *vp, const uint8_t *kp,
+                                 Py_ssize_t kmask, uint32_t size, uint32_t smode, uint64_t *pp,
+                                 int32_t *ep, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    return _batch_hits(c, vp, kp, -1, size, smode, pp, ep, i, n)
+
+
+cdef Py_ssize_t _batch_hits_one(pks_cpu_t *c, const uint64_t *vp, const uint8_t *kp,
+                                Py_ssize_t kmask, uint32_t size, uint32_t smode, uint64_t *pp,
+                                int32_t *ep, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    return _batch_hits(c, vp, kp, 0, size, smode, pp, ep, i, n)
+
+
+cdef Py_ssize_t _batch_misses_each(pks_cpu_t *c, const uint64_t *vp, const uint8_t *kp,
+                                   Py_ssize_t kmask, uint32_t size, uint32_t smode, uint64_t *pp,
+                                   int32_t *ep, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    return _batch_misses(c, vp, kp, -1, size, smode, pp, ep, i, n)
+
+
+cdef Py_ssize_t _batch_misses_one(pks_cpu_t *c, const uint64_t *vp, const uint8_t *kp,
+                                  Py_ssize_t kmask, uint32_t size, uint32_t smode, uint64_t *pp,
+                                  int32_t *ep, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    return _batch_misses(c, vp, kp, 0, size, smode, pp, ep, i, n)
+
+
+ctypedef Py_ssize_t (*_batch_run_fn)(pks_cpu_t *, const uint64_t *, const uint8_t *, Py_ssize_t,
+                                    uint32_t, uint32_t, uint64_t *, int32_t *,
+                                    Py_ssize_t, Py_ssize_t) noexcept nogil
+# Called through pointers: out of line, each loop has the registers to itself.
+cdef _batch_run_fn _batch_hits_each_p = _batch_hits_each
+cdef _batch_run_fn _batch_hits_one_p = _batch_hits_one
+cdef _batch_run_fn _batch_misses_each_p = _batch_misses_each
+cdef _batch_run_fn _batch_misses_one_p = _batch_misses_one
+
+
+cdef void _batch_loop_scalar(pks_cpu_t *c, const uint64_t *vp, const uint8_t *kp, Py_ssize_t kmask,
+                             uint32_t size, uint32_t smode, uint64_t *pp, int32_t *ep,
+                             Py_ssize_t n) noexcept nogil:
+    # Hits and runs of misses take turns, each in its own loop.
+    cdef Py_ssize_t i = 0
+    cdef _batch_run_fn hits = _batch_hits_each_p if kmask else _batch_hits_one_p
+    cdef _batch_run_fn misses = _batch_misses_each_p if kmask else _batch_misses_one_p
+    while True:
+        i = hits(c, vp, kp, kmask, size, smode, pp, ep, i, n)
+        if i == n:
+            return
+        i = misses(c, vp, kp, kmask, size, smode, pp, ep, i, n)
+        if i == n:
+            return
 
 
 ctypedef void (*_batch_loop_fn)(pks_cpu_t *, const uint64_t *, const uint8_t *, Py_ssize_t,
-                               uint32_t, uint8_t, uint32_t, uint64_t *, int32_t *,
+                               uint32_t, uint32_t, uint64_t *, int32_t *,
                                Py_ssize_t) noexcept nogil
 # Called through a pointer: out of line, the loop has the registers to itself.
 cdef _batch_loop_fn _batch_loop_scalar_p = _batch_loop_scalar

@@ -136,11 +136,16 @@ ctypedef struct pks_tlb_entry_t:
 # non-leaf entry (PML5E, PML4E, PDPTE, PDE). ``tag`` is the linear-address
 # bits above the level's span (va >> 21 for a PDE) | the cache epoch << 44;
 # ``table`` the physical address of the table the entry references; ``attrs``
-# RW and US ANDed, XD ORed over the entries from the top down to this one.
+# RW and US ANDed, XD ORed over the entries from the top down to this one;
+# ``page`` the host page of ``table`` (NULL if that frame was never written
+# when the entry was made: frames never move or go away while the memory
+# lives, so the pointer stays valid; the TLB miss path reads the PTE through
+# it without a frame look-up).
 ctypedef struct pks_psc_entry_t:
     uint64_t tag
     uint64_t table
     uint64_t attrs
+    uint8_t *page
 
 
 # A record of the last faulting walk of a page (an emulator-internal memo,

@@ -223,6 +223,7 @@ cdef inline int32_t _walk(pks_cpu_t *c, uint64_t va, int kind, bint implicit, bi
             pe.tag = key | c.psc_epoch
             pe.table = table
             pe.attrs = (combined & (PKS_PTE_RW | PKS_PTE_US)) | (xd & PKS_PTE_XD)
+            pe.page = _frame(c, table >> 12)
         level -= 1
         shift -= 9
     if update and level == 3 and c.compat == PKS_COMPAT_QEMU and not (e & PKS_PTE_A):
@@ -563,12 +564,13 @@ cdef inline void _allowed_fill(pks_cpu_t *c, int kind, uint64_t leaf, uint64_t *
     _tlb_fill(c, t, tag, leaf | (bits & PKS_PTE_D))
 
 
-cdef int32_t _miss(pks_cpu_t *c, uint64_t va, int kind, uint32_t smode,
+cdef inline int32_t _miss(pks_cpu_t *c, uint64_t va, int kind, uint32_t smode,
                           uint64_t *pa, pks_tlb_entry_t *t) noexcept nogil:
     """_access_slow for an access within one page that missed the TLB.
 
-    The common case first, in line: a PDE-cache hit, the PTE's frame in the
-    frame cache, a present PTE without reserved bits, an allowed access.
+    The common case first, in line: a PDE-cache hit whose table frame exists
+    (its host page is in the entry), a present PTE without reserved bits, an
+    allowed access.
     That is exactly what _walk and _miss_walk do in that case (same counters,
     same A/D and TLB updates); anything else goes to _miss_walk, and nothing
     was changed before it. A PDE-cache tag match implies a canonical ``va``
@@ -577,15 +579,13 @@ cdef int32_t _miss(pks_cpu_t *c, uint64_t va, int kind, uint32_t smode,
     off bumps the epoch; a walk with them off fills nothing). The implicit
     flag is bit 1 of ``smode`` (_smode): one argument fewer, all six in
     registers."""
-    cdef uint64_t key = va >> 21, ea, e, leaf, combined
+    cdef uint64_t key = va >> 21, e, leaf, combined
     cdef uint64_t *entry
     cdef pks_psc_entry_t *pe = &c.psc[0][key & 511]
     cdef uint32_t i, p
     if pe.tag == (key | c.psc_epoch):
-        ea = pe.table + ((va >> 9) & 0xFF8)
-        i = <uint32_t>((ea >> 12) & 4095)
-        if c.frame_cache[i].pfn == (ea >> 12):
-            entry = <uint64_t *>(c.frame_cache[i].page + (ea & 0xFF8))
+        if pe.page != NULL:
+            entry = <uint64_t *>(pe.page + ((va >> 9) & 0xFF8))
             e = entry[0]
             if (e & PKS_PTE_P) and not (e & c.rsvd_table[1]):
                 combined = pe.attrs & e & (PKS_PTE_RW | PKS_PTE_US)
@@ -759,6 +759,7 @@ cdef void _memo_psc_fill(pks_cpu_t *c, uint64_t va, pks_memo_t *m) noexcept nogi
         pe.tag = key | c.psc_epoch
         pe.table = e & c.addr_mask
         pe.attrs = (combined & (PKS_PTE_RW | PKS_PTE_US)) | (xd & PKS_PTE_XD)
+        pe.page = _frame(c, pe.table >> 12)
 
 
 cdef inline void _memo_psc_clear(pks_cpu_t *c, uint64_t va, pks_memo_t *m) noexcept nogil:
@@ -826,8 +827,15 @@ cdef inline int32_t _access(pks_cpu_t *c, uint64_t va, int kind, uint32_t size,
     return _access_m(c, va, kind, size, implicit, _smode(c, implicit), pa)
 
 
+cdef enum:
+    # _access_m(defer_miss=True): an access within one page missed the TLB
+    # and nothing was done; the caller runs _miss (an internal code only).
+    _MISS_DEFERRED = -16
+
+
 cdef inline int32_t _access_m(pks_cpu_t *c, uint64_t va, int kind, uint32_t size,
-                              bint implicit, uint32_t smode, uint64_t *pa) noexcept nogil:
+                              bint implicit, uint32_t smode, uint64_t *pa,
+                              bint defer_miss=False) noexcept nogil:
     # Fast path, inlined into the batch and replay loops: a TLB hit for an
     # access within one page that the tables allow. ``smode`` is
     # _smode(c, implicit) (a batch computes it once). A tag match implies
@@ -837,6 +845,8 @@ cdef inline int32_t _access_m(pks_cpu_t *c, uint64_t va, int kind, uint32_t size
     cdef uint32_t i, p
     if (va & 0xFFF) + size <= 4096:
         if (<uint64_t *>t)[kind & 1] != ((va & ~<uint64_t>0xFFF) | 1):
+            if defer_miss:
+                return _MISS_DEFERRED
             return _miss_p(c, va, kind, smode, pa, t)
         leaf = t.leaf
         i = (<uint32_t>kind << 7) | (smode << 4) | <uint32_t>((leaf >> 1) & 15)

@@ -77,6 +77,41 @@ def test_batch_equals_loop_of_translate(levels, compat, cpl):
         assert m1.memory.read(f, 4096) == m2.memory.read(f, 4096)
 
 
+@pytest.mark.parametrize("levels", [4, 5])
+@pytest.mark.parametrize("compat", ["sdm", "qemu"])
+@pytest.mark.parametrize("one_kind", [False, True])
+@pytest.mark.parametrize("implicit", [False, True])
+def test_batch_with_one_size_equals_loop(levels, compat, one_kind, implicit):
+    """One size and one implicit flag for the whole batch: the loop that takes
+    hits and runs of TLB misses in turn (page-crossing accesses and faults in
+    between, runs that start at the first access and end at the last)."""
+    m1, a1, cpu1 = build(levels, compat)
+    m2, a2, cpu2 = build(levels, compat)
+    va, kind, _, _ = random_accesses(4000, seed=levels + 2 * one_kind + 4 * implicit)
+    rng = np.random.default_rng(levels)
+    # stretches of distinct pages (misses in a row with a 64-entry TLB) and of one page (hits)
+    va[:300] = KERN + 0x20_0000 + np.arange(300, dtype=np.uint64) * 0x1000 + 8
+    va[1000:1200] = KERN + 0x3000 + rng.integers(0, 500, 200, dtype=np.uint64) * 8
+    va[-150:] = KERN + 0x20_0000 + np.arange(150, dtype=np.uint64)[::-1] * 0x1000
+    if one_kind:
+        kind = 1                                        # writes: D updates too
+        kinds = np.ones(len(va), dtype=np.uint8)
+    else:
+        kinds = kind
+    size = np.full(len(va), 8, dtype=np.uint16)
+    flags = np.full(len(va), implicit)
+    pa_b, err_b = pks_emu.access_batch(cpu1, va, kind, 8, implicit)
+    pa_l, err_l = loop(cpu2, va, kinds, size, flags)
+    np.testing.assert_array_equal(err_b, err_l)
+    np.testing.assert_array_equal(pa_b, pa_l)
+    assert {-1, -2} <= set(np.unique(err_b).tolist()) and (err_b >= 0).sum() > 50
+    c = cpu1.counters()
+    assert c == cpu2.counters()
+    assert c["tlb_misses"] > 500 and c["tlb_hits"] > 150
+    for f in m1.memory.frame_addresses():
+        assert m1.memory.read(f, 4096) == m2.memory.read(f, 4096)
+
+
 def test_error_code_convention_and_pa_zero_on_faults():
     m, a, cpu = build()
     va = np.array([USER + 0x10, USER + 0x3010, 0x0000_8000_0000_0000, KERN + 0x9000, KERN + 0x5008],
