@@ -44,12 +44,14 @@ from libc.stdlib cimport realloc
 cdef extern from *:
     """
     /* The key of the replay's hot path is a record's first eight bytes
-       (little-endian) without the low two bits of the op field, the access
-       kind; with those bits set, PKS_REC_NO_KEY equals no such key. */
+       (little-endian) without the low two bits of the op field (the access
+       kind) and without the size field; with those bits set,
+       PKS_REC_NO_KEY equals no such key. */
     #define PKS_REC_OP_KIND (3ULL << 16)
+    #define PKS_REC_NOT_KEY (PKS_REC_OP_KIND | (0xFFFFULL << 32))
     #define PKS_REC_NO_KEY (~0ULL)
     """
-    const uint64_t PKS_REC_OP_KIND, PKS_REC_NO_KEY
+    const uint64_t PKS_REC_OP_KIND, PKS_REC_NOT_KEY, PKS_REC_NO_KEY
 
 cdef enum:
     REC_ACCESS = 0
@@ -405,10 +407,11 @@ cdef class ReplayEngine:
     cdef int _run(self, const pks_record_t *recs, uint64_t n, uint64_t first,
                   const uint64_t *ipp, const uint64_t *pap) noexcept nogil:
         # The hot path, in line: an access record whose first eight bytes
-        # (type, CPU, flags, size, CPL field; the op field masked off) equal
-        # those of the last access record _step ran, that hits the TLB and
-        # that the tables allow. Such a record is valid (_step validated
-        # the same bytes; op 3 is sent back by the kind-3 row of perm_fast),
+        # (type, CPU, flags, CPL field; the op and size fields masked off)
+        # equal those of the last access record _step ran, with a size of
+        # 1..4096, that hits the TLB and that the tables allow. Such a record
+        # is valid (_step validated the same bytes; op 3 is sent back by the
+        # kind-3 row of perm_fast; any address is valid),
         # and its CPU's CPL, EFLAGS.AC and the implicit flag are what they
         # were after that record: only _step changes them, and after each
         # _step the key is rebuilt from the record it ran (or cleared).
@@ -441,7 +444,8 @@ cdef class ReplayEngine:
         # registers; the tables are read at constant offsets from ``c``.
         while r < end:
             memcpy(&hdr, r, 8)
-            if (hdr & ~PKS_REC_OP_KIND) == key:
+            # (size - 1 as unsigned: a size of 0 fails the test too)
+            if (hdr & ~PKS_REC_NOT_KEY) == key and (last := ((hdr >> 32) & 0xFFFF) - 1) < 4096:
                 va = r.addr
                 t = &tlb[(va >> 12) & tmask]
                 # The tag is compared with the page of the access's last byte
@@ -615,9 +619,9 @@ cdef class ReplayEngine:
                 held = PKS_REC_NO_KEY
                 if hot and not (r.flags & 2) and self.cpus[r.cpu].tlb_mask != 0:
                     hc = self.cpus[r.cpu]
-                    held = hdr & ~PKS_REC_OP_KIND
+                    held = hdr & ~PKS_REC_NOT_KEY
             elif held != PKS_REC_NO_KEY:
-                # A control record leaves the key's CPU, size and flags; it
+                # A control record leaves the key's CPU and flags; it
                 # may have changed the CPL or EFLAGS.AC (smode is derived
                 # again below), but the key's records write a CPL of their
                 # own, which the hot path does not: that CPL must still hold.
@@ -631,13 +635,11 @@ cdef class ReplayEngine:
                 tlb = c.tlb
                 tmask = c.tlb_mask
                 sm = _smode(c, ((held >> 24) & 1) != 0) << 4
-                last = ((held >> 32) & 0xFFFF) - 1
             else:
                 c = NULL
                 tlb = NULL
                 tmask = 0
                 sm = 0
-                last = 0
             key = held
             r += 1
         self.records_done = first + n
