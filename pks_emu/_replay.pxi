@@ -409,9 +409,9 @@ cdef class ReplayEngine:
         # The hot path, in line: an access record whose first eight bytes
         # (type, CPU, flags, CPL field; the op and size fields masked off)
         # equal those of the last access record _step ran, with a size of
-        # 1..4096, that hits the TLB and that the tables allow. Such a record
-        # is valid (_step validated the same bytes; op 3 is sent back by the
-        # kind-3 row of perm_fast; any address is valid),
+        # 1..4096 (see below), that hits the TLB and that the tables allow.
+        # Such a record is valid (_step validated the same bytes; op 3 is
+        # sent back by the kind-3 row of perm_fast; any address is valid),
         # and its CPU's CPL, EFLAGS.AC and the implicit flag are what they
         # were after that record: only _step changes them, and after each
         # _step the key is rebuilt from the record it ran (or cleared).
@@ -444,14 +444,17 @@ cdef class ReplayEngine:
         # registers; the tables are read at constant offsets from ``c``.
         while r < end:
             memcpy(&hdr, r, 8)
-            # (size - 1 as unsigned: a size of 0 fails the test too)
-            if (hdr & ~PKS_REC_NOT_KEY) == key and (last := ((hdr >> 32) & 0xFFFF) - 1) < 4096:
+            if (hdr & ~PKS_REC_NOT_KEY) == key:
                 va = r.addr
                 t = &tlb[(va >> 12) & tmask]
-                # The tag is compared with the page of the access's last byte
-                # in the slot of its first: equal only if both bytes are on
-                # the cached page (the next page, or page 0 after a wrap,
-                # has another slot when the TLB has two or more entries).
+                # The tag is compared with the page of va + (size - 1 mod
+                # 2**16) in the slot of va: equal only if both are on the
+                # cached page. Any other page is 1..16 pages on (or page 0..15
+                # after a wrap), which has another slot since the hot path
+                # needs a TLB of 32 or more entries. So a size of 0 (65535
+                # on) or over 4096 never matches: every record that passes
+                # has a valid size, like those _step validated.
+                last = ((hdr >> 32) + 0xFFFF) & 0xFFFF
                 if ((<uint64_t *>t)[(hdr >> 16) & 1] == (((va + last) & ~<uint64_t>0xFFF) | 1)
                         and (hpa == NULL or (want := hpa[r - recs]) == _PA_UNKNOWN
                              or ((want ^ t.leaf) & c.addr_mask) >> 12 == 0)):
@@ -617,7 +620,7 @@ cdef class ReplayEngine:
                 return st
             if r.type == REC_ACCESS:
                 held = PKS_REC_NO_KEY
-                if hot and not (r.flags & 2) and self.cpus[r.cpu].tlb_mask != 0:
+                if hot and not (r.flags & 2) and self.cpus[r.cpu].tlb_mask >= 31:
                     hc = self.cpus[r.cpu]
                     held = hdr & ~PKS_REC_NOT_KEY
             elif held != PKS_REC_NO_KEY:

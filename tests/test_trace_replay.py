@@ -336,6 +336,41 @@ def test_bad_records_name_file_and_index(tmp_path, field, value, message):
         replay(path)
 
 
+@pytest.mark.parametrize("size", [0, 4097, 65535])
+def test_bad_size_after_a_hot_record(tmp_path, size):
+    """Record 1 has the hot path's key (record 0's type, CPU, flags, CPL) and
+    its page in the TLB, mid-page: the size alone must send it back to the
+    checks."""
+    m, _ = small_machine(1)
+    path = tmp_path / "t.pkt"
+    with TraceWriter(path, m) as w:
+        for _ in range(3):
+            w.access(0, BASE + 0x800, "read")
+    _poke(path, 1, "size", size)
+    with pytest.raises(TraceFormatError, match=f"record 1: access size {size}: expected 1..4096"):
+        replay(path)
+
+
+def test_sizes_on_the_hot_path(tmp_path):
+    """Sizes vary from record to record (as in lackey traces) on one key:
+    in-page ones up to 4096 run hot, a crossing one is checked on both pages,
+    and the results are those of one record at a time."""
+    m, _ = small_machine(1, pages=2)
+    path = tmp_path / "t.pkt"
+    accesses = [(BASE, 4096), (BASE + 8, 1), (BASE + 0x800, 2048), (BASE + 0xFF8, 8),
+                (BASE + 4096 + 0xFFC, 8), (BASE + 0x10, 4), (BASE + 0xFFF, 2), (BASE + 4096, 4096)]
+    with TraceWriter(path, m) as w:
+        for va, size in accesses * 3:
+            w.access(0, va, "read", size)
+    whole = replay(path)
+    one = replay(path, chunk_records=1)
+    # page 1 has key 1, access-disabled: the crossing access and the two on page 1
+    assert whole.fault_count == one.fault_count == 9
+    assert [tuple(f) for f in whole.faults] == [tuple(f) for f in one.faults]
+    assert [int(f[0]) % 8 for f in whole.faults] == [4, 6, 7] * 3
+    assert whole.per_cpu == one.per_cpu
+
+
 def test_bad_context_switch_task(tmp_path):
     m, _ = small_machine(1)
     path = tmp_path / "t.pkt"
