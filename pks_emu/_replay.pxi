@@ -484,23 +484,29 @@ cdef class ReplayEngine:
                 _pkrs_store(self.cpus[r.cpu], r.value)
                 self.kernel.msr_written(r.cpu, r.value)
                 self.rec_counts[REC_WRMSR] += 1
-                st = _GO_ON
+                # These three in-line records change no CPL, EFLAGS.AC or
+                # TLB geometry: the hot path's key and values stay as they
+                # are (it reads the key registers' deny masks live).
+                r += 1
+                continue
             elif (r.type == REC_WRPKRU and r.cpu < self.ncpus
                     and _wrpkru_plain(self.cpus[r.cpu], <uint32_t>r.addr, <uint32_t>(r.addr >> 32))):
                 _pkru_store(self.cpus[r.cpu], <uint32_t>r.value)
                 self.rec_counts[REC_WRPKRU] += 1
-                st = _GO_ON
+                r += 1
+                continue
             elif (r.type == REC_CONTEXT_SWITCH and r.addr == 0 and r.cpu < self.ncpus
                     and r.value < self.max_tasks):
                 # A context switch without CR3, valid: as below.
                 self.rec_counts[REC_CONTEXT_SWITCH] += 1
                 res = self.kernel.switch_to(r.cpu, <int64_t>r.value)
-                st = _GO_ON
                 if res != PKS_OK:
                     i = <uint64_t>(r - recs)
                     if self._insn_fault(first + i, r.cpu, res, PKS_MSR_IA32_PKRS,
                                         ipp[i] if ipp != NULL else 0) != 0:
                         return REPLAY_OUT_OF_MEMORY
+                r += 1
+                continue
             elif (r.type == REC_EXCEPTION_ENTRY or r.type == REC_EXCEPTION_EXIT) and r.cpu < self.ncpus:
                 # Valid: these records have no other field to check (so the path
                 # below never sees one).
