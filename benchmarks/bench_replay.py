@@ -285,3 +285,32 @@ class ReplayStreaming:
         return os.path.getsize(path) / 2**20
 
     track_trace_mb.unit = "MiB"
+
+
+class ReplayFaultStorm:
+    """A fault storm replayed (issue 11): ``pks_emu.bench.CASES["fault_storm"]``
+    (64 pages, page i under key i % 16, 13 of the 16 keys access-disabled, so
+    about 13/16 of the accesses fault) as a native trace, with every fault
+    counted by site and the first 1000 kept (``sites``, what ``pks-emu
+    replay`` does), every fault kept in memory (``memory``), or every fault
+    streamed to a fault-log file (``file``). The C reference is
+    ``benchmarks/calibration/batch_loops.c faults`` (``pks-emu bench``)."""
+    params = ["sites", "memory", "file"]
+    param_names = ["log"]
+    timeout = 600
+
+    def setup_cache(self):
+        from pks_emu.bench import make_storm_trace
+        path = os.path.abspath("storm.pkt")
+        make_storm_trace(path, REPLAY_RECORDS // 2)
+        return path
+
+    def track_maccess_per_s(self, path, log):
+        from pks_emu.bench import bench_replay_storm
+        return bench_replay_storm(path, REPEATS, log)
+    track_maccess_per_s.unit = "M accesses/s"
+
+    def track_faults(self, path, log):
+        # The same seeded trace: the same count whatever the log mode.
+        return replay(path, log_limit=1000).fault_total
+    track_faults.unit = "faults"

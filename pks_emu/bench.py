@@ -214,6 +214,45 @@ def bench_replay(path: str, repeat: int) -> float:
     return -_best(lambda: -once(), repeat)
 
 
+def make_storm_trace(path: str, accesses: int) -> None:
+    """The fault storm of CASES["fault_storm"] as a native trace: the same
+    machine state (64 pages, page i under key i % 16, 13 keys access-disabled)
+    and the same seeded accesses, so that the C loop's "faults" mode is the
+    reference for its replay too."""
+    from .trace.format import KEEP_CPL, RECORD, RecordType
+    from .trace.writer import TraceWriter
+    m, cpu, va, kind, _ = case_setup("fault_storm", accesses)
+    with TraceWriter(path, m) as w:
+        recs = np.zeros(len(va), dtype=RECORD)
+        recs["type"] = RecordType.ACCESS
+        recs["size"] = 8
+        recs["cpl"] = KEEP_CPL
+        recs["op"] = kind
+        recs["addr"] = va
+        w.extend(recs)
+
+
+def bench_replay_storm(path: str, repeat: int, log: str) -> float:
+    """M accesses/s replaying a fault-storm trace. ``log``: "sites" (every
+    fault counted by site, the first 1000 kept: what ``pks-emu replay``
+    does), "memory" (every fault kept in memory too: ``log_limit=0``) or
+    "file" (every fault streamed to a fault-log file: ``--faults``)."""
+    from .trace.replay import replay
+    kw: dict = {"sites": {"log_limit": 1000}, "memory": {"log_limit": 0}}.get(log, {})
+    out = os.path.join(os.path.dirname(path), "storm-faults.npy")
+
+    def once() -> float:
+        r = replay(path, faults_out=out, **kw) if log == "file" else replay(path, **kw)
+        if not r.fault_total:
+            raise AssertionError("the fault storm produced no faults")
+        return r.record_counts["access"] / r.elapsed / 1e6
+    once()
+    best = -_best(lambda: -once(), repeat)
+    if os.path.exists(out):
+        os.unlink(out)
+    return best
+
+
 def make_hit_trace(path: str, accesses: int) -> None:
     """Accesses on 256 pages that fit the TLB, one WRMSR every 100 accesses."""
     from .trace.format import KEEP_CPL, RECORD, RecordType
@@ -324,6 +363,11 @@ TARGETS = {
     "batch_miss_5level": ("access_batch, every access a 5-level walk", "M acc/s", None, "min"),
     "replay_hit": ("replay, TLB-resident, 1 WRMSR per 100 accesses", "M acc/s", 100, "min"),
     "replay_miss": ("replay, tlb-miss-scan (4-level walks)", "M acc/s", 20, "min"),
+    "replay_fault_storm": ("replay, fault storm, faults counted by site", "M acc/s", None, "min"),
+    "replay_fault_storm_memory": ("replay, fault storm, every fault kept in memory", "M acc/s",
+                                  None, "min"),
+    "replay_fault_storm_file": ("replay, fault storm, every fault streamed to a file", "M acc/s",
+                                None, "min"),
     "lackey_import": ("lackey import, uncompressed", "M lines/s", 5, "min"),
     "lackey_end_to_end": ("lackey replay end to end (file to result), uncompressed", "M lines/s",
                           20, "min"),

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from . import positive_int
 from ..bench import (CASES, TARGETS, bench_batch, bench_c, bench_case, bench_lackey,
-                     bench_lackey_end_to_end, bench_replay, bench_single_access, build_calibration,
-                     instructions_case, make_hit_trace, make_lackey_inputs)
+                     bench_lackey_end_to_end, bench_replay, bench_replay_storm, bench_single_access,
+                     build_calibration, instructions_case, make_hit_trace, make_lackey_inputs,
+                     make_storm_trace)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,6 +77,19 @@ def run(args: argparse.Namespace) -> int:
                     best = max(best, float(re.search(r"([0-9.]+) M accesses/s", out).group(1)))
                 ratios["replay_hit"] = (results["replay_hit"], best)
             os.unlink(path)
+        storm = [k for k in ("replay_fault_storm", "replay_fault_storm_memory",
+                             "replay_fault_storm_file") if want(k)]
+        if storm:
+            sn = CASES["fault_storm"][4] // (8 if args.quick else 1)
+            path = os.path.join(tmp, "storm.pkt")
+            make_storm_trace(path, sn)
+            c_storm = bench_c(exe, "faults", sn, repeat) if exe is not None else None
+            for k in storm:
+                results[k] = bench_replay_storm(path, repeat, k.rsplit("_", 1)[1]
+                                                if k != "replay_fault_storm" else "sites")
+                if c_storm is not None:
+                    ratios[k] = (results[k], c_storm)
+            os.unlink(path)
         if want("replay_miss"):
             from ..trace.generators import gen_tlb_miss_scan
             path = os.path.join(tmp, "miss.pkt")
@@ -128,9 +142,12 @@ def run(args: argparse.Namespace) -> int:
     if ratios:
         print("same-run ratios against benchmarks/calibration/batch_loops.c and replay_hit.c (cc -O3):")
         for k, (ours, c) in ratios.items():
-            need = 0.5 if k == "fault_storm" else 1.0
-            print(f"  {k:<28} {ours:8.1f} / {c:8.1f} M acc/s = {ours / c:5.2f}x  "
-                  f"(target >= {need:g}x: {'met' if ours / c >= need else 'NOT met'})")
+            if k in ("replay_fault_storm_memory", "replay_fault_storm_file"):
+                verdict = "no target: the full per-fault log"
+            else:
+                need = 0.5 if "fault_storm" in k else 1.0
+                verdict = f"target >= {need:g}x: {'met' if ours / c >= need else 'NOT met'}"
+            print(f"  {k:<28} {ours:8.1f} / {c:8.1f} M acc/s = {ours / c:5.2f}x  ({verdict})")
     if e2e is not None:
         dc = e2e["xz_dc_seconds"]
         ratio = (f"{e2e['xz_seconds']:.3f} s / xz -dc alone {dc:.3f} s = "
