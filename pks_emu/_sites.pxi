@@ -175,7 +175,7 @@ cdef class FaultSites:
         self.last_slot = 0
         return 0
 
-    cdef pks_site_t *_site(self, uint64_t ip, uint64_t tag, uint64_t record) noexcept nogil:
+    cdef inline pks_site_t *_site(self, uint64_t ip, uint64_t tag, uint64_t record) noexcept nogil:
         # The slot of a site, claimed (count 0 -> 1 by the caller) when new;
         # _reserve() made room for one more.
         cdef pks_site_t *s = &self.table[self.last_slot]
@@ -264,7 +264,7 @@ cdef class FaultSites:
                 return -1
         return 0
 
-    cdef void _page(self, uint64_t key, uint64_t n) noexcept nogil:
+    cdef inline void _page(self, uint64_t key, uint64_t n) noexcept nogil:
         # _reserve() made room for one more entry.
         cdef uint64_t mask, j
         if self.pt[2 * self.last_page_slot] == key:
