@@ -293,6 +293,33 @@ def test_fault_log_is_atomic(tmp_path, monkeypatch):
         faultlog.write_faults_fast(tmp_path / "missing-dir" / "f.csv", f)
 
 
+def test_streamed_npy_log(tmp_path):
+    """The streamed .npy log: written block by block under a provisional
+    header, which close() rewrites with the row count; np.load reads it back
+    exactly. A .npy log cannot go to a device or a pipe (no header to fix)."""
+    from pks_emu.errors import PksEmuError
+    from pks_emu.trace.faultlog import FAULT_IP_DTYPE, FaultLogStream, _npy_header
+    assert {len(_npy_header(n)) for n in (0, 9, 10**9, 2**64 - 1)} == {len(_npy_header(0))}
+    assert len(_npy_header(0)) % 64 == 0
+    f, ips = random_faults(5000, seed=13)
+    s = FaultLogStream(tmp_path / "s.npy")
+    for lo in range(0, 5000, 1700):
+        s.write(f[lo:lo + 1700], ips[lo:lo + 1700])
+    s.write(f[:3])                                      # no IPs: 0
+    assert s.close() == 5003
+    back = np.load(tmp_path / "s.npy")
+    assert back.dtype == FAULT_IP_DTYPE and len(back) == 5003
+    for name in f.dtype.names:
+        np.testing.assert_array_equal(back[name][:5000], f[name])
+        np.testing.assert_array_equal(back[name][5000:], f[name][:3])
+    np.testing.assert_array_equal(back["ip"], np.concatenate([ips, np.zeros(3, np.uint64)]))
+    empty = FaultLogStream(tmp_path / "e.npy")
+    assert empty.close() == 0 and len(np.load(tmp_path / "e.npy")) == 0
+    (tmp_path / "dev.npy").symlink_to("/dev/null")
+    with pytest.raises(PksEmuError, match="dev.npy: a .npy log needs a regular file"):
+        FaultLogStream(tmp_path / "dev.npy")
+
+
 def test_aggregates_a_real_replay(tmp_path):
     # The fault log of a real replay (a generated kernel workload with #PF
     # PK faults), folded by site: the totals agree with the replay's own.

@@ -144,12 +144,25 @@ def _unlink(p: str | None) -> None:
         pass
 
 
+def _npy_header(rows: int) -> bytes:
+    """A ``.npy`` (format 1.0) header for ``rows`` rows of FAULT_IP_DTYPE,
+    always the same length: written first with a provisional count, it is
+    written again over itself once the count is known."""
+    text = ("{'descr': %r, 'fortran_order': False, 'shape': (%d,), }"
+            % (np.lib.format.dtype_to_descr(FAULT_IP_DTYPE), rows))
+    longest = len(text) - len(str(rows)) + 20          # 20 digits hold any uint64
+    total = -(-(10 + longest + 1) // 64) * 64          # magic, version, length, text, newline
+    text = text.ljust(total - 10 - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + (total - 10).to_bytes(2, "little") + text.encode("latin1")
+
+
 class FaultLogStream:
     """The per-fault log written as the replay goes (bounded memory): rows
     are appended block by block under a temporary name beside ``path``;
     ``close()`` renames it into place, ``abort()`` removes it, so a failed or
-    interrupted run leaves no file that looks complete. A ``.npy`` log needs
-    its length up front: its rows wait in a temporary raw file until close."""
+    interrupted run leaves no file that looks complete. A ``.npy`` log's
+    header holds the row count: it is written with a provisional count and
+    rewritten in place at close (so the file must be a regular file)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
@@ -169,6 +182,13 @@ class FaultLogStream:
         self._tables = _tables(self._json)
         if self.suffix == ".csv":
             self._write(CSV_HEADER.encode())
+        elif self.suffix == ".npy":
+            if self._tmp is None:
+                self.abort()
+                raise PksEmuError(f"--faults {self.path}: a .npy log needs a regular file (its "
+                                  "header holds the row count, known at the end): use .csv or "
+                                  ".jsonl for a pipe or a device")
+            self._write(_npy_header(0))
 
     def _write(self, data: bytes) -> None:
         try:
@@ -189,7 +209,7 @@ class FaultLogStream:
             for name in FAULT_DTYPE.names or ():
                 out[name] = faults[name]
             out["ip"] = ips
-            self._write(out.tobytes())
+            self._write(out.data)           # the array's own bytes, no copy
         else:
             vec, kind, bits = self._tables
             raw = faults.view(np.uint8).reshape(-1)
@@ -203,13 +223,10 @@ class FaultLogStream:
     def close(self) -> int:
         """Finish the file and rename it into place; the number of rows."""
         try:
-            if self.suffix == ".npy" and self._tmp is not None:
-                self._f.close()
-                data = np.fromfile(self._tmp, dtype=FAULT_IP_DTYPE)
-                with open(self._tmp, "wb") as f:
-                    np.save(f, data)
-            else:
-                self._f.close()
+            if self.suffix == ".npy":
+                self._f.seek(0)
+                self._f.write(_npy_header(self.rows))
+            self._f.close()
             if self._tmp is not None:
                 os.replace(self._tmp, self.path)
         except OSError as e:
