@@ -190,7 +190,7 @@ class FaultLogStream:
                                   ".jsonl for a pipe or a device")
             self._write(_npy_header(0))
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
         try:
             self._f.write(data)
         except OSError as e:
