@@ -166,7 +166,15 @@ def build_calibration(tmp: str, name: str = "batch_loops.c") -> str | None:
 def bench_c(exe: str, mode: str, n: int, repeat: int) -> float:
     out = subprocess.run([exe, mode, str(n), str(repeat)], capture_output=True, text=True,
                          check=True).stdout
-    return float(re.search(r"([0-9.]+) M accesses/s", out).group(1))
+    return parse_rate(out, f"{exe} {mode}")
+
+
+def parse_rate(out: str, what: str) -> float:
+    """The "N M accesses/s" figure a calibration program printed."""
+    m = re.search(r"([0-9.]+) M accesses/s", out)
+    if m is None:
+        raise RuntimeError(f"{what}: no 'M accesses/s' figure in its output {out!r}")
+    return float(m.group(1))
 
 
 def _callgrind_ir(cmd: list[str], toggle: str) -> int:
@@ -197,7 +205,7 @@ def instructions_case(case: str, exe: str | None, n: int, psc: bool = True) -> t
 
 def _child(case: str, n: int, psc: bool) -> None:
     """Under callgrind: set up ``case``, warm up, then one measured call."""
-    from ._core import _measured_batch
+    from ._core import _measured_batch  # type: ignore[attr-defined]  # internal, no stub
     m, cpu, va, kind, out = case_setup(case, n, psc=psc)
     _case_warm(case, cpu, va, kind, out)
     _measured_batch(cpu, va, kind, 8, out)

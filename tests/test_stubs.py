@@ -51,3 +51,15 @@ def test_stubtest_passes(tmp_path):
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)} (in {cwd}):\n{proc.stdout}\n{proc.stderr}"
     assert "Success" in proc.stdout
+
+
+def test_mypy_finds_no_error_in_the_package_sources(tmp_path):
+    # The package ships py.typed: its own code type-checks against its stubs.
+    # Run on the checkout's sources (the .pyi stand in for the compiled
+    # modules), so that this also checks something under an installed wheel.
+    root = TESTS.parent
+    env = dict(os.environ, MYPY_CACHE_DIR=str(tmp_path / "mypy-cache"))
+    cmd = [sys.executable, "-m", "mypy", "pks_emu"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)} (in {root}):\n{proc.stdout}\n{proc.stderr}"
+    assert "Success: no issues found" in proc.stdout

@@ -108,7 +108,8 @@ def _nice(args: argparse.Namespace) -> tuple[int, int]:
 def _modules(names: list[str], kernel: str | None) -> list[Path]:
     from .guest import find_modules
     from .qemu import find_default_kernel, kernel_release
-    paths, lookup = [], []
+    paths: list[str] = []
+    lookup: list[str] = []
     for n in names:
         (paths if n.endswith(".ko") and os.path.exists(n) else lookup).append(n)
     if not lookup:

@@ -177,7 +177,8 @@ def read_cpio(data: bytes) -> list[dict]:
     Each dict: name, mode, nlink, rdevmajor, rdevminor, data. Strict: raises
     :class:`PksEmuError` on a bad magic, a truncated entry or a missing trailer.
     """
-    entries, pos = [], 0
+    entries: list[dict] = []
+    pos = 0
     while True:
         if data[pos:pos + 6] != b"070701":
             raise PksEmuError(f"cpio: bad magic at offset {pos}")

@@ -82,7 +82,7 @@ def pc_lowmem(ram: int) -> int:
     return ram if ram < 0xE000_0000 else 0xC000_0000
 
 
-def _optval(value: str | os.PathLike) -> str:
+def _optval(value: object) -> str:
     """A value for a QEMU ``-plugin``/``-serial`` option: commas doubled (QemuOpts escaping)."""
     return str(value).replace(",", ",,")
 

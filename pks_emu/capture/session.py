@@ -12,7 +12,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from ..errors import PksEmuError
 from . import guest as _guest
@@ -320,6 +320,7 @@ def capture(out, *, kernel: str | os.PathLike | None = None,
             kallsyms.write_bytes(raw.replace(b"\r", b""))
         trace = trace_bytes = None
         if out_path is not None:
+            assert part is not None         # made together with out_path
             os.replace(part, out_path)
             trace, trace_bytes = out_path, out_path.stat().st_size
         return CaptureInfo(command=cmd, wall_time=wall, exit_status=rc,
@@ -404,4 +405,4 @@ def capture_pipe(*, buffer: int = 256 << 20, **kwargs) -> tuple[BinaryIO, Captur
         os.close(w)
         reader.close()
         raise
-    return reader, job
+    return cast(BinaryIO, reader), job      # a PipeBuffer reads like a binary file

@@ -18,7 +18,7 @@ from . import positive_int
 from ..bench import (CASES, TARGETS, bench_batch, bench_c, bench_case, bench_lackey,
                      bench_lackey_end_to_end, bench_replay, bench_replay_storm, bench_single_access,
                      build_calibration, instructions_case, make_hit_trace, make_lackey_inputs,
-                     make_storm_trace)
+                     make_storm_trace, parse_rate)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
                 best = 0.0
                 for _ in range(repeat):
                     out = subprocess.run([rexe, path], capture_output=True, text=True, check=True).stdout
-                    best = max(best, float(re.search(r"([0-9.]+) M accesses/s", out).group(1)))
+                    best = max(best, parse_rate(out, rexe))
                 ratios["replay_hit"] = (results["replay_hit"], best)
             os.unlink(path)
         storm = [k for k in ("replay_fault_storm", "replay_fault_storm_memory",
@@ -122,9 +122,9 @@ def run(args: argparse.Namespace) -> int:
         for k, (ours, c) in ratios.items():
             doc[k]["c_loop"] = c
             doc[k]["ratio"] = ours / c
-        for k, (ours, c) in instr.items():
+        for k, (ours, ci) in instr.items():
             doc[k]["instructions_per_access"] = ours
-            doc[k]["c_instructions_per_access"] = c
+            doc[k]["c_instructions_per_access"] = ci
         if e2e is not None:
             doc["lackey_end_to_end"].update(e2e)
         json.dump(doc, sys.stdout, indent=1)
@@ -149,17 +149,17 @@ def run(args: argparse.Namespace) -> int:
                 verdict = f"target >= {need:g}x: {'met' if ours / c >= need else 'NOT met'}"
             print(f"  {k:<28} {ours:8.1f} / {c:8.1f} M acc/s = {ours / c:5.2f}x  ({verdict})")
     if e2e is not None:
-        dc = e2e["xz_dc_seconds"]
-        ratio = (f"{e2e['xz_seconds']:.3f} s / xz -dc alone {dc:.3f} s = "
-                 f"{e2e['xz_over_xz_dc']:.2f}x (target <= 1.1x: "
-                 f"{'met' if e2e['xz_over_xz_dc'] <= 1.1 else 'NOT met'})" if dc else "no xz tool")
+        dc, over = e2e["xz_dc_seconds"], e2e["xz_over_xz_dc"]
+        ratio = (f"{e2e['xz_seconds']:.3f} s / xz -dc alone {dc:.3f} s = {over:.2f}x "
+                 f"(target <= 1.1x: {'met' if over <= 1.1 else 'NOT met'})"
+                 if dc and over is not None else "no xz tool")
         how = "threaded reading" if e2e["threads"] else "one thread (no CPU to spare)"
         print(f"lackey end to end, {e2e['lines']:,} lines, {e2e['faults']:,} faults, {how}, medians:")
         print(f"  plain {e2e['plain_seconds']:.3f} s = {e2e['plain_mlines_per_s']:.1f} M lines/s; "
               f"xz {e2e['xz_mlines_per_s']:.1f} M lines/s, {ratio}")
     if instr:
         print("instructions per access (valgrind --tool=callgrind, measured call only):")
-        for k, (ours, c) in instr.items():
-            cs = f"{c:7.1f}" if c is not None else "    n/a"
+        for k, (ours, ci) in instr.items():
+            cs = f"{ci:7.1f}" if ci is not None else "    n/a"
             print(f"  {k:<28} pks_emu {ours:7.1f}   C loop {cs}")
     return 0

@@ -71,7 +71,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _summary(table) -> str:
-    import pandas as pd
+    import pandas as pd  # type: ignore[import-untyped,import-not-found]
     cols = [c for c in SUMMARY_COLUMNS if c in table.columns]
     view = table[cols].astype(object)
     view = view.where(view.notna(), None)
