@@ -127,7 +127,7 @@ cdef inline Py_ssize_t _batch_misses(pks_cpu_t *c, const uint64_t *vp, const uin
         if (va & 0xFFF) + size > 4096:
             return i
         t = &c.tlb[(va >> 12) & c.tlb_mask]
-        if (<uint64_t *>t)[kind & 1] == ((va & ~<uint64_t>0xFFF) | 1):
+        if _tlb_hit(t, va, kind):
             return i
 
 

@@ -510,8 +510,7 @@ cdef inline int32_t _translate(pks_cpu_t *c, uint64_t va, int kind, bint implici
     cdef uint64_t tag = (va & ~<uint64_t>0xFFF) | 1
     cdef uint64_t leaf
     cdef int32_t r
-    # tag admits reads and fetches; tag_w (the next word) writes, when D=1.
-    if (<uint64_t *>t)[kind & 1] == tag:
+    if _tlb_hit(t, va, kind):
         c.counters.tlb_hits += 1
         leaf = t.leaf
         if c.stale_check:
@@ -844,7 +843,7 @@ cdef inline int32_t _access_m(pks_cpu_t *c, uint64_t va, int kind, uint32_t size
     cdef uint64_t leaf
     cdef uint32_t i, p
     if (va & 0xFFF) + size <= 4096:
-        if (<uint64_t *>t)[kind & 1] != ((va & ~<uint64_t>0xFFF) | 1):
+        if not _tlb_hit(t, va, kind):
             if defer_miss:
                 return _MISS_DEFERRED
             return _miss_p(c, va, kind, smode, pa, t)

@@ -9,6 +9,13 @@
 # combined rights and the key, and every access reads the live registers
 # (SDM §4.6.2, and the reason keys exist: no flush on WRPKRU/WRMSR).
 
+cdef inline bint _tlb_hit(pks_tlb_entry_t *t, uint64_t va, int kind) noexcept nogil:
+    """Whether entry ``t`` caches the page of ``va`` for an access of ``kind``:
+    ``tag`` admits reads and fetches, ``tag_w`` (the next word) writes, and
+    only while D=1 (a write through a D=0 entry misses, and sets D)."""
+    return (<uint64_t *>t)[kind & 1] == ((va & ~<uint64_t>0xFFF) | 1)
+
+
 cdef inline void _tlb_fill(pks_cpu_t *c, pks_tlb_entry_t *t, uint64_t tag, uint64_t leaf) noexcept nogil:
     t.tag = tag
     t.tag_w = tag if leaf & PKS_PTE_D else 0

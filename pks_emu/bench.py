@@ -240,17 +240,26 @@ def make_storm_trace(path: str, accesses: int) -> None:
         w.extend(recs)
 
 
+#: The replayed fault-storm cases and the fault log each keeps: "sites"
+#: (every fault counted by site, the first 1000 kept: what ``pks-emu replay``
+#: does; the case with the issue's target), "memory" (every fault kept in
+#: memory too: ``log_limit=0``) or "file" (every fault streamed to a
+#: fault-log file: ``--faults``).
+STORM_CASES = {"replay_fault_storm": "sites", "replay_fault_storm_memory": "memory",
+               "replay_fault_storm_file": "file"}
+
+
 def bench_replay_storm(path: str, repeat: int, log: str) -> float:
-    """M accesses/s replaying a fault-storm trace. ``log``: "sites" (every
-    fault counted by site, the first 1000 kept: what ``pks-emu replay``
-    does), "memory" (every fault kept in memory too: ``log_limit=0``) or
-    "file" (every fault streamed to a fault-log file: ``--faults``)."""
+    """M accesses/s replaying a fault-storm trace with the fault log ``log``
+    (a value of STORM_CASES)."""
     from .trace.replay import replay
-    kw: dict = {"sites": {"log_limit": 1000}, "memory": {"log_limit": 0}}.get(log, {})
     out = os.path.join(os.path.dirname(path), "storm-faults.npy")
+    options: dict[str, dict] = {"sites": {"log_limit": 1000}, "memory": {"log_limit": 0},
+                                "file": {"faults_out": out}}
+    kw = options[log]
 
     def once() -> float:
-        r = replay(path, faults_out=out, **kw) if log == "file" else replay(path, **kw)
+        r = replay(path, **kw)
         if not r.fault_total:
             raise AssertionError("the fault storm produced no faults")
         return r.record_counts["access"] / r.elapsed / 1e6

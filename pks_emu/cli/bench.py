@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from . import positive_int
-from ..bench import (CASES, TARGETS, bench_batch, bench_c, bench_case, bench_lackey,
+from ..bench import (CASES, STORM_CASES, TARGETS, bench_batch, bench_c, bench_case, bench_lackey,
                      bench_lackey_end_to_end, bench_replay, bench_replay_storm, bench_single_access,
                      build_calibration, instructions_case, make_hit_trace, make_lackey_inputs,
                      make_storm_trace, parse_rate)
@@ -77,16 +77,14 @@ def run(args: argparse.Namespace) -> int:
                     best = max(best, parse_rate(out, rexe))
                 ratios["replay_hit"] = (results["replay_hit"], best)
             os.unlink(path)
-        storm = [k for k in ("replay_fault_storm", "replay_fault_storm_memory",
-                             "replay_fault_storm_file") if want(k)]
+        storm = [k for k in STORM_CASES if want(k)]
         if storm:
             sn = CASES["fault_storm"][4] // (8 if args.quick else 1)
             path = os.path.join(tmp, "storm.pkt")
             make_storm_trace(path, sn)
             c_storm = bench_c(exe, "faults", sn, repeat) if exe is not None else None
             for k in storm:
-                results[k] = bench_replay_storm(path, repeat, k.rsplit("_", 1)[1]
-                                                if k != "replay_fault_storm" else "sites")
+                results[k] = bench_replay_storm(path, repeat, STORM_CASES[k])
                 if c_storm is not None:
                     ratios[k] = (results[k], c_storm)
             os.unlink(path)
@@ -142,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     if ratios:
         print("same-run ratios against benchmarks/calibration/batch_loops.c and replay_hit.c (cc -O3):")
         for k, (ours, c) in ratios.items():
-            if k in ("replay_fault_storm_memory", "replay_fault_storm_file"):
+            if STORM_CASES.get(k, "sites") != "sites":
                 verdict = "no target: the full per-fault log"
             else:
                 need = 0.5 if "fault_storm" in k else 1.0
