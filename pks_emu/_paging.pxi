@@ -542,11 +542,13 @@ cdef int32_t _translate_miss(pks_cpu_t *c, uint64_t va, int kind, bint implicit,
     if r != PKS_OK:
         c.last_pkey = -1
         _psc_drop_va(c, va)
+        _miss_fault_drop(c, va, t)
         return r
     c.last_pkey = <int32_t>(leaf >> PKS_PTE_PKEY_SHIFT)
     r = _verdict(c, leaf, kind, implicit)
     if r != PKS_OK:
         _psc_drop_va(c, va)
+        _miss_fault_drop(c, va, t)
         return r
     _allowed_fill(c, kind, leaf, leaf_entry, t, tag)
     pa[0] = (leaf & c.addr_mask) | (va & 0xFFF)
@@ -651,6 +653,7 @@ cdef int32_t _miss_walk(pks_cpu_t *c, uint64_t va, int kind, bint implicit, uint
         # #PF would have invalidated them again (SDM §4.10.4.1): their slots
         # end up empty; no other entry for va exists (top).
         _memo_psc_clear(c, va, m)
+        _miss_fault_drop(c, va, t)
         c.last_fault_va = va
         c.counters.page_faults += 1
         return r
@@ -667,6 +670,7 @@ cdef int32_t _miss_walk(pks_cpu_t *c, uint64_t va, int kind, bint implicit, uint
     if top:
         _memo_record(c, va, m)
     _psc_drop_va(c, va)
+    _miss_fault_drop(c, va, t)
     c.last_fault_va = va
     c.counters.page_faults += 1
     return r

@@ -117,6 +117,17 @@ cdef void _tlb_drop_page(pks_cpu_t *c, uint64_t va) noexcept nogil:
         c.tlb_has_large = 0
 
 
+cdef inline void _miss_fault_drop(pks_cpu_t *c, uint64_t va, pks_tlb_entry_t *t) noexcept nogil:
+    """A walk after a TLB miss faulted: drop what the TLB still holds for
+    ``va`` (SDM §4.10.4.1: a #PF invalidates the entries for the faulting
+    address). A miss can leave some: a write through a D=0 entry misses, and
+    pieces of a large page holding ``va`` may sit in other slots. QEMU keeps
+    its entries when a refill faults (compat="qemu" does too)."""
+    if c.compat != PKS_COMPAT_QEMU and ((t.tag & ~<uint64_t>1) == (va & ~<uint64_t>0xFFF)
+                                        or c.tlb_has_large):
+        _tlb_drop_page(c, va)
+
+
 cdef void _stale_check(pks_cpu_t *c, uint64_t va, int kind, bint implicit, uint64_t cached) noexcept nogil:
     """Opt-in debugging aid: compare a TLB hit with a fresh, side-effect-free
     walk and log the hit when the page tables no longer say the same thing

@@ -382,3 +382,49 @@ def test_spurious_fault_from_a_stale_entry_happens_once(compat):
     else:
         assert first.ok
     assert second.ok and second.pa == 0x5000
+
+
+@pytest.mark.parametrize("compat", ["sdm", "qemu"])
+def test_a_faulting_write_through_a_clean_entry_drops_it(compat):
+    """A write through a D=0 entry misses and walks; when that walk faults,
+    the #PF invalidates the entry the reads were using (SDM §4.10.4.1), so
+    the next read walks too. QEMU keeps its read entry when a refill faults."""
+    m, a, cpu, va = setup(compat=compat)
+    a.protect(va, writable=False)
+    configure(cpu, wp=True)
+    cpu.access(va, "read")                               # a D=0 entry, readable
+    assert outcome(cpu, va, "write") == pf("P|W")
+    hits, misses = cpu.counters()["tlb_hits"], cpu.counters()["tlb_misses"]
+    assert outcome(cpu, va, "read") == "ok"
+    dropped = compat == "sdm"
+    assert cpu.counters()["tlb_misses"] == misses + dropped
+    assert cpu.counters()["tlb_hits"] == hits + (not dropped)
+
+
+@pytest.mark.parametrize("compat", ["sdm", "qemu"])
+def test_a_stale_clean_entry_is_gone_after_the_write_fault(compat):
+    """The page is unmapped without INVLPG: reads keep using the stale D=0
+    entry until a write walks, finds P=0 and faults; that fault drops the
+    entry, so the next read faults too (SDM). QEMU's read entry stays."""
+    m, a, cpu, va = setup(compat=compat)
+    cpu.access(va, "read")
+    ea, e, _ = a.lookup(va)
+    m.memory.write_u64(ea, 0)                            # not present, no INVLPG
+    assert outcome(cpu, va, "read") == "ok"              # stale, still cached
+    assert outcome(cpu, va, "write") == pf("W")
+    assert outcome(cpu, va, "read") == (pf("") if compat == "sdm" else "ok")
+
+
+@pytest.mark.parametrize("size", [PAGE_SIZE_2M, PAGE_SIZE_1G])
+def test_a_faulting_walk_in_a_large_page_drops_its_other_pieces(size):
+    """The pieces of a large page cached for other 4-KiB pages are entries
+    for the faulting address too (SDM §4.10.4.1)."""
+    m, a, cpu, va = setup(size=size)
+    a.protect(va, writable=False)
+    configure(cpu, wp=True)
+    other = va + 5 * 4096
+    cpu.access(other, "read")                            # one piece, D=0
+    assert outcome(cpu, va, "write") == pf("P|W")        # a miss in va's slot
+    misses = cpu.counters()["tlb_misses"]
+    assert outcome(cpu, other, "read") == "ok"
+    assert cpu.counters()["tlb_misses"] == misses + 1
