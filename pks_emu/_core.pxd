@@ -162,6 +162,8 @@ ctypedef struct pks_memo_t:
     uint64_t leaf               # the synthesized leaf, when the walk reached one
     uint32_t n                  # entries read
     uint32_t fault_bits         # the walk's P/RSVD fault bits, or 0xFFFFFFFF: reached a leaf
+    uint64_t psc_stamp          # psc_fills when no paging-structure-cache entry for the page
+                                # existed and the slots of the levels walked were empty
 
 
 # One slot of the walker's frame-pointer cache: the frame number and its
@@ -256,6 +258,7 @@ ctypedef struct pks_cpu_t:
     pks_psc_entry_t psc[4][512] # [level - 2]: PDE, PDPTE, PML4E, PML5E caches
     uint64_t memo_epoch         # bumped by TLB flushes and CR4/EFER writes
     pks_memo_t memo[256]        # by linear page number
+    uint64_t psc_fills          # paging-structure-cache entries made (see psc_stamp)
     # Large pages with pieces in the TLB (so that dropping one page scans
     # only the slots of a large page that contains it); overflow: scan all.
     uint64_t large_base[8]

@@ -221,6 +221,7 @@ cdef inline int32_t _walk(pks_cpu_t *c, uint64_t va, int kind, bint implicit, bi
             key = va >> shift
             pe = &c.psc[level - 2][key & 511]
             pe.tag = key | c.psc_epoch
+            c.psc_fills += 1
             pe.table = table
             pe.attrs = (combined & (PKS_PTE_RW | PKS_PTE_US)) | (xd & PKS_PTE_XD)
             pe.page = _frame(c, table >> 12)
@@ -653,6 +654,7 @@ cdef int32_t _miss_walk(pks_cpu_t *c, uint64_t va, int kind, bint implicit, uint
         # #PF would have invalidated them again (SDM §4.10.4.1): their slots
         # end up empty; no other entry for va exists (top).
         _memo_psc_clear(c, va, m)
+        m.psc_stamp = c.psc_fills
         _miss_fault_drop(c, va, t)
         c.last_fault_va = va
         c.counters.page_faults += 1
@@ -743,6 +745,8 @@ cdef void _memo_record(pks_cpu_t *c, uint64_t va, pks_memo_t *m) noexcept nogil:
         level -= 1
     m.n = n
     m.epoch = c.memo_epoch
+    # The caller drops the entries this walk made for va next, and makes none.
+    m.psc_stamp = c.psc_fills
     m.tag = (va & ~<uint64_t>0xFFF) | 1
 
 
@@ -760,6 +764,7 @@ cdef void _memo_psc_fill(pks_cpu_t *c, uint64_t va, pks_memo_t *m) noexcept nogi
         key = va >> (39 + 9 * (<int>c.levels - 4) - 9 * <int>j)
         pe = &c.psc[<int>c.levels - 2 - <int>j][key & 511]
         pe.tag = key | c.psc_epoch
+        c.psc_fills += 1
         pe.table = e & c.addr_mask
         pe.attrs = (combined & (PKS_PTE_RW | PKS_PTE_US)) | (xd & PKS_PTE_XD)
         pe.page = _frame(c, pe.table >> 12)

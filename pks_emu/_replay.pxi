@@ -92,6 +92,7 @@ cdef enum:
 # Status of a run() call.
 cdef enum:
     _GO_ON = -1                 # (from _step: the run goes on)
+    _NOT_MINE = -2              # (from _fault_again: _step must run the record)
     REPLAY_DONE = 0
     REPLAY_STOPPED = 1          # max_faults reached
     REPLAY_EXIT_WITHOUT_ENTRY = 2
@@ -404,6 +405,69 @@ cdef class ReplayEngine:
             return REPLAY_STOPPED
         return _GO_ON
 
+    cdef int _fault_again(self, pks_cpu_t *c, const pks_record_t *r, uint32_t sm,
+                          uint64_t index, uint64_t ipv) noexcept nogil:
+        """A hot-path access record (``sm``: its smode << 4) that the tables
+        deny and that the walk memo answers: what _step does for it, in one
+        call. That is an access record within one page that misses the TLB,
+        with no paging-structure-cache entry for its address and an
+        up-to-date memo of a walk that reached a leaf, whose verdict is a
+        fault: every access to a page a fault invalidated (SDM §4.10.4.1)
+        that faults again, the bulk of a fault storm. _access would take
+        _miss, then _miss_walk's memo branch, and _demand keeps a fault with
+        P=1 as it is; so the counters, the caches and the log end as they
+        would. _NOT_MINE for any other record (nothing was changed), else
+        _GO_ON or the status that ends the run."""
+        cdef uint64_t va = r.addr, leaf
+        cdef uint32_t kind = r.op
+        cdef bint implicit = r.flags & 1
+        cdef pks_memo_t *m = &c.memo[(va >> 12) & 255]
+        cdef pks_tlb_entry_t *t = &c.tlb[(va >> 12) & c.tlb_mask]
+        cdef uint32_t idx, p, pk
+        cdef int32_t code
+        cdef bint cleared
+        if kind > 2 or <uint32_t>r.size - 1 > 4095 or (va & 0xFFF) + r.size > 4096:
+            return _NOT_MINE
+        if (m.tag != ((va & ~<uint64_t>0xFFF) | 1) or m.epoch != c.memo_epoch
+                or m.fault_bits != 0xFFFFFFFFU or _tlb_hit(t, va, <int>kind)):
+            return _NOT_MINE
+        # No cache entry made since the memo's page last faulted: the slots
+        # its walk would fill are still empty (psc_stamp).
+        cleared = m.psc_stamp == c.psc_fills
+        if (not cleared and c.psc_on and not _psc_none(c, va)) or not _memo_valid(m):
+            return _NOT_MINE
+        leaf = m.leaf
+        idx = (kind << 7) | sm | <uint32_t>((leaf >> 1) & 15)
+        p = c.perm[idx]
+        pk = (c.deny[p >> 1] >> <uint32_t>(leaf >> PKS_PTE_PKEY_SHIFT)) & 1
+        if ((p | pk) & 1) == 0:
+            return _NOT_MINE
+        code = _pf_error(c, <int>kind, implicit, PKS_PF_P | (PKS_PF_PK if pk else 0))
+        if PKS_EMU_DEBUG:
+            if (record_problem(r, self.ncpus, self.max_tasks, self.api) != BAD_NONE
+                    or code != _check(c, leaf, <int>kind, implicit) or c != self.cpus[r.cpu]
+                    or sm != _smode(c, implicit) << 4 or (c.psc_on and not _psc_none(c, va))):
+                pks_debug_mismatch("replay repeated fault", va, leaf)
+            _memo_debug_check(c, va, m)
+        # _miss_walk's memo branch, faulting
+        c.counters.accesses[kind][1 if _user_mode(c, implicit) else 0] += 1
+        c.counters.tlb_misses += 1
+        c.counters.walks += 1
+        c.last_pkey = <int32_t>(leaf >> PKS_PTE_PKEY_SHIFT)
+        if not cleared:
+            _memo_psc_clear(c, va, m)
+            m.psc_stamp = c.psc_fills
+        _miss_fault_drop(c, va, t)
+        c.last_fault_va = va
+        c.counters.page_faults += 1
+        # _step's fault branch
+        if self._log_fault(index, r.cpu, 14, code, va, c.last_pkey, <uint8_t>kind, ipv) != 0:
+            return REPLAY_OUT_OF_MEMORY
+        if self.max_faults and self.total_faults >= self.max_faults:
+            self.records_done = index + 1
+            return REPLAY_STOPPED
+        return _GO_ON
+
     cdef int _run(self, const pks_record_t *recs, uint64_t n, uint64_t first,
                   const uint64_t *ipp, const uint64_t *pap) noexcept nogil:
         # The hot path, in line: an access record whose first eight bytes
@@ -473,6 +537,17 @@ cdef class ReplayEngine:
                         c.last_pkey = <int32_t>(leaf >> PKS_PTE_PKEY_SHIFT)
                         r += 1
                         continue
+                else:
+                    # A miss: a fault the walk memo answers runs here and
+                    # keeps the key (it changes no CPL, EFLAGS.AC or TLB
+                    # geometry), anything else goes to _step below.
+                    i = <uint64_t>(r - recs)
+                    st = self._fault_again(c, r, sm, first + i, ipp[i] if ipp != NULL else 0)
+                    if st == _GO_ON:
+                        r += 1
+                        continue
+                    if st != _NOT_MINE:
+                        return st
             held = key
             hc = c
             if r.type == REC_ACCESS:

@@ -20,7 +20,11 @@
 #
 # add() is noexcept nogil and O(1) amortized: a hash probe per table (with a
 # one-entry cache of the last hit, as consecutive faults tend to come from the
-# same site and page) and one timeline increment.
+# same site and page) and one timeline increment. Before those, a small
+# direct-mapped cache of (page, ip, kind) -> (site slot, page slot) answers a
+# fault like one seen recently with a multiply and three compares: a fault
+# storm is the same few pages faulting from the same few instructions, in
+# any order. Slots move only when a table grows, which empties the cache.
 
 cimport cython
 
@@ -35,8 +39,17 @@ cdef extern from *:
         uint64_t samples[PKS_SITE_SAMPLES];
         uint64_t nsamples;
     } pks_site_t;
+    typedef struct {
+        uint64_t page_key;  /* the pages table's key: page << 5 | pkey + 1 */
+        uint64_t ip, tag;
+        uint32_t site;      /* slot + 1 in the sites table; 0: empty */
+        uint32_t page;      /* slot in the pages table */
+    } pks_site_memo_t;
     """
     enum: PKS_SITE_SAMPLES
+    ctypedef struct pks_site_memo_t:
+        uint64_t page_key, ip, tag
+        uint32_t site, page
     ctypedef struct pks_site_t:
         uint64_t ip
         uint64_t tag
@@ -61,6 +74,9 @@ cdef enum:
     _TL_OTHER = 16
 
 cdef uint64_t _PAGE_FREE = 0xFFFFFFFFFFFFFFFFULL
+
+cdef enum:
+    _MEMO_BITS = 9                  # the (page, ip, kind) cache: 512 entries
 
 
 cdef inline uint64_t _mix64(uint64_t h) noexcept nogil:
@@ -110,11 +126,13 @@ cdef class FaultSites:
     cdef readonly uint64_t max_pages
     cdef readonly uint64_t pages_dropped
     cdef readonly uint64_t faults
+    cdef pks_site_memo_t *memo          # [1 << _MEMO_BITS]
 
     def __cinit__(self):
         self.table = NULL
         self.tl = NULL
         self.pt = NULL
+        self.memo = NULL
 
     def __init__(self, uint64_t max_buckets=1024, uint64_t bucket_records=1,
                  uint64_t max_pages=1 << 20):
@@ -128,6 +146,8 @@ cdef class FaultSites:
         free(self.table)
         free(self.tl)
         free(self.pt)
+        free(self.memo)
+        self.memo = <pks_site_memo_t *>calloc(1 << _MEMO_BITS, sizeof(pks_site_memo_t))
         self.cap = 256
         self.table = <pks_site_t *>calloc(self.cap, sizeof(pks_site_t))
         self.max_buckets = max_buckets
@@ -137,7 +157,7 @@ cdef class FaultSites:
         self.max_pages = max_pages
         self.pcap = 1024
         self.pt = <uint64_t *>malloc(2 * self.pcap * sizeof(uint64_t))
-        if self.table == NULL or self.tl == NULL or self.pt == NULL:
+        if self.table == NULL or self.tl == NULL or self.pt == NULL or self.memo == NULL:
             raise MemoryError("cannot allocate the fault-site tables")
         for i in range(self.pcap):
             self.pt[2 * i] = _PAGE_FREE
@@ -155,6 +175,7 @@ cdef class FaultSites:
         free(self.table)
         free(self.tl)
         free(self.pt)
+        free(self.memo)
 
     # --- the hot path -----------------------------------------------------
 
@@ -173,6 +194,7 @@ cdef class FaultSites:
         self.table = nt
         self.cap = ncap
         self.last_slot = 0
+        memset(self.memo, 0, (1 << _MEMO_BITS) * sizeof(pks_site_memo_t))
         return 0
 
     cdef inline pks_site_t *_site(self, uint64_t ip, uint64_t tag, uint64_t record) noexcept nogil:
@@ -251,6 +273,7 @@ cdef class FaultSites:
         self.pt = nt
         self.pcap = ncap
         self.last_page_slot = 0
+        memset(self.memo, 0, (1 << _MEMO_BITS) * sizeof(pks_site_memo_t))
         return 0
 
     cdef inline int _reserve(self) noexcept nogil:
@@ -264,12 +287,13 @@ cdef class FaultSites:
                 return -1
         return 0
 
-    cdef inline void _page(self, uint64_t key, uint64_t n) noexcept nogil:
-        # _reserve() made room for one more entry.
+    cdef inline bint _page(self, uint64_t key, uint64_t n) noexcept nogil:
+        # _reserve() made room for one more entry. False: no room (dropped);
+        # else the entry is in last_page_slot.
         cdef uint64_t mask, j
         if self.pt[2 * self.last_page_slot] == key:
             self.pt[2 * self.last_page_slot + 1] += n
-            return
+            return True
         mask = self.pcap - 1
         j = _mix64(key) & mask
         while True:
@@ -278,35 +302,66 @@ cdef class FaultSites:
             if self.pt[2 * j] == _PAGE_FREE:
                 if self.n_pages >= self.max_pages:
                     self.pages_dropped += n
-                    return
+                    return False
                 self.pt[2 * j] = key
                 self.n_pages += 1
                 break
             j = (j + 1) & mask
         self.pt[2 * j + 1] += n
         self.last_page_slot = j
+        return True
 
-    cdef int add(self, uint64_t record, uint8_t cpu, uint64_t ip, uint64_t address, int pkey,
-                 int32_t error_code, uint8_t vector, uint8_t kind) noexcept nogil:
-        """Count one fault; 0, or -1 when out of memory (nothing counted)."""
+    cdef inline int add(self, uint64_t record, uint8_t cpu, uint64_t ip, uint64_t address,
+                        int pkey, int32_t error_code, uint8_t vector, uint8_t kind) noexcept nogil:
+        """Count one fault; 0, or -1 when out of memory (nothing counted).
+        In line: a fault the (page, ip, kind) cache knows."""
+        cdef uint64_t tag, key
+        cdef pks_site_memo_t *e
+        if kind <= 2 and -1 <= pkey <= 15:
+            tag = _site_tag(pkey, error_code, vector, kind)
+            key = ((address >> 12) << 5) | <uint64_t>(pkey + 1)
+            e = &self.memo[((key ^ ip ^ tag) * <uint64_t>0x9E3779B97F4A7C15ULL) >> (64 - _MEMO_BITS)]
+            if e.site and e.page_key == key and e.ip == ip and e.tag == tag:
+                self.pt[2 * e.page + 1] += 1
+                self._count(&self.table[e.site - 1], record, address,
+                            pkey if _is_pk_fault(pkey, error_code, vector) else _TL_OTHER)
+                return 0
+        return self._add(record, ip, address, pkey, error_code, vector, kind)
+
+    cdef int _add(self, uint64_t record, uint64_t ip, uint64_t address, int pkey,
+                  int32_t error_code, uint8_t vector, uint8_t kind) noexcept nogil:
         cdef pks_site_t *s
         cdef bint pk = _is_pk_fault(pkey, error_code, vector)
+        cdef uint64_t tag, key = 0
+        cdef pks_site_memo_t *e = NULL
         if pkey < -1 or pkey > 15:
             pkey = -1
+        tag = _site_tag(pkey, error_code, vector, kind)
         if self._reserve() != 0:
             return -1
-        s = self._site(ip, _site_tag(pkey, error_code, vector, kind), record)
+        s = self._site(ip, tag, record)
         if kind <= 2:
-            self._page(((address >> 12) << 5) | <uint64_t>(pkey + 1), 1)
+            key = ((address >> 12) << 5) | <uint64_t>(pkey + 1)
+            if self._page(key, 1):
+                e = &self.memo[((key ^ ip ^ tag) * <uint64_t>0x9E3779B97F4A7C15ULL) >> (64 - _MEMO_BITS)]
+                e.page_key = key
+                e.ip = ip
+                e.tag = tag
+                e.site = <uint32_t>(s - self.table) + 1
+                e.page = <uint32_t>self.last_page_slot
+        self._count(s, record, address, pkey if pk else _TL_OTHER)
+        return 0
+
+    cdef inline void _count(self, pks_site_t *s, uint64_t record, uint64_t address,
+                            int row) noexcept nogil:
         s.count += 1
         if record < s.first:
             s.first = record
         if record > s.last:
             s.last = record
         self._sample(s, address)
-        self._tick(record, pkey if pk else _TL_OTHER, 1)
+        self._tick(record, row, 1)
         self.faults += 1
-        return 0
 
     # --- Python side ------------------------------------------------------
 

@@ -191,6 +191,64 @@ def test_chunking_does_not_change_the_result(tmp_path):
         assert part.counters == whole.counters and part.kernel == whole.kernel
 
 
+def storm_trace(path, accesses, seed, *, events=True):
+    """A fault storm on one CPU: random reads and writes over 16 kernel
+    pages under keys 0..3 of which PKRS denies some, so the same pages fault
+    again and again (the replay answers those from the walk memo). With
+    ``events``: every few records an INVLPG and a walk of an allowed page
+    (paging-structure-cache entries made between two faults of a page), a
+    PTE write without INVLPG that changes a page's key (the memo must notice
+    the changed word), or a new PKRS."""
+    m, a = small_machine(1, pages=16)
+    m.cpus[0].wrmsr(MSR_IA32_PKRS, pkey_update_pkval(0, 1, 1) | pkey_update_pkval(0, 2, 1)
+                    | pkey_update_pkval(0, 3, 2))
+    rng = np.random.default_rng(seed)
+    with TraceWriter(path, m) as w:
+        for i in range(accesses):
+            w.access(0, BASE + int(rng.integers(16)) * 4096 + 8 * int(rng.integers(512)),
+                     int(rng.integers(2)))
+            if not events:
+                continue
+            e = int(rng.integers(40))
+            if e == 0:
+                w.invlpg(0, BASE)
+                w.access(0, BASE, "read")
+            elif e == 1:
+                page = int(rng.integers(16))
+                ea, pte, _ = a.lookup(BASE + page * 4096)
+                w.pte_write(ea, (pte & ~(0xF << 59)) | (int(rng.integers(4)) << 59))
+            elif e == 2:
+                w.wrmsr(0, MSR_IA32_PKRS, int(rng.integers(1 << 8)))
+
+
+@pytest.mark.parametrize("events", [False, True])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_replayed_fault_storm_matches_the_full_path(tmp_path, events, seed):
+    """Faults answered in the replay loop from the walk memo leave the same
+    log, counters (TLB, walks, paging-structure caches) and fault sites as
+    the full path (one record per chunk never takes the replay's hot path)."""
+    path = tmp_path / "storm.pkt"
+    storm_trace(path, 3000, seed, events=events)
+    whole = replay(path, log_limit=0)
+    single = replay(path, chunk_records=1, log_limit=0)
+    assert whole.fault_total > 1000
+    assert np.array_equal(whole.faults, single.faults)
+    assert whole.counters == single.counters
+    assert whole.sites.to_dict() == single.sites.to_dict()
+    want_faults, _ = python_replay(str(path))
+    assert [tuple(int(x) for x in f) for f in whole.faults] == want_faults
+
+
+def test_max_faults_stops_a_fault_storm_at_the_same_record(tmp_path):
+    path = tmp_path / "storm.pkt"
+    storm_trace(path, 2000, 3, events=False)
+    whole = replay(path, max_faults=777)
+    single = replay(path, max_faults=777, chunk_records=1)
+    assert whole.stopped_early and whole.fault_total == 777
+    assert whole.records_replayed == single.records_replayed
+    assert whole.counters == single.counters
+
+
 # --- differential test against the Python model -------------------------------
 
 record_st = st.one_of(
@@ -297,6 +355,7 @@ def test_hot_path_matches_the_full_path(tmp_path_factory, recs, compat):
     single = replay(path, chunk_records=1)
     assert np.array_equal(whole.faults, single.faults)
     assert whole.counters == single.counters and whole.kernel == single.kernel
+    assert whole.sites.to_dict() == single.sites.to_dict()
     want_faults, _ = python_replay(str(path))
     assert [tuple(int(x) for x in f) for f in whole.faults] == want_faults
 
