@@ -21,7 +21,7 @@
 # add() is noexcept nogil and O(1) amortized: a hash probe per table (with a
 # one-entry cache of the last hit, as consecutive faults tend to come from the
 # same site and page) and one timeline increment. Before those, a small
-# direct-mapped cache of (page, ip, kind) -> (site slot, page slot) answers a
+# two-way cache of (page, ip, kind) -> (site slot, page slot) answers a
 # fault like one seen recently with a multiply and three compares: a fault
 # storm is the same few pages faulting from the same few instructions, in
 # any order. Slots move only when a table grows, which empties the cache.
@@ -76,7 +76,7 @@ cdef enum:
 cdef uint64_t _PAGE_FREE = 0xFFFFFFFFFFFFFFFFULL
 
 cdef enum:
-    _MEMO_BITS = 9                  # the (page, ip, kind) cache: 512 entries
+    _MEMO_BITS = 10                 # the (page, ip, kind) cache: 1024 entries, 2 ways
 
 
 cdef inline uint64_t _mix64(uint64_t h) noexcept nogil:
@@ -92,6 +92,18 @@ cdef inline uint64_t _mix64(uint64_t h) noexcept nogil:
 cdef inline uint64_t _site_tag(int pkey, int32_t error_code, uint8_t vector, uint8_t kind) noexcept nogil:
     return (<uint64_t><uint32_t>error_code | (<uint64_t>vector << 32) | (<uint64_t>kind << 40)
             | (<uint64_t><uint8_t><signed char>pkey << 48))
+
+
+cdef inline pks_site_memo_t *_memo_set(pks_site_memo_t *memo, uint64_t key, uint64_t ip,
+                                      uint64_t tag) noexcept nogil:
+    # The first of the two entries that may hold (key, ip, tag). Two ways,
+    # because keys that differ in a few structured bits (a page and the next,
+    # a read and a write) can share a set, and would evict each other.
+    return &memo[(((key ^ ip ^ tag) * <uint64_t>0x9E3779B97F4A7C15ULL) >> (64 - _MEMO_BITS)) & ~<uint64_t>1]
+
+
+cdef inline bint _memo_is(pks_site_memo_t *e, uint64_t key, uint64_t ip, uint64_t tag) noexcept nogil:
+    return e.site != 0 and e.page_key == key and e.ip == ip and e.tag == tag
 
 
 cdef inline bint _is_pk_fault(int pkey, int32_t error_code, uint8_t vector) noexcept nogil:
@@ -320,8 +332,10 @@ cdef class FaultSites:
         if kind <= 2 and -1 <= pkey <= 15:
             tag = _site_tag(pkey, error_code, vector, kind)
             key = ((address >> 12) << 5) | <uint64_t>(pkey + 1)
-            e = &self.memo[((key ^ ip ^ tag) * <uint64_t>0x9E3779B97F4A7C15ULL) >> (64 - _MEMO_BITS)]
-            if e.site and e.page_key == key and e.ip == ip and e.tag == tag:
+            e = _memo_set(self.memo, key, ip, tag)
+            if not _memo_is(e, key, ip, tag):
+                e += 1
+            if _memo_is(e, key, ip, tag):
                 self.pt[2 * e.page + 1] += 1
                 self._count(&self.table[e.site - 1], record, address,
                             pkey if _is_pk_fault(pkey, error_code, vector) else _TL_OTHER)
@@ -343,7 +357,8 @@ cdef class FaultSites:
         if kind <= 2:
             key = ((address >> 12) << 5) | <uint64_t>(pkey + 1)
             if self._page(key, 1):
-                e = &self.memo[((key ^ ip ^ tag) * <uint64_t>0x9E3779B97F4A7C15ULL) >> (64 - _MEMO_BITS)]
+                e = _memo_set(self.memo, key, ip, tag)
+                e[1] = e[0]                 # the newest first
                 e.page_key = key
                 e.ip = ip
                 e.tag = tag
