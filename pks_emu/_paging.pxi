@@ -691,11 +691,10 @@ cdef inline bint _psc_none(pks_cpu_t *c, uint64_t va) noexcept nogil:
 
 
 cdef inline bint _memo_valid(pks_memo_t *m) noexcept nogil:
-    cdef uint32_t j
-    for j in range(m.n):
-        if m.ptr[j][0] != m.val[j]:
-            return False
-    return True
+    # Five compares, no loop: past the entries read, ptr[j] points at val[j]
+    # itself (_memo_record).
+    return ((m.ptr[0][0] ^ m.val[0]) | (m.ptr[1][0] ^ m.val[1]) | (m.ptr[2][0] ^ m.val[2])
+            | (m.ptr[3][0] ^ m.val[3]) | (m.ptr[4][0] ^ m.val[4])) == 0
 
 
 cdef inline uint64_t _synth_leaf(pks_cpu_t *c, uint64_t va, uint64_t e, uint64_t combined,
@@ -744,6 +743,9 @@ cdef void _memo_record(pks_cpu_t *c, uint64_t va, pks_memo_t *m) noexcept nogil:
         table = e & c.addr_mask
         level -= 1
     m.n = n
+    while n < 5:
+        m.ptr[n] = &m.val[n]
+        n += 1
     m.epoch = c.memo_epoch
     # The caller drops the entries this walk made for va next, and makes none.
     m.psc_stamp = c.psc_fills

@@ -177,6 +177,10 @@ cdef class ReplayEngine:
     cdef uint64_t rec_counts[REC_COUNT]
     cdef readonly uint64_t max_exception_depth, records_done
     cdef readonly uint64_t error_record
+    # the chunk _run is on: its records, the index of the first, the IPs
+    cdef const pks_record_t *chunk
+    cdef uint64_t chunk_first
+    cdef const uint64_t *chunk_ips
     cdef readonly int error_problem
 
     def __cinit__(self):
@@ -405,8 +409,7 @@ cdef class ReplayEngine:
             return REPLAY_STOPPED
         return _GO_ON
 
-    cdef int _fault_again(self, pks_cpu_t *c, const pks_record_t *r, uint32_t sm,
-                          uint64_t index, uint64_t ipv) noexcept nogil:
+    cdef int _fault_again(self, pks_cpu_t *c, const pks_record_t *r, uint32_t sm) noexcept nogil:
         """A hot-path access record (``sm``: its smode << 4) that the tables
         deny and that the walk memo answers: what _step does for it, in one
         call. That is an access record within one page that misses the TLB,
@@ -426,6 +429,7 @@ cdef class ReplayEngine:
         cdef uint32_t idx, p, pk
         cdef int32_t code
         cdef bint cleared
+        cdef uint64_t i, index
         if kind > 2 or <uint32_t>r.size - 1 > 4095 or (va & 0xFFF) + r.size > 4096:
             return _NOT_MINE
         if (m.tag != ((va & ~<uint64_t>0xFFF) | 1) or m.epoch != c.memo_epoch
@@ -461,7 +465,10 @@ cdef class ReplayEngine:
         c.last_fault_va = va
         c.counters.page_faults += 1
         # _step's fault branch
-        if self._log_fault(index, r.cpu, 14, code, va, c.last_pkey, <uint8_t>kind, ipv) != 0:
+        i = <uint64_t>(r - self.chunk)
+        index = self.chunk_first + i
+        if self._log_fault(index, r.cpu, 14, code, va, c.last_pkey, <uint8_t>kind,
+                           self.chunk_ips[i] if self.chunk_ips != NULL else 0) != 0:
             return REPLAY_OUT_OF_MEMORY
         if self.max_faults and self.total_faults >= self.max_faults:
             self.records_done = index + 1
@@ -504,6 +511,9 @@ cdef class ReplayEngine:
         # the physical addresses the hot path must check (a mapper's trace)
         cdef const uint64_t *hpa = pap if self.mapper is not None else NULL
         cdef uint64_t want
+        self.chunk = recs
+        self.chunk_first = first
+        self.chunk_ips = ipp
         # The loop keeps only the CPU pointer and what the key fixed in
         # registers; the tables are read at constant offsets from ``c``.
         while r < end:
@@ -541,8 +551,7 @@ cdef class ReplayEngine:
                     # A miss: a fault the walk memo answers runs here and
                     # keeps the key (it changes no CPL, EFLAGS.AC or TLB
                     # geometry), anything else goes to _step below.
-                    i = <uint64_t>(r - recs)
-                    st = self._fault_again(c, r, sm, first + i, ipp[i] if ipp != NULL else 0)
+                    st = self._fault_again(c, r, sm)
                     if st == _GO_ON:
                         r += 1
                         continue
