@@ -632,12 +632,18 @@ cdef int32_t _miss_walk(pks_cpu_t *c, uint64_t va, int kind, bint implicit, uint
         return PKS_GP
     c.counters.tlb_misses += 1
     cdef pks_memo_t *m = &c.memo[(va >> 12) & 255]
-    cdef bint top = not c.psc_on or _psc_none(c, va)    # the walk starts at CR3
-    if top and m.tag == ((va & ~<uint64_t>0xFFF) | 1) and m.epoch == c.memo_epoch and _memo_valid(m):
+    cdef bint memo = m.tag == ((va & ~<uint64_t>0xFFF) | 1) and m.epoch == c.memo_epoch
+    # No cache entry made since the page last faulted (psc_stamp): none for
+    # va exists, and the slots its walk would fill are empty.
+    cdef bint cleared = memo and m.psc_stamp == c.psc_fills
+    cdef bint top = cleared or not c.psc_on or _psc_none(c, va)    # the walk starts at CR3
+    if memo and top and _memo_valid(m):
         # The walk would read exactly the recorded words: replay it.
         c.counters.walks += 1
         if PKS_EMU_DEBUG:
             _memo_debug_check(c, va, m)
+            if c.psc_on and not _psc_none(c, va):
+                pks_debug_mismatch("psc_stamp: a cache entry for the page exists", va, m.psc_stamp)
         if m.fault_bits != 0xFFFFFFFFU:
             c.last_pkey = -1
             r = _pf_error(c, kind, implicit, m.fault_bits)
@@ -653,8 +659,9 @@ cdef int32_t _miss_walk(pks_cpu_t *c, uint64_t va, int kind, bint implicit, uint
         # The walk would have cached the non-leaf entries it passed and the
         # #PF would have invalidated them again (SDM §4.10.4.1): their slots
         # end up empty; no other entry for va exists (top).
-        _memo_psc_clear(c, va, m)
-        m.psc_stamp = c.psc_fills
+        if not cleared:
+            _memo_psc_clear(c, va, m)
+            m.psc_stamp = c.psc_fills
         _miss_fault_drop(c, va, t)
         c.last_fault_va = va
         c.counters.page_faults += 1
