@@ -203,6 +203,30 @@ def instructions_case(case: str, exe: str | None, n: int, psc: bool = True) -> t
     return ours, theirs
 
 
+#: replayed cases whose instructions per record ``--instructions`` counts:
+#: case -> (trace maker, C mode of batch_loops.c for the same accesses, or None)
+REPLAY_IR_CASES = {"replay_hit": ("hit", None), "replay_fault_storm": ("storm", "faults")}
+
+
+def instructions_replay(case: str, exe: str | None, n: int) -> tuple[float, float | None]:
+    """(pks_emu, C) instructions per record of the replayed ``case`` (a key
+    of REPLAY_IR_CASES) under callgrind: ``ReplayEngine._run`` alone, over
+    the records of a trace of ``n`` accesses (the trace is written first,
+    outside the count)."""
+    maker, mode = REPLAY_IR_CASES[case]
+    with tempfile.TemporaryDirectory(prefix="pks-emu-cg-") as d:
+        path = os.path.join(d, f"{maker}.pkt")
+        (make_hit_trace if maker == "hit" else make_storm_trace)(path, n)
+        from .trace.format import read_header
+        records = read_header(path).record_count
+        child = [sys.executable, "-m", "pks_emu.bench", "--replay-child", path]
+        ours = _callgrind_ir(child, "*ReplayEngine__run*") / records
+    theirs = None
+    if exe is not None and mode is not None:
+        theirs = _callgrind_ir([exe, mode, str(n), "1"], "run_loop") / (n + min(n, 4096))
+    return ours, theirs
+
+
 def _child(case: str, n: int, psc: bool) -> None:
     """Under callgrind: set up ``case``, warm up, then one measured call."""
     from ._core import _measured_batch  # type: ignore[attr-defined]  # internal, no stub
@@ -393,11 +417,18 @@ TARGETS = {
 
 def _child_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="pks_emu.bench")
-    p.add_argument("--child", choices=sorted(CASES), required=True)
-    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--child", choices=sorted(CASES))
+    p.add_argument("--n", type=int)
     p.add_argument("--no-psc", action="store_true")
+    p.add_argument("--replay-child", metavar="TRACE")
     a = p.parse_args(argv)
-    _child(a.child, a.n, not a.no_psc)
+    if a.replay_child:
+        from .trace.replay import replay
+        replay(a.replay_child, log_limit=1000)     # as bench_replay_storm's "sites" case
+    elif a.child and a.n:
+        _child(a.child, a.n, not a.no_psc)
+    else:
+        p.error("--child CASE --n N, or --replay-child TRACE")
     return 0
 
 

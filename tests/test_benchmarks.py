@@ -16,6 +16,7 @@ import importlib.util
 import itertools
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -189,3 +190,21 @@ def test_wrmsr_flushes_the_tlb_only_in_qemu_mode():
         b.setup(compat)
         flushes[compat] = b.track_tlb_flushes_per_wrmsr(compat)
     assert flushes == {"sdm": 0.0, "qemu": 1.0}
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed (CI installs it)")
+def test_instruction_counts_of_the_replay_loop():
+    """pks-emu bench --instructions for the replayed cases: callgrind over
+    ReplayEngine._run only, per record. A faulting record (the storm: about
+    13 of 16 fault) costs more than a TLB hit, and each is a count a design
+    can be compared by."""
+    from pks_emu.bench import build_calibration, instructions_replay
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        exe = build_calibration(d)
+        hit, none = instructions_replay("replay_hit", exe, 5000)
+        storm, c = instructions_replay("replay_fault_storm", exe, 5000)
+    assert none is None                       # no C loop counted for replay_hit
+    assert 20 < hit < storm < 2000
+    if exe is not None:
+        assert 30 < c < 200                   # the C loop's fault-counting mode, per access

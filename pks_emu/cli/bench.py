@@ -15,10 +15,10 @@ import tempfile
 from pathlib import Path
 
 from . import positive_int
-from ..bench import (CASES, STORM_CASES, TARGETS, bench_batch, bench_c, bench_case, bench_lackey,
-                     bench_lackey_end_to_end, bench_replay, bench_replay_storm, bench_single_access,
-                     build_calibration, instructions_case, make_hit_trace, make_lackey_inputs,
-                     make_storm_trace, parse_rate)
+from ..bench import (CASES, REPLAY_IR_CASES, STORM_CASES, TARGETS, bench_batch, bench_c, bench_case,
+                     bench_lackey, bench_lackey_end_to_end, bench_replay, bench_replay_storm,
+                     bench_single_access, build_calibration, instructions_case, instructions_replay,
+                     make_hit_trace, make_lackey_inputs, make_storm_trace, parse_rate)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,8 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--only", nargs="*", choices=sorted(TARGETS), help="run only these")
     p.add_argument("--instructions", action="store_true",
-                   help="also count instructions per access of the batch cases and of the C "
-                        "calibration loops with valgrind --tool=callgrind (when installed)")
+                   help="also count instructions per access of the batch cases, per record of "
+                        "replay_hit and replay_fault_storm, and of the C calibration loops, with "
+                        "valgrind --tool=callgrind (when installed)")
     p.add_argument("--no-psc", action="store_true",
                    help="turn the paging-structure caches off (CPU.paging_structure_caches)")
 
@@ -61,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
                 if want(case):
                     cn = CASES[case][4] // (1 if CASES[case][2] == "random" else 8)
                     instr[case] = instructions_case(case, exe, cn, psc=not args.no_psc)
+            for case in REPLAY_IR_CASES:
+                if want(case):
+                    instr[case] = instructions_replay(case, exe, 20_000 if args.quick else 500_000)
         if want("batch_miss_4level"):
             results["batch_miss_4level"] = bench_batch(n // 2, repeat, miss=True)
         if want("batch_miss_5level"):
@@ -156,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  plain {e2e['plain_seconds']:.3f} s = {e2e['plain_mlines_per_s']:.1f} M lines/s; "
               f"xz {e2e['xz_mlines_per_s']:.1f} M lines/s, {ratio}")
     if instr:
-        print("instructions per access (valgrind --tool=callgrind, measured call only):")
+        print("instructions per access, per record for replay_* (valgrind --tool=callgrind, "
+              "measured call only):")
         for k, (ours, ci) in instr.items():
             cs = f"{ci:7.1f}" if ci is not None else "    n/a"
             print(f"  {k:<28} pks_emu {ours:7.1f}   C loop {cs}")
