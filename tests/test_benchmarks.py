@@ -198,6 +198,7 @@ def test_instruction_counts_of_the_replay_loop():
     ReplayEngine._run only, per record. A faulting record (the storm: about
     13 of 16 fault) costs more than a TLB hit, and each is a count a design
     can be compared by."""
+    from pks_emu._core import DEBUG_BUILD
     from pks_emu.bench import build_calibration, instructions_replay
     import tempfile
     with tempfile.TemporaryDirectory() as d:
@@ -205,6 +206,9 @@ def test_instruction_counts_of_the_replay_loop():
         hit, none = instructions_replay("replay_hit", exe, 5000)
         storm, c = instructions_replay("replay_fault_storm", exe, 5000)
     assert none is None                       # no C loop counted for replay_hit
-    assert 20 < hit < storm < 2000
+    # A debug build (bounds checks, assertions: CI's second pass) counts
+    # several times more per record; the order of the two cases still holds.
+    ceiling = 20000 if DEBUG_BUILD else 2000
+    assert 20 < hit < storm < ceiling
     if exe is not None:
         assert 30 < c < 200                   # the C loop's fault-counting mode, per access
