@@ -239,6 +239,9 @@ ctypedef struct pks_cpu_t:
     # leave it for the full path, which refuses the record.
     uint8_t perm[384]
     uint8_t perm_fast[512]
+    # pf_code[kind << 3 | smode]: the #PF error-code bits that describe the
+    # access, P | W/R | U/S | I/D (SDM §4.7), built with perm; a fault adds PK.
+    uint32_t pf_code[24]
     # deny[sel]: bit k = key k is denied by that mask (recomputed on WRMSR
     # IA32_PKRS and WRPKRU, through a two-entry cache of recent values).
     uint16_t deny[8]

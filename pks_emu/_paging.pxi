@@ -271,6 +271,10 @@ cdef void _derive_perm(pks_cpu_t *c) noexcept nogil:
             implicit = (smode >> 1) & 1
             ac = smode & 1
             user = cpl3 and not implicit
+            # As _pf_error: I/D only with SMEP=1, or NXE=1 (SDM §4.7).
+            c.pf_code[(kind << 3) | smode] = (PKS_PF_P | (PKS_PF_W if kind == PKS_WRITE else 0)
+                                              | (PKS_PF_U if user else 0)
+                                              | (PKS_PF_I if kind == PKS_FETCH and (smep or nxe) else 0))
             for attr in range(16):
                 rw = attr & 1
                 us = (attr >> 1) & 1

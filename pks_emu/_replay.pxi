@@ -430,10 +430,12 @@ cdef class ReplayEngine:
         cdef int32_t code
         cdef bint cleared
         cdef uint64_t i, index
-        if kind > 2 or <uint32_t>r.size - 1 > 4095 or (va & 0xFFF) + r.size > 4096:
+        # Within one page, with a size of 1..4096 (0 wraps to 2**32 - 1).
+        if kind > 2 or (va & 0xFFF) + <uint64_t>(<uint32_t>r.size - 1) > 4095:
             return _NOT_MINE
-        if (m.tag != ((va & ~<uint64_t>0xFFF) | 1) or m.epoch != c.memo_epoch
-                or m.fault_bits != 0xFFFFFFFFU or _tlb_hit(t, va, <int>kind)):
+        # The TLB misses: the caller compared this slot's tag for the kind
+        # with the page of the record's last byte, which is va's page here.
+        if m.tag != ((va & ~<uint64_t>0xFFF) | 1) or m.epoch != c.memo_epoch or m.fault_bits != 0xFFFFFFFFU:
             return _NOT_MINE
         # No cache entry made since the memo's page last faulted: the slots
         # its walk would fill are still empty (psc_stamp).
@@ -446,15 +448,16 @@ cdef class ReplayEngine:
         pk = (c.deny[p >> 1] >> <uint32_t>(leaf >> PKS_PTE_PKEY_SHIFT)) & 1
         if ((p | pk) & 1) == 0:
             return _NOT_MINE
-        code = _pf_error(c, <int>kind, implicit, PKS_PF_P | (PKS_PF_PK if pk else 0))
+        code = <int32_t>(c.pf_code[(kind << 3) | (sm >> 4)] | (pk << 5))
         if PKS_EMU_DEBUG:
             if (record_problem(r, self.ncpus, self.max_tasks, self.api) != BAD_NONE
+                    or _tlb_hit(t, va, <int>kind) or (pk << 5) != PKS_PF_PK * pk
                     or code != _check(c, leaf, <int>kind, implicit) or c != self.cpus[r.cpu]
                     or sm != _smode(c, implicit) << 4 or (c.psc_on and not _psc_none(c, va))):
                 pks_debug_mismatch("replay repeated fault", va, leaf)
             _memo_debug_check(c, va, m)
         # _miss_walk's memo branch, faulting
-        c.counters.accesses[kind][1 if _user_mode(c, implicit) else 0] += 1
+        c.counters.accesses[kind][(<uint32_t>code >> 2) & 1] += 1      # U/S: a user-mode access
         c.counters.tlb_misses += 1
         c.counters.walks += 1
         c.last_pkey = <int32_t>(leaf >> PKS_PTE_PKEY_SHIFT)
@@ -529,9 +532,18 @@ cdef class ReplayEngine:
                 # on) or over 4096 never matches: every record that passes
                 # has a valid size, like those _step validated.
                 last = ((hdr >> 32) + 0xFFFF) & 0xFFFF
-                if ((<uint64_t *>t)[(hdr >> 16) & 1] == (((va + last) & ~<uint64_t>0xFFF) | 1)
-                        and (hpa == NULL or (want := hpa[r - recs]) == _PA_UNKNOWN
-                             or ((want ^ t.leaf) & c.addr_mask) >> 12 == 0)):
+                if (<uint64_t *>t)[(hdr >> 16) & 1] != (((va + last) & ~<uint64_t>0xFFF) | 1):
+                    # A miss: a fault the walk memo answers runs here and
+                    # keeps the key (it changes no CPL, EFLAGS.AC or TLB
+                    # geometry), anything else goes to _step below.
+                    st = self._fault_again(c, r, sm)
+                    if st == _GO_ON:
+                        r += 1
+                        continue
+                    if st != _NOT_MINE:
+                        return st
+                elif (hpa == NULL or (want := hpa[r - recs]) == _PA_UNKNOWN
+                        or ((want ^ t.leaf) & c.addr_mask) >> 12 == 0):
                     leaf = t.leaf
                     # kind << 7 | smode << 4 | leaf bits 4:1, as in _access_m
                     idx = (<uint32_t>(hdr >> 9) & 0x180) | sm | <uint32_t>((leaf >> 1) & 15)
@@ -547,16 +559,6 @@ cdef class ReplayEngine:
                         c.last_pkey = <int32_t>(leaf >> PKS_PTE_PKEY_SHIFT)
                         r += 1
                         continue
-                else:
-                    # A miss: a fault the walk memo answers runs here and
-                    # keeps the key (it changes no CPL, EFLAGS.AC or TLB
-                    # geometry), anything else goes to _step below.
-                    st = self._fault_again(c, r, sm)
-                    if st == _GO_ON:
-                        r += 1
-                        continue
-                    if st != _NOT_MINE:
-                        return st
             held = key
             hc = c
             if r.type == REC_ACCESS:

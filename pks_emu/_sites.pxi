@@ -333,9 +333,7 @@ cdef class FaultSites:
             tag = _site_tag(pkey, error_code, vector, kind)
             key = ((address >> 12) << 5) | <uint64_t>(pkey + 1)
             e = _memo_set(self.memo, key, ip, tag)
-            if not _memo_is(e, key, ip, tag):
-                e += 1
-            if _memo_is(e, key, ip, tag):
+            if _memo_is(e, key, ip, tag) or _memo_is(e := e + 1, key, ip, tag):
                 self.pt[2 * e.page + 1] += 1
                 self._count(&self.table[e.site - 1], record, address,
                             pkey if _is_pk_fault(pkey, error_code, vector) else _TL_OTHER)

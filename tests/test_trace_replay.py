@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pks_emu
-from pks_emu.constants import (CR4_PKE, CR4_PKS, EFER_NXE, MSR_IA32_PKRS, PAGE_KERNEL_PKEY, PKS_INIT_VALUE,
+from pks_emu.constants import (CR4_PKE, CR4_PKS, CR4_SMAP, CR4_SMEP, EFER_NXE, MSR_IA32_PKRS, PAGE_KERNEL_PKEY, PKS_INIT_VALUE,
                                pkey_update_pkval)
 from pks_emu.errors import TraceFormatError
 from pks_emu.trace.format import (HEADER_SIZE, RECORD, RECORD_SIZE, RecordType, read_header,
@@ -232,6 +232,42 @@ def test_a_replayed_fault_storm_matches_the_full_path(tmp_path, events, seed):
     whole = replay(path, log_limit=0)
     single = replay(path, chunk_records=1, log_limit=0)
     assert whole.fault_total > 1000
+    assert np.array_equal(whole.faults, single.faults)
+    assert whole.counters == single.counters
+    assert whole.sites.to_dict() == single.sites.to_dict()
+    want_faults, _ = python_replay(str(path))
+    assert [tuple(int(x) for x in f) for f in whole.faults] == want_faults
+
+
+@pytest.mark.parametrize("cr4_extra", [0, CR4_SMEP, CR4_SMEP | CR4_SMAP])
+def test_a_fault_storm_in_every_mode_matches_the_full_path(tmp_path, cr4_extra):
+    """Repeated faults of every kind (fetches too), at CPL 0 and 3, implicit
+    or not, on kernel and user pages, under SMEP and SMAP or not: the error
+    codes the replay loop builds for faults it answers from the walk memo
+    (W/R, U/S, I/D, PK) are those of the full path and the Python model."""
+    m, a = small_machine(1, pages=8)
+    c = m.cpus[0]
+    c.cr4 = c.cr4 | cr4_extra
+    c.wrmsr(MSR_IA32_PKRS, pkey_update_pkval(0, 1, 1) | pkey_update_pkval(0, 3, 2))
+    c.wrpkru(0x000000C4)                 # key 1: WD, key 3: AD
+    rng = np.random.default_rng(7)
+    path = tmp_path / "modes.pkt"
+    with TraceWriter(path, m) as w:
+        cpl = 0
+        for i in range(4000):
+            if rng.integers(50) == 0:
+                cpl = 3 - cpl
+                w.access(0, BASE, "read", cpl=cpl)
+            base = USER if rng.integers(2) else BASE
+            w.access(0, base + int(rng.integers(8)) * 4096 + 8 * int(rng.integers(512)),
+                     int(rng.integers(3)), implicit=bool(rng.integers(8) == 0))
+    whole = replay(path, log_limit=0)
+    single = replay(path, chunk_records=1, log_limit=0)
+    assert whole.fault_total > 1000
+    codes = {int(f["error_code"]) for f in whole.faults}
+    assert {0x21, 0x23, 0x25, 0x27} <= codes       # PK faults: R and W, S and U
+    assert {0x11, 0x15} <= codes                   # fetches report I/D (NXE=1)
+    assert ({0x1, 0x3} <= codes) == bool(cr4_extra & CR4_SMAP)   # SMAP: kernel reads/writes of user pages
     assert np.array_equal(whole.faults, single.faults)
     assert whole.counters == single.counters
     assert whole.sites.to_dict() == single.sites.to_dict()
