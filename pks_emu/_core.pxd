@@ -113,6 +113,11 @@ ctypedef struct pks_mem_t:
     uint8_t **slabs         # frames are carved from 2-MiB slabs (huge pages)
     uint64_t nslabs, cap_slabs
     uint32_t slab_used      # frames used in the newest slab
+    # Bumped by the replay loop when a run starts and before every record it
+    # does not answer in line (only those can write memory during a run): a
+    # walk memo stamped with the current value was compared with memory
+    # since the last write there can have been (pks_memo_t.checked).
+    uint64_t replay_epoch
 
 
 # One TLB entry caches a 4-KiB translation (large pages are cached per 4-KiB
@@ -164,6 +169,7 @@ ctypedef struct pks_memo_t:
     uint32_t fault_bits         # the walk's P/RSVD fault bits, or 0xFFFFFFFF: reached a leaf
     uint64_t psc_stamp          # psc_fills when no paging-structure-cache entry for the page
                                 # existed and the slots of the levels walked were empty
+    uint64_t checked            # the memory's replay_epoch when the replay compared ptr/val
 
 
 # One slot of the walker's frame-pointer cache: the frame number and its

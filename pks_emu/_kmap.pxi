@@ -238,6 +238,12 @@ cdef class KernelMapper:
         self.pages_mapped += 1
         return 0
 
+    cdef bint remapped(self, pks_cpu_t *c, uint64_t va, uint64_t pa) noexcept nogil:
+        """Whether the page of ``va`` is mapped, in the tables, to another
+        frame than that of ``pa``."""
+        cdef uint64_t *slot = self._leaf_slot(c, va, False)
+        return slot != NULL and (slot[0] & PKS_PTE_P) != 0 and ((slot[0] ^ pa) & c.addr_mask) >> 12 != 0
+
     cdef int refresh(self, pks_cpu_t *c, uint64_t va, uint64_t pa) noexcept nogil:
         """The record's frame differs from the translation: rewrite the leaf
         if the tables disagree (the guest remapped), then drop this CPU's

@@ -79,6 +79,7 @@ cdef int _mem_init(pks_mem_t *m, uint64_t capacity) noexcept nogil:
     m.nslabs = 0
     m.cap_slabs = 0
     m.slab_used = 0
+    m.replay_epoch = 0
     return 0
 
 
@@ -116,6 +117,7 @@ cdef int _mem_grow(pks_mem_t *m) noexcept nogil:
     bigger.nslabs = m.nslabs
     bigger.cap_slabs = m.cap_slabs
     bigger.slab_used = m.slab_used
+    bigger.replay_epoch = m.replay_epoch
     free(m.keys)
     free(m.pages)
     m[0] = bigger

@@ -181,6 +181,7 @@ cdef class ReplayEngine:
     cdef const pks_record_t *chunk
     cdef uint64_t chunk_first
     cdef const uint64_t *chunk_ips
+    cdef const uint64_t *chunk_pas       # a mapper's trace: each record's physical address
     cdef readonly int error_problem
 
     def __cinit__(self):
@@ -353,6 +354,13 @@ cdef class ReplayEngine:
                     fpa = want + (fva & ~<uint64_t>0xFFF) - (r.addr & ~<uint64_t>0xFFF)
                 if self.mapper.map_page(c, fva, fpa) != 0:
                     return PKS_UD
+            elif (res >= 0 and want != _PA_UNKNOWN and ((c.last_fault_va ^ r.addr) >> 12) == 0
+                    and self.mapper.remapped(c, r.addr, want)):
+                # A present page faulted, but the guest had mapped it to
+                # another frame (a vmalloc or kmap address reused): its key
+                # is the new frame's. Follow the remap, then the access again.
+                if self.mapper.refresh(c, r.addr, want) != 0:
+                    return PKS_UD
             else:
                 return res
             res = _access(c, r.addr, r.op, r.size, (r.flags & 1) != 0, &got)
@@ -409,7 +417,7 @@ cdef class ReplayEngine:
             return REPLAY_STOPPED
         return _GO_ON
 
-    cdef int _fault_again(self, pks_cpu_t *c, const pks_record_t *r, uint32_t sm) noexcept nogil:
+    cdef inline int _fault_again(self, pks_cpu_t *c, const pks_record_t *r, uint32_t sm) noexcept nogil:
         """A hot-path access record (``sm``: its smode << 4) that the tables
         deny and that the walk memo answers: what _step does for it, in one
         call. That is an access record within one page that misses the TLB,
@@ -421,7 +429,7 @@ cdef class ReplayEngine:
         P=1 as it is; so the counters, the caches and the log end as they
         would. _NOT_MINE for any other record (nothing was changed), else
         _GO_ON or the status that ends the run."""
-        cdef uint64_t va = r.addr, leaf
+        cdef uint64_t va = r.addr, leaf, want
         cdef uint32_t kind = r.op
         cdef bint implicit = r.flags & 1
         cdef pks_memo_t *m = &c.memo[(va >> 12) & 255]
@@ -440,9 +448,21 @@ cdef class ReplayEngine:
         # No cache entry made since the memo's page last faulted: the slots
         # its walk would fill are still empty (psc_stamp).
         cleared = m.psc_stamp == c.psc_fills
-        if (not cleared and c.psc_on and not _psc_none(c, va)) or not _memo_valid(m):
+        if not cleared and c.psc_on and not _psc_none(c, va):
             return _NOT_MINE
+        # The paging entries the memo read are compared with memory once
+        # between two records that can write memory (see replay_epoch).
+        if m.checked != c.mem.replay_epoch:
+            if not _memo_valid(m):
+                return _NOT_MINE
+            m.checked = c.mem.replay_epoch
         leaf = m.leaf
+        # A captured kernel's record in another frame than the memo's: the
+        # guest remapped the page, which _demand follows.
+        if self.chunk_pas != NULL:
+            want = self.chunk_pas[r - self.chunk]
+            if want != _PA_UNKNOWN and ((want ^ leaf) & c.addr_mask) >> 12 != 0:
+                return _NOT_MINE
         idx = (kind << 7) | sm | <uint32_t>((leaf >> 1) & 15)
         p = c.perm[idx]
         pk = (c.deny[p >> 1] >> <uint32_t>(leaf >> PKS_PTE_PKEY_SHIFT)) & 1
@@ -453,7 +473,8 @@ cdef class ReplayEngine:
             if (record_problem(r, self.ncpus, self.max_tasks, self.api) != BAD_NONE
                     or _tlb_hit(t, va, <int>kind) or (pk << 5) != PKS_PF_PK * pk
                     or code != _check(c, leaf, <int>kind, implicit) or c != self.cpus[r.cpu]
-                    or sm != _smode(c, implicit) << 4 or (c.psc_on and not _psc_none(c, va))):
+                    or sm != _smode(c, implicit) << 4 or (c.psc_on and not _psc_none(c, va))
+                    or c.mem != &self._memory.m or not _memo_valid(m)):
                 pks_debug_mismatch("replay repeated fault", va, leaf)
             _memo_debug_check(c, va, m)
         # _miss_walk's memo branch, faulting
@@ -514,9 +535,13 @@ cdef class ReplayEngine:
         # the physical addresses the hot path must check (a mapper's trace)
         cdef const uint64_t *hpa = pap if self.mapper is not None else NULL
         cdef uint64_t want
+        cdef pks_mem_t *mem = &self._memory.m
         self.chunk = recs
         self.chunk_first = first
         self.chunk_ips = ipp
+        self.chunk_pas = hpa
+        # Memory may have been written since the last run (pks_mem_t.replay_epoch).
+        mem.replay_epoch += 1
         # The loop keeps only the CPU pointer and what the key fixed in
         # registers; the tables are read at constant offsets from ``c``.
         while r < end:
@@ -562,6 +587,11 @@ cdef class ReplayEngine:
             held = key
             hc = c
             if r.type == REC_ACCESS:
+                # _step and the control records of the last branch may write
+                # memory (a walk's A/D bits, the mapper, a PTE write): walk
+                # memos are compared with it again afterwards. The in-line
+                # records between write none.
+                mem.replay_epoch += 1
                 st = self._step(r, <uint64_t>(r - recs), first, ipp, pap)
             elif (r.type == REC_WRMSR and r.addr == PKS_MSR_IA32_PKRS and r.cpu < self.ncpus
                     and _wrmsr_pkrs_plain(self.cpus[r.cpu], r.value)):
@@ -624,6 +654,7 @@ cdef class ReplayEngine:
                         return REPLAY_OUT_OF_MEMORY
             else:
                 # A control record, in line (a call costs as much as some of them).
+                mem.replay_epoch += 1
                 i = <uint64_t>(r - recs)
                 st = record_problem(r, self.ncpus, self.max_tasks, self.api)
                 if st != BAD_NONE:

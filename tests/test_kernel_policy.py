@@ -235,6 +235,21 @@ def test_remap_into_a_physical_region(tmp_path, kallsyms):
     assert faults(r) == [(1, 14, 4)]
 
 
+def test_remap_out_of_a_physical_region(tmp_path, kallsyms):
+    """A virtual page that faulted on a protected frame and that the guest
+    then remaps onto an unprotected one (a vmalloc or kmap address reused)
+    takes the new frame's key: its accesses there do not fault, whether the
+    replay answers the repeated faults in its loop or one record at a time."""
+    pol = '[kernel]\npkrs = { 4 = "no-access" }\n[[region]]\nphys_start = 0x40000000\nphys_end = 0x44000000\npkey = 4\n'
+    va = 0xffa0000000005000
+    rows = ([(0, 0, va, FUNC["other_func"], PMEM_PA)] * 3 + [(0, 1, va + 8, FUNC["other_func"], 0x100008)] * 3
+            + [(0, 0, va, FUNC["other_func"], PMEM_PA + 16)] * 2)
+    for chunk in (None, 1):
+        r = replay(tmp_path, kallsyms, rows, pol, **({} if chunk is None else {"chunk_records": chunk}))
+        assert faults(r) == [(0, 14, 4), (1, 14, 4), (2, 14, 4), (6, 14, 4), (7, 14, 4)]
+        assert r.input_info["mapper"]["pages_remapped"] == 2
+
+
 WINDOW_POLICY = """
 [kernel]
 pkrs = { 4 = "no-access" }
