@@ -313,6 +313,46 @@ cdef class KernelMapper:
             return saved
         return -1
 
+    cdef bint window_stable(self, int cpu, uint64_t ip, uint64_t *lo, uint64_t *span) noexcept nogil:
+        """Whether window_at(cpu, ip) would now return the open window and
+        change nothing: then it would do the same for every IP in
+        [lo, lo + span) (set here), the part of the cached range holding
+        ``ip`` on its side of the entry text, until a call that is not a
+        no-op changes the state. The replay's hot path skips window_at for
+        such records. Reads the state, changes none of it."""
+        cdef int32_t cur = self.open_w[cpu], saved = self.saved_w[cpu], w
+        cdef bint in_entry = self.entry_lo <= ip < self.entry_hi
+        cdef uint64_t a, b
+        if not (self.ivl_lo[cpu] <= ip < self.ivl_hi[cpu]) or self.prev_entry[cpu] != in_entry:
+            return False
+        # window_at, with after_entry == in_entry (prev_entry, checked above)
+        if self.ivl_w[cpu] >= 0:
+            if saved != -1:
+                return False
+            w = self.ivl_w[cpu]
+        elif cur >= 0 and (self.ivl_mask[cpu] >> cur) & 1:
+            w = cur
+        else:
+            if cur >= 0 and in_entry and saved != cur:
+                return False
+            if cur < 0 and saved >= 0 and in_entry and (self.ivl_mask[cpu] >> saved) & 1:
+                return False                # would reopen the saved window
+            w = -1
+        if w != cur:
+            return False
+        a = self.ivl_lo[cpu]
+        b = self.ivl_hi[cpu]
+        if in_entry:
+            a = a if a > self.entry_lo else self.entry_lo
+            b = b if b < self.entry_hi else self.entry_hi
+        elif ip < self.entry_lo:
+            b = b if b < self.entry_lo else self.entry_lo
+        else:
+            a = a if a > self.entry_hi else self.entry_hi
+        lo[0] = a
+        span[0] = b - a
+        return True
+
     cdef int32_t switch_window(self, KernelState k, int cpu, int32_t to) noexcept nogil:
         """Close the open window of ``cpu`` and open ``to`` (or none), each a
         consumer update of the key through the kernel state."""

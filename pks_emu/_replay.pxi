@@ -150,6 +150,19 @@ cdef inline int record_problem(const pks_record_t *r, int ncpus, uint64_t max_ta
     return BAD_NONE
 
 
+cdef inline const pks_record_t *_window_run(const pks_record_t *r, const pks_record_t *recs,
+                                            const pks_record_t *end, const uint64_t *ipp,
+                                            uint64_t wlo, uint64_t wspan, int most) noexcept nogil:
+    # The first record from r on (at most ``most`` on, and not past end)
+    # whose instruction pointer is outside [wlo, wlo + wspan).
+    cdef const pks_record_t *stop = r + most if end - r > most else end
+    cdef const uint64_t *ip = ipp + (r - recs)
+    while r < stop and ip[0] - wlo < wspan:
+        r += 1
+        ip += 1
+    return r
+
+
 cdef class ReplayEngine:
     """Replays record chunks on a machine's CPUs (see pks_emu.trace.replay),
     with the kernel's PKS state in a KernelState under series version ``api``.
@@ -513,8 +526,8 @@ cdef class ReplayEngine:
         # It does what _access_m does on a hit, minus the physical address,
         # which only the kernel mapper reads: with a mapper (a captured
         # kernel) the record's own physical address must then be in the
-        # cached frame (else _demand follows a remap), and there is no hot
-        # path while the policy has windows (window_at runs per record).
+        # cached frame (else _demand follows a remap), and while the policy
+        # has windows its IP must be where window_at would change nothing.
         cdef uint64_t i, hdr, va, leaf, tmask = 0, key = PKS_REC_NO_KEY, held
         cdef const pks_record_t *r = recs
         cdef const pks_record_t *end = recs + n
@@ -531,7 +544,18 @@ cdef class ReplayEngine:
         cdef uint32_t sm = 0, idx, p
         cdef uint64_t last = 0
         cdef int st
-        cdef bint hot = self.mapper is None or self.mapper.n_windows == 0
+        # With windows (a kernel policy's), records go through window_at in
+        # _step, unless the key's CPU is in a stretch of instruction
+        # pointers [wlo, wlo + wspan) where window_at is a no-op (see
+        # KernelMapper.window_stable): then the hot path checks the record's
+        # IP is in it. Windows without IPs never open: no hot path then.
+        cdef bint wmode = self.mapper is not None and self.mapper.n_windows > 0
+        cdef bint hot = not wmode or ipp != NULL
+        cdef uint64_t wlo = 0, wspan = 0
+        # The hot path's records end at lim: ``end``, or with windows the
+        # first record ahead not known to be in [wlo, wlo + wspan).
+        cdef const pks_record_t *lim = end
+        cdef uint64_t dlo, dspan             # (the debug build's check of the window stretch)
         # the physical addresses the hot path must check (a mapper's trace)
         cdef const uint64_t *hpa = pap if self.mapper is not None else NULL
         cdef uint64_t want
@@ -544,7 +568,16 @@ cdef class ReplayEngine:
         mem.replay_epoch += 1
         # The loop keeps only the CPU pointer and what the key fixed in
         # registers; the tables are read at constant offsets from ``c``.
-        while r < end:
+        while True:
+            if r >= lim:
+                if r >= end:
+                    break
+                # (Windows) the records scanned ahead end here: scan on, or
+                # this record's IP is outside the stretch and _step runs it.
+                lim = _window_run(r, recs, end, ipp, wlo, wspan, 64)
+                if lim == r:
+                    key = PKS_REC_NO_KEY
+                    lim = end
             memcpy(&hdr, r, 8)
             if (hdr & ~PKS_REC_NOT_KEY) == key:
                 va = r.addr
@@ -578,7 +611,9 @@ cdef class ReplayEngine:
                             if (record_problem(r, self.ncpus, self.max_tasks, self.api) != BAD_NONE
                                     or _check(c, leaf, r.op, (r.flags & 1) != 0) != PKS_OK
                                     or sm != _smode(c, (r.flags & 1) != 0) << 4
-                                    or c != self.cpus[r.cpu]):
+                                    or c != self.cpus[r.cpu]
+                                    or (wmode and not self.mapper.window_stable(
+                                        r.cpu, ipp[r - recs], &dlo, &dspan))):
                                 pks_debug_mismatch("replay hot path", hdr, leaf)
                         c.counters.fast_hits[idx >> 4] += 1
                         c.last_pkey = <int32_t>(leaf >> PKS_PTE_PKEY_SHIFT)
@@ -743,7 +778,8 @@ cdef class ReplayEngine:
                 return st
             if r.type == REC_ACCESS:
                 held = PKS_REC_NO_KEY
-                if hot and not (r.flags & 2) and self.cpus[r.cpu].tlb_mask >= 31:
+                if (hot and not (r.flags & 2) and self.cpus[r.cpu].tlb_mask >= 31
+                        and (not wmode or self.mapper.window_stable(r.cpu, ipp[r - recs], &wlo, &wspan))):
                     hc = self.cpus[r.cpu]
                     held = hdr & ~PKS_REC_NOT_KEY
             elif held != PKS_REC_NO_KEY:
@@ -768,6 +804,11 @@ cdef class ReplayEngine:
                 sm = 0
             key = held
             r += 1
+            if wmode:
+                # The hot path takes the records ahead whose IPs are in the
+                # stretch where window_at changes nothing (a few at a time,
+                # so that a _step every few records does not rescan far).
+                lim = _window_run(r, recs, end, ipp, wlo, wspan, 16) if key != PKS_REC_NO_KEY else end
         self.records_done = first + n
         return REPLAY_DONE
 

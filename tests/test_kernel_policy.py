@@ -379,6 +379,51 @@ def test_interrupt_inside_a_window(tmp_path, kallsyms):
     assert m["window_opens"] == 2 and m["window_closes"] == 2
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_windows_in_the_hot_path_match_one_record_at_a_time(tmp_path, kallsyms, seed):
+    """Random runs of accesses in and out of a window, its callee from inside
+    and outside, interrupts (entry text) inside and outside, on two CPUs:
+    the replay's hot path takes records whose IP is where the window would
+    not change, and must leave the faults, counters, window transitions and
+    PKRS writes of a replay one record at a time (which never takes it)."""
+    rng = np.random.default_rng(seed)
+    a = DIRECT_MAP + PMEM_PA
+    entry, handler, iret = 0xffffffff81c00010, FUNC["other_func"] + 0x80, 0xffffffff81c00100
+    write, callee, outside = FUNC["pmem_do_write"], FUNC["memcpy_flushcache"], FUNC["other_func"]
+
+    def interrupt():
+        return [entry] * int(rng.integers(1, 4)) + [handler] * int(rng.integers(0, 6)) + [iret]
+
+    def some(ip):
+        return [ip + 4 * int(rng.integers(8))] * int(rng.integers(1, 12))
+
+    rows = []
+    cpu = 0
+    while len(rows) < 4000:
+        # an accessor (caller, callee, maybe interrupted, caller again), code
+        # outside it, or its callee called from outside; any of them interrupted
+        kind = int(rng.integers(3))
+        seq = (some(write) + some(callee) if kind == 0 else some(outside) if kind == 1 else some(callee))
+        if rng.integers(2):
+            seq += interrupt()
+        seq += some(callee) if kind != 1 else some(outside)
+        if rng.integers(8) == 0:
+            cpu = 1 - cpu
+        for ip in seq:
+            off = 8 * int(rng.integers(64))
+            if rng.integers(3):
+                rows.append((cpu, int(rng.integers(2)), a + off, ip, PMEM_PA + off))
+            else:
+                rows.append((cpu, int(rng.integers(2)), DIRECT_MAP + 0x9000 + off, ip, 0x9000 + off))
+    whole = replay(tmp_path, kallsyms, rows, WINDOW_POLICY, ncpus=2, log_limit=0)
+    single = replay(tmp_path, kallsyms, rows, WINDOW_POLICY, ncpus=2, log_limit=0, chunk_records=1)
+    assert whole.fault_total > 100
+    assert whole.input_info["mapper"]["window_opens"] > 20
+    assert np.array_equal(whole.faults, single.faults)
+    assert whole.counters == single.counters and whole.kernel == single.kernel
+    assert whole.input_info["mapper"] == single.input_info["mapper"]
+
+
 def test_replay_with_and_without_read_ahead_threads_agree(tmp_path, kallsyms):
     # Many chunks, remaps and faults: decoding chunks ahead on a thread
     # (threads=True) must give the result of decoding them in line.

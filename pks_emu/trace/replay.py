@@ -209,6 +209,9 @@ def replay(source, *, policy=None, max_faults: int | None = None, stop_on_fault:
     ``KernelPolicy``; docs/kernel-policies.md). Lackey input is parsed,
     mapped and replayed chunk by chunk, with no temporary file.
 
+    ``chunk_records``: records per call of the compiled loop, in any trace
+    format (the loop's hot path never spans two calls: 1 runs every record
+    through the full path, which the tests compare the hot path with).
     ``max_faults``/``stop_on_fault`` stop the replay after that many faults.
     ``progress(done, total)`` is called after each chunk (``total`` None on
     a stream of unknown length). Pass ``machine`` to replay a v1 trace on a
@@ -243,7 +246,7 @@ def replay(source, *, policy=None, max_faults: int | None = None, stop_on_fault:
                                       "a native trace carries its page tables")
                 result = _replay_v1(run, name, chunk_records, machine, compat, api)
             elif kind == "v2":
-                result = _replay_v2(run, name, stream, policy, compat, api, kallsyms)
+                result = _replay_v2(run, name, stream, policy, compat, api, kallsyms, chunk_records)
             else:
                 result = _replay_lackey(run, name, stream, policy, compat, api, skip_bad)
         finally:
@@ -425,7 +428,8 @@ def _run_chunk(run: _Run, name: str, engine: ReplayEngine, header, recs, first: 
     return status
 
 
-def _replay_v2(run: _Run, name: str, stream, policy, compat, api, kallsyms) -> ReplayResult:
+def _replay_v2(run: _Run, name: str, stream, policy, compat, api, kallsyms,
+               chunk_records: int = DEFAULT_CHUNK) -> ReplayResult:
     from .v2 import TF_KERNEL_CAPTURE, V2Reader
     reader = V2Reader(stream, name)
     h = reader.header
@@ -459,11 +463,20 @@ def _replay_v2(run: _Run, name: str, stream, policy, compat, api, kallsyms) -> R
     # keeps both CPUs busy and the load average turns it off.
     threads = run.threads if run.threads is not None else _spare_cpu()
     prefetch = 2 if threads else 0
+    stopped = False
     for first, recs, ip, pa in reader.chunks(reuse=True, validate=False, prefetch=prefetch):
-        status = _run_chunk(run, name, engine, h, recs, first, ip, pa)
-        done = first + len(recs) if status != REPLAY_STATUS["stopped"] else engine.records_done
-        run.after_chunk(engine, done, None)
-        if status == REPLAY_STATUS["stopped"]:
+        # The file's chunks, in pieces of at most chunk_records (as a v1 trace's).
+        for off in range(0, len(recs), chunk_records):
+            k = min(chunk_records, len(recs) - off)
+            status = _run_chunk(run, name, engine, h, recs[off:off + k], first + off,
+                                None if ip is None else ip[off:off + k],
+                                None if pa is None else pa[off:off + k])
+            stopped = status == REPLAY_STATUS["stopped"]
+            done = first + off + k if not stopped else engine.records_done
+            run.after_chunk(engine, done, None)
+            if stopped:
+                break
+        if stopped:
             break
     if mapper is not None:
         from .kernel import mapper_info
