@@ -284,6 +284,25 @@ cdef class KernelMapper:
             self.ivl_w[cpu] = -1
             self.ivl_mask[cpu] = 0
 
+    cdef inline int32_t _decide(self, int cpu, bint in_entry, bint after_entry,
+                                int32_t *saved) noexcept nogil:
+        """The rule of window_at for an IP in the cached range of ``cpu``
+        (``saved``: the window an interrupt closed, updated): the window
+        that should be open."""
+        cdef int32_t cur = self.open_w[cpu]
+        if self.ivl_w[cpu] >= 0:
+            saved[0] = -1
+            return self.ivl_w[cpu]
+        if cur >= 0 and (self.ivl_mask[cpu] >> cur) & 1:
+            return cur
+        if cur >= 0 and in_entry:
+            saved[0] = cur
+        if cur < 0 and saved[0] >= 0 and after_entry and (self.ivl_mask[cpu] >> saved[0]) & 1:
+            cur = saved[0]
+            saved[0] = -1
+            return cur
+        return -1
+
     cdef inline int32_t window_at(self, int cpu, uint64_t ip) noexcept nogil:
         """The window that should be open on ``cpu`` when it runs ``ip``.
 
@@ -293,25 +312,12 @@ cdef class KernelMapper:
         callee it interrupted) reopens it, as the series' exception exit
         restores the interrupted PKRS. A callee entered from anywhere else
         with no window open stays outside."""
-        cdef int32_t cur = self.open_w[cpu]
-        cdef int32_t saved
         cdef bint in_entry = self.entry_lo <= ip < self.entry_hi
         cdef bint after_entry = self.prev_entry[cpu]
         self.prev_entry[cpu] = in_entry
         if not (self.ivl_lo[cpu] <= ip < self.ivl_hi[cpu]):
             self._lookup(cpu, ip)
-        if self.ivl_w[cpu] >= 0:
-            self.saved_w[cpu] = -1
-            return self.ivl_w[cpu]
-        if cur >= 0 and (self.ivl_mask[cpu] >> cur) & 1:
-            return cur
-        if cur >= 0 and in_entry:
-            self.saved_w[cpu] = cur
-        saved = self.saved_w[cpu]
-        if cur < 0 and saved >= 0 and after_entry and (self.ivl_mask[cpu] >> saved) & 1:
-            self.saved_w[cpu] = -1
-            return saved
-        return -1
+        return self._decide(cpu, in_entry, after_entry, &self.saved_w[cpu])
 
     cdef bint window_stable(self, int cpu, uint64_t ip, uint64_t *lo, uint64_t *span) noexcept nogil:
         """Whether window_at(cpu, ip) would now return the open window and
@@ -320,25 +326,13 @@ cdef class KernelMapper:
         ``ip`` on its side of the entry text, until a call that is not a
         no-op changes the state. The replay's hot path skips window_at for
         such records. Reads the state, changes none of it."""
-        cdef int32_t cur = self.open_w[cpu], saved = self.saved_w[cpu], w
         cdef bint in_entry = self.entry_lo <= ip < self.entry_hi
+        cdef int32_t saved = self.saved_w[cpu]
         cdef uint64_t a, b
         if not (self.ivl_lo[cpu] <= ip < self.ivl_hi[cpu]) or self.prev_entry[cpu] != in_entry:
             return False
-        # window_at, with after_entry == in_entry (prev_entry, checked above)
-        if self.ivl_w[cpu] >= 0:
-            if saved != -1:
-                return False
-            w = self.ivl_w[cpu]
-        elif cur >= 0 and (self.ivl_mask[cpu] >> cur) & 1:
-            w = cur
-        else:
-            if cur >= 0 and in_entry and saved != cur:
-                return False
-            if cur < 0 and saved >= 0 and in_entry and (self.ivl_mask[cpu] >> saved) & 1:
-                return False                # would reopen the saved window
-            w = -1
-        if w != cur:
+        # after_entry is prev_entry, which equals in_entry (checked above)
+        if self._decide(cpu, in_entry, in_entry, &saved) != self.open_w[cpu] or saved != self.saved_w[cpu]:
             return False
         a = self.ivl_lo[cpu]
         b = self.ivl_hi[cpu]
