@@ -314,3 +314,95 @@ class ReplayFaultStorm:
         # The same seeded trace: the same count whatever the log mode.
         return replay(path, log_limit=1000).fault_total
     track_faults.unit = "faults"
+
+
+#: A kernel image's symbols for ReplayKernelWindows: a PMEM driver's
+#: accessors and their copy routine, other code, and the entry text.
+_KALLSYMS = """\
+ffffffff81000000 T _stext
+ffffffff81001000 T pmem_do_write
+ffffffff81001100 T pmem_do_read
+ffffffff81001200 T memcpy_flushcache
+ffffffff81001300 T other_func
+ffffffff81c00000 T __entry_text_start
+ffffffff81c01000 T __entry_text_end
+ffffffff81e00000 T _etext
+"""
+_WINDOW_POLICY = """
+[kernel]
+pkrs = { 4 = "no-access" }
+[[region]]
+phys_start = 0x40000000
+phys_end = 0x44000000
+pkey = 4
+[[window]]
+name = "pmem"
+functions = ["pmem_do_write", "pmem_do_read"]
+callees = ["memcpy_flushcache"]
+pkey = 4
+rights = "read-write"
+"""
+
+
+class ReplayKernelWindows:
+    """A kernel capture replayed under a policy with a window (a PMEM range
+    under a key that the driver's accessors open): runs of 64 records of
+    other kernel code touching ordinary memory, and every 16th run the
+    accessor and its callee copying to PMEM, the window opening and closing
+    around them. Records whose IP stays where the window cannot change take
+    the replay's hot path (``KernelMapper.window_stable``)."""
+    timeout = 600
+
+    def setup_cache(self):
+        from pks_emu.trace import v2
+        d = os.path.abspath("kwin")
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, "k.pkt2")
+        syms = path + ".kallsyms"
+        with open(syms, "w") as f:
+            f.write(_KALLSYMS)
+        policy = os.path.join(d, "pmem.toml")
+        with open(policy, "w") as f:
+            f.write(_WINDOW_POLICY)
+        rng = np.random.default_rng(SEED)
+        n = REPLAY_RECORDS // 2
+        run = np.arange(n) // 64
+        accessor = run % 16 == 15
+        other, write, copy = 0xffffffff81001300, 0xffffffff81001000, 0xffffffff81001200
+        ip = np.where(accessor, np.where(np.arange(n) % 64 < 8, write, copy), other).astype(np.uint64)
+        ip += (rng.integers(0, 32, n) * 4).astype(np.uint64)
+        off = (rng.integers(0, 64, n) * 4096 + rng.integers(0, 512, n) * 8).astype(np.uint64)
+        pa = np.where(accessor, 0x40000000 + off, 0x1000000 + off).astype(np.uint64)
+        recs = np.zeros(n, RECORD)
+        recs["type"] = RecordType.ACCESS
+        recs["op"] = rng.integers(0, 2, n)
+        recs["size"] = 8
+        recs["cpl"] = 0
+        recs["addr"] = 0xff11000000000000 + pa
+        hdr = v2.TraceHeaderV2(paging_levels=5, ncpus=1, maxphyaddr=40, api=10,
+                               features=frozenset({"la57", "nx", "smep", "smap", "pku", "pks", "1g"}),
+                               trace_flags=v2.TF_KERNEL_CAPTURE | v2.TF_HAS_PA)
+        with v2.V2Writer(path, hdr) as w:
+            w.write(recs, ip, pa)
+        return path, policy
+
+    def track_maccess_per_s(self, paths):
+        path, policy = paths
+        replay(path, policy=policy)
+        best = 0.0
+        for _ in range(REPEATS):
+            r = replay(path, policy=policy)
+            best = max(best, r.record_counts["access"] / r.elapsed / 1e6)
+        return best
+    track_maccess_per_s.unit = "M accesses/s"
+
+    def track_window_opens(self, paths):
+        path, policy = paths
+        return replay(path, policy=policy).input_info["mapper"]["window_opens"]
+    track_window_opens.unit = "opens"
+
+    def track_faults(self, paths):
+        # Every PMEM access is inside the window: none faults.
+        path, policy = paths
+        return replay(path, policy=policy).fault_total
+    track_faults.unit = "faults"

@@ -182,6 +182,22 @@ def test_replay_workload_pins(caches):
     assert c.track_pkrs_writes_per_record(ctl, "exception_pairs") > 0.99
 
 
+def test_kernel_window_pins(caches):
+    """The window benchmark's capture: one window opening per accessor run
+    (every 16th run of 64 records), no fault, and the hot path (one chunk)
+    agreeing with one record at a time."""
+    mod = _import("bench_replay")
+    _, paths = caches(mod, "ReplayKernelWindows")
+    b = mod.ReplayKernelWindows()
+    runs = -(-(mod.REPLAY_RECORDS // 2) // 64)
+    assert b.track_window_opens(paths) == sum(1 for r in range(runs) if r % 16 == 15) > 0
+    assert b.track_faults(paths) == 0
+    from pks_emu.trace.replay import replay
+    whole, single = replay(paths[0], policy=paths[1]), replay(paths[0], policy=paths[1], chunk_records=1)
+    assert whole.counters == single.counters and whole.kernel == single.kernel
+    assert whole.input_info["mapper"] == single.input_info["mapper"]
+
+
 def test_wrmsr_flushes_the_tlb_only_in_qemu_mode():
     regs = _import("bench_registers")
     flushes = {}
