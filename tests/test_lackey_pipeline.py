@@ -273,9 +273,31 @@ def test_threads_are_decided_by_spare_cpus(monkeypatch):
     monkeypatch.setattr(replay_mod.os, "getloadavg", lambda: (0.9, 0.0, 0.0))
     assert replay_mod._lackey_threads() is True
     monkeypatch.setattr(replay_mod.os, "getloadavg", lambda: (1.7, 0.0, 0.0))
+    # The 1-minute average is high: what runs right now decides.
+    monkeypatch.setattr(replay_mod, "_runnable_now", lambda: 1)
+    assert replay_mod._lackey_threads() is False
+    monkeypatch.setattr(replay_mod, "_runnable_now", lambda: 0)
+    assert replay_mod._lackey_threads() is True
+    monkeypatch.setattr(replay_mod, "_runnable_now", lambda: None)
     assert replay_mod._lackey_threads() is False
     monkeypatch.setattr(replay_mod, "LACKEY_THREADS", True)
     assert replay_mod._lackey_threads() is True
+
+
+def test_runnable_now_reads_proc_loadavg(monkeypatch, tmp_path):
+    real_open = open
+    fake = tmp_path / "loadavg"
+
+    def fake_open(path, *a, **k):
+        return real_open(fake if path == "/proc/loadavg" else path, *a, **k)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    fake.write_bytes(b"2.31 1.20 0.50 3/211 4242\n")
+    assert replay_mod._runnable_now() == 2          # this thread is one of the 3
+    fake.write_bytes(b"2.31 1.20\n")
+    assert replay_mod._runnable_now() is None
+    fake.write_bytes(b"2.31 1.20 0.50 x/211 4242\n")
+    assert replay_mod._runnable_now() is None
 
 
 @pytest.mark.parametrize("compression", ["none", "gzip"])

@@ -502,9 +502,13 @@ def _lackey_threads() -> bool:
 
 def _spare_cpu() -> bool:
     """Whether a reading thread would have a CPU of its own: not with one CPU,
-    nor with the others busy (the 1-minute load average within half a CPU of
-    the CPU count), where the stages only take turns and the hand-offs cost
-    10-20 %."""
+    nor with the others busy, where the stages only take turns and the
+    hand-offs cost 10-20 %. Busy means both the 1-minute load average within
+    half a CPU of the CPU count and, right now, a runnable task for every
+    other CPU: the average lags a minute behind (after a build or a test run
+    it stays high while the CPUs are idle again), and replaying without
+    threads on an idle machine costs far more (an xz trace: 1.6x) than with
+    them on a busy one."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
@@ -512,9 +516,29 @@ def _spare_cpu() -> bool:
     if cpus < 2:
         return False
     try:
-        return os.getloadavg()[0] < cpus - 0.5
+        if os.getloadavg()[0] < cpus - 0.5:
+            return True
     except OSError:  # pragma: no cover - no load average
         return True
+    others = _runnable_now()
+    return others is not None and others < cpus - 1
+
+
+def _runnable_now() -> int | None:
+    """Tasks runnable at this moment besides the caller (the first number of
+    the fourth field of /proc/loadavg counts the reading thread itself); the
+    least of three readings, so that a task waking for a moment does not
+    count. None where /proc/loadavg cannot be read or parsed."""
+    least = None
+    for _ in range(3):
+        try:
+            with open("/proc/loadavg", "rb") as f:
+                field = f.read().split()[3]
+            n = int(field.split(b"/")[0]) - 1
+        except (OSError, IndexError, ValueError):
+            return None
+        least = n if least is None else min(least, n)
+    return least
 
 
 def _replay_lackey(run: _Run, name: str, stream, policy, compat, api, skip_bad) -> ReplayResult:
