@@ -311,3 +311,32 @@ def test_stream_input_threaded_and_not(tmp_path, compression, monkeypatch):
             results.append(replay(f, policy=POLICY))
     _same_result(*results)
     assert results[0].input_info["lines"] == _sample().count(b"\n")
+
+
+@pytest.mark.parametrize("compression,cpus,scan", [
+    ("xz", 2, False), ("bzip2", 2, False), ("gzip", 2, True), ("none", 2, True),
+    ("xz", 3, True), ("bzip2", 4, True)])
+def test_scan_thread_only_where_the_decoder_leaves_a_cpu(tmp_path, monkeypatch, compression, cpus,
+                                                        scan):
+    p = tmp_path / "t.lackey"
+    p.write_bytes(COMPRESS[compression](_sample(100)))
+    monkeypatch.setattr(lackey_mod.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert lackey_mod._scan_thread(str(p)) is scan
+    with open(p, "rb") as f:                    # a stream: peeked, not consumed
+        assert lackey_mod._scan_thread(f) is scan
+        assert f.read(3) == p.read_bytes()[:3]
+    # Unreadable here: left to the reader, which names the problem.
+    assert lackey_mod._scan_thread(str(tmp_path / "missing")) is True
+
+
+@pytest.mark.parametrize("compression", ["xz", "gzip"])
+def test_same_result_with_and_without_the_scan_thread(tmp_path, monkeypatch, compression):
+    p = tmp_path / "t.lackey"
+    p.write_bytes(COMPRESS[compression](_sample()))
+    monkeypatch.setattr(replay_mod, "LACKEY_THREADS", True)
+    results = []
+    for scan in (False, True):
+        monkeypatch.setattr(lackey_mod, "_scan_thread", lambda path, scan=scan: scan)
+        results.append(replay(str(p), policy=POLICY))
+    _same_result(*results)
+    assert results[0].record_counts["access"] > 30_000

@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {k:<28} {ours:8.1f} / {c:8.1f} M acc/s = {ours / c:5.2f}x  ({verdict})")
     if e2e is not None:
         dc, over = e2e["xz_dc_seconds"], e2e["xz_over_xz_dc"]
-        ratio = (f"{e2e['xz_seconds']:.3f} s / xz -dc alone {dc:.3f} s = {over:.2f}x "
+        ratio = (f"{e2e['xz_seconds']:.3f} s, xz -dc alone {dc:.3f} s: {over:.2f}x pair by pair "
                  f"(target <= 1.1x: {'met' if over <= 1.1 else 'NOT met'})"
                  if dc and over is not None else "no xz tool")
         how = "threaded reading" if e2e["threads"] else "one thread (no CPU to spare)"
