@@ -512,6 +512,50 @@ cdef class ReplayEngine:
             return REPLAY_STOPPED
         return _GO_ON
 
+    cdef int _miss(self, pks_cpu_t *c, const pks_record_t *r, const pks_record_t *recs,
+                   uint64_t first, const uint64_t *ipp, uint32_t sm) noexcept nogil:
+        """A hot-path access record that missed the TLB and that _fault_again
+        declined: what _step does for it, in a trace without a kernel mapper
+        and if its op (0..2) and size (1..4096) are valid; else _NOT_MINE. The
+        rest of the record is valid then (the key's bytes were validated), its
+        CPU's CPL is the record's and smode is the key's (see _run), it has no
+        EFLAGS.AC flag (no key has), and without a mapper there are no windows
+        and no _demand: _step's work is then _access and the fault's log.
+        _GO_ON, or the status that ends the run."""
+        cdef uint64_t pa = 0, va = r.addr
+        cdef uint64_t i = <uint64_t>(r - recs)
+        cdef uint64_t ipv
+        cdef bint implicit = (r.flags & 1) != 0
+        cdef int32_t res
+        cdef uint32_t size = r.size
+        if r.op > 2 or size - 1 > 4095 or self.mapper is not None:
+            return _NOT_MINE
+        if PKS_EMU_DEBUG:
+            if (record_problem(r, self.ncpus, self.max_tasks, self.api) != BAD_NONE
+                    or c != self.cpus[r.cpu] or (r.flags & 2)
+                    or (r.cpl != 0xFF and c.cpl != r.cpl) or sm != _smode(c, implicit) << 4):
+                pks_debug_mismatch("replay miss in line", r.addr, r.op)
+        # A walk may set A/D bits: walk memos are compared with memory again.
+        c.mem.replay_epoch += 1
+        if (va & 0xFFF) + size <= 4096:
+            # _access_m's miss branch: the caller's tag compare was _tlb_hit's.
+            res = _miss_p(c, va, r.op, sm >> 4, &pa, &c.tlb[(va >> 12) & c.tlb_mask])
+        else:
+            res = pks_access(c, va, r.op, size, implicit, &pa)
+        if res == PKS_OK:
+            return _GO_ON
+        ipv = ipp[i] if ipp != NULL else 0
+        if res == PKS_GP:
+            if self._log_fault(first + i, r.cpu, 13, 0, r.addr, -1, r.op, ipv) != 0:
+                return REPLAY_OUT_OF_MEMORY
+        elif self._log_fault(first + i, r.cpu, 14, res, c.last_fault_va, c.last_pkey, r.op,
+                             ipv) != 0:
+            return REPLAY_OUT_OF_MEMORY
+        if self.max_faults and self.total_faults >= self.max_faults:
+            self.records_done = first + i + 1
+            return REPLAY_STOPPED
+        return _GO_ON
+
     cdef int _run(self, const pks_record_t *recs, uint64_t n, uint64_t first,
                   const uint64_t *ipp, const uint64_t *pap) noexcept nogil:
         # The hot path, in line: an access record whose first eight bytes
@@ -598,6 +642,11 @@ cdef class ReplayEngine:
                     if st == _GO_ON:
                         r += 1
                         continue
+                    if st == _NOT_MINE:
+                        st = self._miss(c, r, recs, first, ipp, sm)
+                        if st == _GO_ON:
+                            r += 1
+                            continue
                     if st != _NOT_MINE:
                         return st
                 elif (hpa == NULL or (want := hpa[r - recs]) == _PA_UNKNOWN

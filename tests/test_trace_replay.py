@@ -275,6 +275,87 @@ def test_a_fault_storm_in_every_mode_matches_the_full_path(tmp_path, cr4_extra):
     assert [tuple(int(x) for x in f) for f in whole.faults] == want_faults
 
 
+def _miss_trace(path, n=6000, seed=5):
+    """Accesses that mostly miss a 32-entry TLB: 256 kernel and 64 user pages
+    (keys 0..3, every 5th kernel page read-only), holes, page-crossing and
+    non-canonical accesses, every kind, CPL changes, implicit accesses."""
+    m = pks_emu.Machine(ncpus=1, tlb_entries=32)
+    a = m.address_space()
+    for i in range(256):
+        if i % 17 != 3:                                       # holes: not present
+            a.map(BASE + i * 4096, 0x100000 + i * 4096, writable=i % 5 != 0, pkey=i % 4)
+    for i in range(64):
+        a.map(USER + i * 4096, 0x300000 + i * 4096, user=True, pkey=i % 4)
+    c = m.cpus[0]
+    c.efer = c.efer | EFER_NXE
+    c.cr4 = c.cr4 | CR4_PKE | CR4_PKS | CR4_SMEP | CR4_SMAP
+    c.wrmsr(MSR_IA32_PKRS, pkey_update_pkval(0, 1, 2) | pkey_update_pkval(0, 3, 1))  # 1 WD, 3 AD
+    c.wrpkru(0x00000004)                                      # key 1: AD
+    a.activate()
+    rng = np.random.default_rng(seed)
+    with TraceWriter(path, m) as w:
+        cpl = 0
+        for _ in range(n):
+            if rng.integers(200) == 0:
+                cpl = 3 - cpl
+                w.access(0, USER, "read", cpl=cpl)
+            pick = int(rng.integers(40))
+            if pick == 0:
+                va = 0x0000800000000000 + int(rng.integers(1 << 20)) * 8      # non-canonical
+            elif pick < 8:
+                va = USER + int(rng.integers(64)) * 4096 + 8 * int(rng.integers(512))
+            else:
+                va = BASE + int(rng.integers(256)) * 4096 + 8 * int(rng.integers(512))
+            size = int(rng.choice([1, 8, 8, 8, 16, 64]))
+            if rng.integers(30) == 0:
+                va = (va | 0xFFF) - 3                                   # crosses into the next page
+            w.access(0, va, int(rng.integers(3)), size, implicit=bool(rng.integers(10) == 0))
+    return m
+
+
+def test_tlb_misses_in_the_hot_path_match_one_record_at_a_time(tmp_path):
+    """A trace without a kernel mapper runs its TLB misses from the hot path
+    (ReplayEngine._miss) rather than _step: the same faults, error codes,
+    counters and sites as one record at a time, and as the Python model."""
+    path = tmp_path / "misses.pkt"
+    _miss_trace(path)
+    whole = replay(path, log_limit=0)
+    single = replay(path, chunk_records=1, log_limit=0)
+    assert whole.counters["tlb_misses"] > 0.6 * whole.record_counts["access"]
+    codes = {int(f["error_code"]) for f in whole.faults}
+    assert {0x0, 0x2, 0x3, 0x21, 0x23} <= codes      # not present, R/W, PK (R and W)
+    assert {13, 14} == {int(v) for v in whole.faults["vector"]}
+    assert np.array_equal(whole.faults, single.faults)
+    assert whole.counters == single.counters
+    assert whole.sites.to_dict() == single.sites.to_dict()
+    want_faults, _ = python_replay(str(path))
+    assert [tuple(int(x) for x in f) for f in whole.faults] == want_faults
+    # max_faults stops at the same record either way
+    a = replay(path, max_faults=555)
+    b = replay(path, max_faults=555, chunk_records=1)
+    assert a.stopped_early and a.fault_total == 555
+    assert a.records_replayed == b.records_replayed and a.counters == b.counters
+
+
+def test_an_invalid_size_after_hot_path_misses_is_reported_as_one_record_at_a_time(tmp_path):
+    path = tmp_path / "bad.pkt"
+    _miss_trace(path, n=500)
+    data = bytearray(path.read_bytes())
+    h = read_header(path)
+    last = len(data) - RECORD_SIZE
+    rec = np.frombuffer(bytes(data[last:]), dtype=RECORD)[0]
+    assert int(rec["type"]) == RecordType.ACCESS
+    data[last + 4:last + 6] = (0).to_bytes(2, "little")        # size 0
+    path.write_bytes(bytes(data))
+    assert h.record_count > 500
+    errors = []
+    for chunk in (1 << 16, 1):
+        with pytest.raises(TraceFormatError) as e:
+            replay(path, chunk_records=chunk)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and "size" in errors[0]
+
+
 def test_max_faults_stops_a_fault_storm_at_the_same_record(tmp_path):
     path = tmp_path / "storm.pkt"
     storm_trace(path, 2000, 3, events=False)
